@@ -1,0 +1,80 @@
+"""Every error outbox raises, under one root.
+
+    OutboxError
+    ├── OutboxClosedError        send() or wait on an Outbox that is closed
+    ├── PayloadError             refused by send() before anything was written
+    │   ├── PayloadNotJSONError  not JSON-serializable
+    │   └── PayloadTooLargeError larger than max_message_size
+    ├── QueueFullError           max_pending rows are already waiting
+    ├── MessageDeadError         wait_acked() on a row that became dead
+    ├── ReconnectLimitError      the supervisor gave up (max_reconnect_attempts)
+    ├── StoreError               the SQLite file cannot be used
+    │   ├── SchemaTooNewError    written by a newer outbox than this one
+    │   ├── DatabaseCorruptError unreadable, not a database, or damaged
+    │   └── StorageFullError     the disk (or max_page_count) is full
+    └── ProtocolError            a peer broke the wire protocol (docs/protocol.md)
+
+Timeouts of ``wait_acked()`` and ``drain()`` raise the builtin ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """Root of every error raised by outbox."""
+
+
+class OutboxClosedError(OutboxError):
+    """The Outbox was closed (or never opened); open a new one to send."""
+
+
+class PayloadError(OutboxError, ValueError):
+    """send() refused a payload; nothing was written."""
+
+
+class PayloadNotJSONError(PayloadError, TypeError):
+    """The payload is not a JSON value."""
+
+
+class PayloadTooLargeError(PayloadError):
+    """The encoded payload is larger than max_message_size."""
+
+
+class QueueFullError(OutboxError):
+    """max_pending rows are waiting; retry later or raise max_pending."""
+
+
+class MessageDeadError(OutboxError):
+    """The message was given up on (status 'dead'); requeue it to try again."""
+
+    def __init__(self, message_id: int, reason: str | None) -> None:
+        super().__init__(
+            f"message {message_id} is dead: {reason or 'no reason recorded'}; "
+            "Outbox.requeue_dead() puts it back in the queue"
+        )
+        self.message_id = message_id
+        self.reason = reason
+
+
+class ReconnectLimitError(OutboxError):
+    """The supervisor reached max_reconnect_attempts; rows stay pending on disk."""
+
+
+class StoreError(OutboxError):
+    """The SQLite outbox file cannot be used."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was written by a newer version of outbox."""
+
+
+class DatabaseCorruptError(StoreError):
+    """The file is not a readable SQLite database."""
+
+
+class StorageFullError(StoreError):
+    """The disk or the database's max_page_count is full; nothing was written."""
+
+
+class ProtocolError(OutboxError):
+    """A frame broke the wire protocol described in docs/protocol.md."""

@@ -1,0 +1,99 @@
+"""Schema migrations: numbered SQL files applied in order, tracked by PRAGMA user_version.
+
+The files live in the top-level ``migrations/`` folder, shipped inside the wheel as the
+``outbox.migrations`` package. Each file and its version bump run in one explicit
+transaction (``executescript`` would commit early), so a failed step leaves the database at
+the previous version. This module is synchronous on purpose: it runs once at open, on a
+plain ``sqlite3`` connection in a worker thread, and is tested without an event loop.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import SchemaTooNewError
+
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available() -> list[Migration]:
+    """The migrations shipped with this version of outbox, in order."""
+    found = []
+    for entry in resources.files("outbox.migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"outbox migrations must be numbered 1..n without gaps: {versions}")
+    return found
+
+
+def latest_version() -> int:
+    return len(available())
+
+
+def statements(sql: str) -> list[str]:
+    """Split a script into complete statements (what sqlite3.complete_statement accepts)."""
+    result, buffer = [], ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                result.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer!r}")
+    return result
+
+
+def _too_new(path: str, current: int, latest: int) -> SchemaTooNewError:
+    return SchemaTooNewError(
+        f"{path} has schema version {current}, but this outbox knows only up to {latest}; "
+        "upgrade the outbox package (pip install -U outbox) to open it"
+    )
+
+
+def migrate(conn: sqlite3.Connection, path: str = "the database") -> int:
+    """Bring ``conn`` up to the latest schema; return the version it is at.
+
+    Refuses a database whose user_version is newer than this code knows, rather than
+    guessing at a schema it has never seen.
+    """
+    migrations = available()
+    latest = len(migrations)
+    for migration in migrations:
+        # Re-read the version under the write lock: another process may have migrated.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > latest:
+                raise _too_new(path, current, latest)
+            if migration.version <= current:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {migration.version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > latest:
+        raise _too_new(path, current, latest)
+    return current
