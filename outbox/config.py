@@ -1,0 +1,109 @@
+"""Every tunable of an Outbox, with its default and its check, in one place.
+
+The names and defaults follow the seed article where it has one (30 s heartbeat, 5 s pong
+and ack timeouts, 3 missed beats, 3 attempts, 1 s doubling reconnect delay).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from .store import Synchronous
+
+HeartbeatMode = Literal["protocol", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    heartbeat_interval: float = 30.0
+    """Seconds of silence from the server before a ping."""
+    heartbeat_timeout: float = 5.0
+    """Seconds to wait for the pong."""
+    max_missed_heartbeats: int = 3
+    """Missed pongs in a row before the socket is closed and reopened."""
+    heartbeat: HeartbeatMode = "protocol"
+    """"protocol": RFC 6455 ping frames; "json": the seed's {"type": "ping"} frames."""
+    reconnect_interval: float = 1.0
+    """First reconnect delay; doubles after each failed attempt."""
+    reconnect_max_interval: float = 60.0
+    """Cap on the reconnect delay."""
+    reconnect_jitter: float = 0.5
+    """Each delay is scaled by a random factor in [1 - jitter, 1]."""
+    max_reconnect_attempts: int | None = None
+    """Failed attempts in a row before giving up (state GAVE_UP); None keeps trying."""
+    ack_timeout: float = 5.0
+    """Seconds before an un-acked message is sent again."""
+    max_attempts: int | None = 3
+    """Ack timeouts on a live connection before the row becomes dead; None = never."""
+    max_inflight: int = 1000
+    """Un-acked messages on the wire at once."""
+    max_pending: int | None = None
+    """Quota of rows not yet acked; send() raises QueueFullError beyond it. None = no quota."""
+    max_message_size: int = 1 << 20
+    """Largest payload, in bytes of its JSON text; send() refuses larger ones."""
+    synchronous: Synchronous = "FULL"
+    """SQLite durability: FULL survives power loss, NORMAL survives a process crash."""
+    busy_timeout: float = 5.0
+    """Seconds to wait for another process's lock on the database file."""
+    batch: bool = True
+    """Pack many messages per frame when the server announces support for it."""
+    max_batch_messages: int = 500
+    """Most messages in one batch frame."""
+    max_batch_bytes: int = 256 * 1024
+    """Most payload bytes in one batch frame (one larger message still goes alone)."""
+    page_size: int = 1000
+    """Pending rows the sender reads per query."""
+    compression: bool = False
+    """permessage-deflate; off because it costs more CPU than it saves on small messages."""
+    open_timeout: float = 10.0
+    """Seconds for the TCP + TLS + WebSocket handshake."""
+    close_timeout: float = 2.0
+    """Seconds to wait for the closing handshake when the Outbox closes."""
+    acked_retention: float | None = 3600.0
+    """Seconds acked rows are kept before the background purge deletes them; None = forever."""
+    acked_retention_count: int | None = None
+    """Keep at most this many acked rows (newest); None = no count limit."""
+    purge_interval: float = 60.0
+    """Seconds between background purges of acked rows."""
+    additional_headers: dict[str, str] | None = None
+    """Extra request headers for the handshake (e.g. Authorization)."""
+    ssl: ssl.SSLContext | None = None
+    """TLS context for wss:// URLs (None = the default context for wss)."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "heartbeat_interval heartbeat_timeout ack_timeout open_timeout "
+            "purge_interval reconnect_max_interval"
+        )
+        for name in positive.split():
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        at_least_one = "max_missed_heartbeats max_inflight max_message_size max_batch_messages"
+        for name in (*at_least_one.split(), "page_size", "max_batch_bytes"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.heartbeat not in ("protocol", "json"):
+            raise ValueError(f"heartbeat must be 'protocol' or 'json', got {self.heartbeat!r}")
+        if self.reconnect_interval < 0 or self.reconnect_interval > self.reconnect_max_interval:
+            raise ValueError("need 0 <= reconnect_interval <= reconnect_max_interval")
+        for name in ("max_attempts", "max_pending", "acked_retention_count"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 or None, got {value!r}")
+        if self.max_reconnect_attempts is not None and self.max_reconnect_attempts < 0:
+            raise ValueError("max_reconnect_attempts must be >= 0 or None")
+        if self.acked_retention is not None and self.acked_retention < 0:
+            raise ValueError("acked_retention must be >= 0 or None")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> Options:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"Outbox got unknown option(s) {', '.join(unknown)}; "
+                f"the options are: {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)

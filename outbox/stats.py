@@ -1,0 +1,36 @@
+"""What an Outbox reports about itself: ``Outbox.stats()`` returns a ``Stats``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Counters:
+    """Running totals since the Outbox was opened (this process only)."""
+
+    connects: int = 0
+    reconnects: int = 0
+    frames_sent: int = 0
+    messages_sent: int = 0
+    resends: int = 0
+    """Messages sent again: after an ack timeout or after a reconnect."""
+    acks: int = 0
+    nacks: int = 0
+    unknown_acks: int = 0
+    protocol_errors: int = 0
+    heartbeat_misses: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    pending: int
+    """Rows not yet acked (includes those in flight)."""
+    acked: int
+    """Acked rows still kept (retention deletes older ones)."""
+    dead: int
+    in_flight: int
+    connected: bool
+    state: str
+    reconnects: int
+    counters: Counters

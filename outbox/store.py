@@ -1,0 +1,570 @@
+"""The outbox table: all of the client's SQL lives here.
+
+One writer connection and one reader connection (aiosqlite: each its own thread). Every
+write (new messages, acks, timeouts, dead rows, requeues, purges) goes through a single
+*group commit* loop: whatever was queued while the previous transaction was committing is
+applied in the next ``BEGIN IMMEDIATE ... COMMIT``. So a hundred concurrent ``send()`` calls
+share one fsync, and acks ride along with new rows. The reader sees only committed rows (WAL
+snapshot), so the sender can never put a message on the wire that might still roll back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from . import schema
+from .errors import DatabaseCorruptError, OutboxClosedError, StorageFullError, StoreError
+
+logger = logging.getLogger("outbox")
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+Status = Literal["pending", "acked", "dead"]
+
+_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A pending message as the sender needs it."""
+
+    id: int
+    payload: str
+    attempts: int
+
+
+OpKind = Literal["insert", "ack", "timeout", "dead", "requeue", "purge", "flush"]
+
+
+@dataclass(slots=True)
+class _Op:
+    """One queued write. ``future`` is None for writes nobody waits on (acks, timeouts)."""
+
+    kind: OpKind
+    args: Any
+    future: asyncio.Future[Any] | None = None
+
+
+@dataclass(slots=True)
+class Counts:
+    pending: int = 0
+    acked: int = 0
+    dead: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one transaction did, applied to memory only after it commits."""
+
+    results: dict[int, Any] = field(default_factory=dict)
+    new_pending: int = 0
+    acked: list[int] = field(default_factory=list)
+    dead: list[tuple[int, str]] = field(default_factory=list)
+    requeued: int = 0
+    purged: int = 0
+
+
+def _translate(exc: Exception, path: str) -> Exception:
+    """Turn a sqlite3 error into an outbox error that says what to do."""
+    if isinstance(exc, OutboxClosedError | StoreError):
+        return exc
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.DatabaseError):
+        if "full" in text:
+            return StorageFullError(
+                f"cannot write to {path}: {exc}; free disk space (or raise max_page_count) "
+                "and retry; nothing from this call was written"
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return DatabaseCorruptError(
+                f"{path} is not a usable SQLite database ({exc}); restore it from a backup "
+                "or move it aside to start a new outbox"
+            )
+        if "readonly" in text or "read-only" in text:
+            return StoreError(
+                f"{path} is read-only ({exc}); outbox needs write access to the file and its "
+                "directory (for the -wal and -shm files)"
+            )
+        if "locked" in text or "busy" in text:
+            return StoreError(
+                f"{path} stayed locked by another connection longer than busy_timeout ({exc}); "
+                "find the process holding a write transaction open"
+            )
+        if "unable to open" in text:
+            return StoreError(
+                f"cannot open {path} ({exc}); check that its directory exists and is writable"
+            )
+        return StoreError(f"SQLite error on {path}: {exc}")
+    return exc
+
+
+def _prepare(path: str, busy_timeout: float) -> tuple[str, Counts, int]:
+    """Open synchronously once: check the file, enable WAL, migrate, read what memory needs.
+
+    Runs in a worker thread before the async connections open. Returns the client id, the
+    row counts by status, and the highest id ever assigned.
+    """
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
+        schema.migrate(conn, path)
+        conn.execute(
+            "INSERT OR IGNORE INTO outbox_meta (name, value) VALUES ('client_id', ?)",
+            (str(uuid.uuid4()),),
+        )
+        client_id = conn.execute(
+            "SELECT value FROM outbox_meta WHERE name = 'client_id'"
+        ).fetchone()[0]
+        counts = Counts()
+        for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
+            setattr(counts, status, count)
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return str(client_id), counts, int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+class Store:
+    """The durable queue behind an Outbox. Open with ``await Store.open(path)``."""
+
+    def __init__(
+        self,
+        path: str,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        client_id: str,
+        counts: Counts,
+        max_id: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.path = path
+        self.client_id = client_id
+        self.counts = counts
+        """Rows by status, kept in step with each commit (read by stats() and drain())."""
+        self.max_id = max_id
+        self._writer = writer
+        self._reader = reader
+        self._clock = clock
+        self._ops: list[_Op] = []
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._waiters: dict[int, list[asyncio.Future[tuple[Status, str | None]]]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.requeue_generation = 0
+        """Bumped when dead rows return to pending, so a sender rescans from the start."""
+        self.commits = 0
+        self._committed = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(
+            self._commit_loop(), name=f"outbox-store:{path}"
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> Store:
+        path = str(path)
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, got {synchronous!r}")
+        try:
+            client_id, counts, max_id = await asyncio.to_thread(_prepare, path, busy_timeout)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from exc
+        connections: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(2):
+                conn = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+                connections.append(conn)
+                await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+                await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        except sqlite3.Error as exc:
+            for conn in connections:
+                await conn.close()
+            raise _translate(exc, path) from exc
+        writer, reader = connections
+        return cls(
+            path,
+            writer,
+            reader,
+            client_id=client_id,
+            counts=counts,
+            max_id=max_id,
+            clock=clock,
+        )
+
+    # -- queueing writes ---------------------------------------------------------------------
+
+    def _submit(self, kind: OpKind, args: Any, wait: bool) -> Any:
+        if self._closed:
+            raise OutboxClosedError(f"the outbox store {self.path} is closed")
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._ops.append(_Op(kind, args, future))
+        self._wakeup.set()
+        return future
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows handed to insert() and not yet committed (for the max_pending quota)."""
+        return self._queued_rows
+
+    async def insert(self, rows: Sequence[tuple[str, str | None]]) -> list[int]:
+        """Commit ``(payload_json, key)`` rows as pending; return their ids, in order.
+
+        A key that already exists (or repeats within the call) returns the existing id and
+        writes nothing. If the caller is cancelled before the transaction starts, nothing is
+        written; once it has started, the rows commit even though nobody reads the ids.
+        """
+        future = self._submit("insert", list(rows), wait=True)
+        self._queued_rows += len(rows)
+        result: list[int] = await future
+        return result
+
+    def mark_acked(self, ids: Sequence[int]) -> None:
+        """Queue acked ids; durable with the next commit (a lost ack write only means a resend)."""
+        if ids:
+            self._submit("ack", list(ids), wait=False)
+
+    def record_timeouts(self, items: Sequence[tuple[int, int]], error: str) -> None:
+        """Queue ``(id, attempts)`` after ack timeouts, with the error text."""
+        if items:
+            self._submit("timeout", [(n, attempts, error) for n, attempts in items], False)
+
+    def mark_dead(self, items: Sequence[tuple[int, str]]) -> None:
+        """Queue ``(id, reason)`` rows to become dead (kept, never deleted)."""
+        if items:
+            self._submit("dead", list(items), wait=False)
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Dead rows (all, or these ids) back to pending with attempts reset; returns count."""
+        result: int = await self._submit("requeue", None if ids is None else list(ids), True)
+        return result
+
+    async def purge_acked(self, *, older_than: float | None, keep: int | None) -> int:
+        """Delete acked rows last changed before ``older_than`` or beyond the newest ``keep``."""
+        result: int = await self._submit("purge", (older_than, keep), wait=True)
+        return result
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed."""
+        await self._submit("flush", None, wait=True)
+
+    async def wait_commit(self) -> None:
+        """Wait for the next commit (or failed attempt) of the group commit loop."""
+        await self._committed.wait()
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after each commit that added or requeued pending rows."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    # -- the group commit loop ---------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            taken, self._ops = self._ops, []
+            taken_rows = sum(len(op.args) for op in taken if op.kind == "insert")
+            ops = [op for op in taken if op.future is None or not op.future.cancelled()]
+            try:
+                batch = await self._apply(ops) if ops else _Batch()
+            except Exception as exc:
+                self._queued_rows -= taken_rows
+                failures += 1
+                error = _translate(exc, self.path)
+                logger.error("outbox: commit of %d queued writes failed: %s", len(ops), error)
+                retry = []
+                for op in ops:
+                    if op.future is None:
+                        retry.append(op)  # acks and timeouts: try again with the next batch
+                    elif not op.future.done():
+                        op.future.set_exception(error)
+                if retry:
+                    self._ops[:0] = retry
+                    # Back off so a full disk does not turn into a hot loop.
+                    await asyncio.sleep(min(1.0, 0.01 * 2**failures))
+                    self._wakeup.set()
+                continue
+            failures = 0
+            self.commits += 1
+            self._publish(ops, batch)
+            self._queued_rows -= taken_rows
+            self._committed.set()
+            self._committed = asyncio.Event()
+
+    def _publish(self, ops: list[_Op], batch: _Batch) -> None:
+        """Bring memory in line with what just committed, then wake whoever waits."""
+        counts = self.counts
+        counts.pending += batch.new_pending + batch.requeued - len(batch.acked) - len(batch.dead)
+        counts.acked += len(batch.acked) - batch.purged
+        counts.dead += len(batch.dead) - batch.requeued
+        for index, op in enumerate(ops):
+            if op.future is not None and not op.future.done():
+                op.future.set_result(batch.results.get(index))
+        for message_id in batch.acked:
+            self._resolve(message_id, ("acked", None))
+        for message_id, reason in batch.dead:
+            self._resolve(message_id, ("dead", reason))
+        if batch.new_pending or batch.requeued:
+            if batch.requeued:
+                self.requeue_generation += 1
+            for listener in list(self._listeners):
+                listener()
+
+    def _resolve(self, message_id: int, outcome: tuple[Status, str | None]) -> None:
+        for future in self._waiters.pop(message_id, ()):
+            if not future.done():
+                future.set_result(outcome)
+
+    async def _apply(self, ops: list[_Op]) -> _Batch:
+        db = self._writer
+        batch = _Batch()
+        now = self._clock()
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            inserts = [(i, op) for i, op in enumerate(ops) if op.kind == "insert"]
+            if inserts:
+                rows = [row for _, op in inserts for row in op.args]
+                ids, batch.new_pending = await self._insert_rows(rows, now)
+                offset = 0
+                for index, op in inserts:
+                    batch.results[index] = ids[offset : offset + len(op.args)]
+                    offset += len(op.args)
+            for index, op in enumerate(ops):
+                if op.kind == "ack":
+                    batch.acked += await self._update_status(op.args, "acked", now)
+                elif op.kind == "timeout":
+                    await db.executemany(
+                        "UPDATE outbox SET attempts = ?, last_error = ?, updated_at = ? "
+                        "WHERE id = ? AND status = 'pending'",
+                        [(attempts, error, now, n) for n, attempts, error in op.args],
+                    )
+                elif op.kind == "dead":
+                    reasons = dict(op.args)
+                    changed = await self._update_status(list(reasons), "dead", now, reasons)
+                    batch.dead += [(n, reasons[n]) for n in changed]
+                elif op.kind == "requeue":
+                    count = await self._requeue(op.args, now)
+                    batch.requeued += count
+                    batch.results[index] = count
+                elif op.kind == "purge":
+                    count = await self._purge(*op.args)
+                    batch.purged += count
+                    batch.results[index] = count
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        if inserts:
+            self.max_id = max(self.max_id, *(max(batch.results[i], default=0) for i, _ in inserts))
+        return batch
+
+    async def _insert_rows(
+        self, rows: list[tuple[str, str | None]], now: float
+    ) -> tuple[list[int], int]:
+        """Insert inside the open transaction; return ids in order and how many are new."""
+        db = self._writer
+        keys = list({key for _, key in rows if key is not None})
+        existing: dict[str, int] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT key, id FROM outbox WHERE key IN ({marks})", chunk
+            ) as cursor:
+                existing.update({str(k): int(i) async for k, i in cursor})
+        fresh: list[tuple[str, str | None, float, float]] = []
+        slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
+        new_key_slot: dict[str, int] = {}
+        for payload, key in rows:
+            if key is not None and key in existing:
+                slots.append(-existing[key])
+            elif key is not None and key in new_key_slot:
+                slots.append(new_key_slot[key])
+            else:
+                if key is not None:
+                    new_key_slot[key] = len(fresh)
+                slots.append(len(fresh))
+                fresh.append((payload, key, now, now))
+        first = 0
+        if fresh:
+            await db.executemany(
+                "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                fresh,
+            )
+            async with db.execute("SELECT last_insert_rowid()") as cursor:
+                last = (await cursor.fetchone() or (0,))[0]
+            # AUTOINCREMENT under our write lock: the new ids are consecutive.
+            first = int(last) - len(fresh) + 1
+        return [first + slot if slot >= 0 else -slot for slot in slots], len(fresh)
+
+    async def _update_status(
+        self,
+        ids: list[int],
+        status: Status,
+        now: float,
+        reasons: dict[int, str] | None = None,
+    ) -> list[int]:
+        """Move pending ids to ``status``; return the ids that actually changed."""
+        db = self._writer
+        changed: list[int] = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT id FROM outbox WHERE status = 'pending' AND id IN ({marks})", chunk
+            ) as cursor:
+                moving = [int(r[0]) async for r in cursor]
+            if not moving:
+                continue
+            if reasons is None:
+                marks = ",".join("?" * len(moving))
+                await db.execute(
+                    f"UPDATE outbox SET status = ?, updated_at = ? WHERE id IN ({marks})",
+                    [status, now, *moving],
+                )
+            else:
+                await db.executemany(
+                    "UPDATE outbox SET status = ?, updated_at = ?, last_error = ? WHERE id = ?",
+                    [(status, now, reasons[n], n) for n in moving],
+                )
+            changed += moving
+        return changed
+
+    async def _requeue(self, ids: list[int] | None, now: float) -> int:
+        sql = "UPDATE outbox SET status = 'pending', attempts = 0, updated_at = ? "
+        sql += "WHERE status = 'dead'"
+        if ids is None:
+            cursor = await self._writer.execute(sql, (now,))
+            return cursor.rowcount
+        total = 0
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            cursor = await self._writer.execute(f"{sql} AND id IN ({marks})", [now, *chunk])
+            total += cursor.rowcount
+        return total
+
+    async def _purge(self, older_than: float | None, keep: int | None) -> int:
+        total = 0
+        if older_than is not None:
+            cursor = await self._writer.execute(
+                "DELETE FROM outbox WHERE status = 'acked' AND updated_at < ?", (older_than,)
+            )
+            total += cursor.rowcount
+        if keep is not None:
+            cursor = await self._writer.execute(
+                "DELETE FROM outbox WHERE status = 'acked' AND id NOT IN "
+                "(SELECT id FROM outbox WHERE status = 'acked' ORDER BY id DESC LIMIT ?)",
+                (keep,),
+            )
+            total += cursor.rowcount
+        return total
+
+    # -- reads (committed data only) ---------------------------------------------------------
+
+    async def fetch_pending(self, after: int, limit: int) -> list[Row]:
+        """Pending rows with id > ``after``, in id order: the sender's page."""
+        try:
+            async with self._reader.execute(
+                "SELECT id, payload, attempts FROM outbox "
+                "WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ) as cursor:
+                return [Row(int(i), str(p), int(a)) async for i, p, a in cursor]
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    async def fetch_ids(self, ids: Iterable[int]) -> list[Row]:
+        """These rows if they are still pending, in id order (for resends after a timeout)."""
+        wanted = sorted(ids)
+        rows: list[Row] = []
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            async with self._reader.execute(
+                f"SELECT id, payload, attempts FROM outbox WHERE status = 'pending' "
+                f"AND id IN ({marks}) ORDER BY id",
+                chunk,
+            ) as cursor:
+                rows += [Row(int(i), str(p), int(a)) async for i, p, a in cursor]
+        return rows
+
+    async def status(self, message_id: int) -> tuple[Status, str | None]:
+        """The status of one message; an acked row that retention purged reads as acked."""
+        async with self._reader.execute(
+            "SELECT status, last_error FROM outbox WHERE id = ?", (message_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is not None:
+            return row[0], row[1]
+        if 0 < message_id <= self.max_id:
+            return "acked", None  # purged by retention: only acked rows are ever deleted
+        raise ValueError(f"no message with id {message_id} in {self.path}")
+
+    async def wait_status(self, message_id: int) -> tuple[Status, str | None]:
+        """Wait until the message is acked or dead (returns which, with the reason)."""
+        future: asyncio.Future[tuple[Status, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        # Register before reading, so a commit between the read and the wait is not missed.
+        self._waiters.setdefault(message_id, []).append(future)
+        try:
+            current = await self.status(message_id)
+            if current[0] != "pending":
+                return current
+            return await future
+        finally:
+            waiters = self._waiters.get(message_id)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[message_id]
+
+    # -- closing -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the loop, close both connections."""
+        if self._closed:
+            return
+        try:
+            await asyncio.wait_for(self.flush(), timeout=30)
+        except Exception as exc:
+            logger.error("outbox: could not commit queued acks before closing: %s", exc)
+        self._closed = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for future_list in self._waiters.values():
+            for future in future_list:
+                if not future.done():
+                    future.set_exception(OutboxClosedError("the outbox was closed"))
+        self._waiters.clear()
+        for conn in (self._writer, self._reader):
+            with contextlib.suppress(Exception):
+                await conn.close()

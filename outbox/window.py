@@ -1,0 +1,125 @@
+"""The ack window: which messages are on the wire, and what to do when their acks are late.
+
+A pure, synchronous core (no socket, no clock, no database): the sender loop feeds it what
+it sent and what the server acked, passes ``now`` in, and acts on what it returns. That keeps
+the rules testable in microseconds, including against a model server that drops, duplicates
+and reorders acks.
+
+Rules:
+- at most ``max_inflight`` messages are un-acked at once;
+- a message with no ack ``ack_timeout`` seconds after it was (re)sent has *timed out*: its
+  attempt count goes up by one, and it is sent again, or, once ``max_attempts`` timeouts are
+  reached, it is given up on (the caller marks the row ``dead``);
+- a dropped connection is not a timeout: ``clear()`` forgets the window without counting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One message on the wire."""
+
+    id: int
+    sent_at: float
+    attempts: int
+    """Ack timeouts so far, including those of earlier connections and processes."""
+
+
+@dataclass(slots=True)
+class Expired:
+    """What ``SendWindow.expire`` decided."""
+
+    resend: list[InFlight] = field(default_factory=list)
+    """Timed out, to be sent again (already restamped as sent at ``now``)."""
+    dead: list[InFlight] = field(default_factory=list)
+    """Timed out for the last time; no longer in the window."""
+
+    def __bool__(self) -> bool:
+        return bool(self.resend or self.dead)
+
+
+class SendWindow:
+    """Un-acked messages in the order they were last sent (oldest deadline first)."""
+
+    def __init__(self, *, max_inflight: int, ack_timeout: float, max_attempts: int | None) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        if ack_timeout <= 0:
+            raise ValueError(f"ack_timeout must be positive, got {ack_timeout}")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1 or None, got {max_attempts}")
+        self.max_inflight = max_inflight
+        self.ack_timeout = ack_timeout
+        self.max_attempts = max_attempts
+        # Insertion order == send order == deadline order, because a resend moves the
+        # message to the end. So expiry only ever looks at the front.
+        self._inflight: dict[int, InFlight] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._inflight
+
+    @property
+    def capacity(self) -> int:
+        """How many more messages may be sent before the window is full."""
+        return max(0, self.max_inflight - len(self._inflight))
+
+    def ids(self) -> list[int]:
+        return list(self._inflight)
+
+    def sent(self, messages: Iterable[tuple[int, int]], now: float) -> None:
+        """Record ``(id, attempts so far)`` pairs as sent at ``now``."""
+        for message_id, attempts in messages:
+            self._inflight.pop(message_id, None)
+            self._inflight[message_id] = InFlight(message_id, now, attempts)
+
+    def acked(self, ids: Iterable[int]) -> tuple[list[int], list[int]]:
+        """Remove acked ids; return (ids that were in flight, ids that were not)."""
+        known: list[int] = []
+        unknown: list[int] = []
+        for message_id in ids:
+            if self._inflight.pop(message_id, None) is not None:
+                known.append(message_id)
+            else:
+                unknown.append(message_id)
+        return known, unknown
+
+    def discard(self, message_id: int) -> bool:
+        """Forget one message (nacked by the server); True if it was in flight."""
+        return self._inflight.pop(message_id, None) is not None
+
+    def expire(self, now: float) -> Expired:
+        """Apply the ack timeout at ``now``."""
+        result = Expired()
+        while self._inflight:
+            oldest = next(iter(self._inflight.values()))
+            if oldest.sent_at + self.ack_timeout > now:
+                break
+            del self._inflight[oldest.id]
+            oldest.attempts += 1
+            if self.max_attempts is not None and oldest.attempts >= self.max_attempts:
+                result.dead.append(oldest)
+            else:
+                result.resend.append(oldest)
+        for message in result.resend:
+            message.sent_at = now
+            self._inflight[message.id] = message
+        return result
+
+    def next_deadline(self) -> float | None:
+        """When the oldest un-acked message times out, or None if nothing is in flight."""
+        if not self._inflight:
+            return None
+        return next(iter(self._inflight.values())).sent_at + self.ack_timeout
+
+    def clear(self) -> list[int]:
+        """Forget everything (the connection dropped); return the ids that were in flight."""
+        ids = list(self._inflight)
+        self._inflight.clear()
+        return ids
