@@ -135,6 +135,8 @@ class Outbox:
                 group.create_task(self._supervisor.run(), name="outbox-supervisor")
                 group.create_task(self._purge_loop(), name="outbox-purge")
                 started.set_result(None)
+            # The supervisor gave up (GAVE_UP): stay open, sends still commit, until close().
+            await asyncio.get_running_loop().create_future()
         except Exception:
             logger.exception("outbox: a background task crashed; messages stay on disk")
         finally:

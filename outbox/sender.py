@@ -98,7 +98,7 @@ class Session:
             now = self.clock()
             expired = self.window.expire(now)
             if expired:
-                await self._handle_expired(expired.resend, [m.id for m in expired.dead])
+                await self._handle_expired(expired.resend, expired.dead)
             if generation != self.store.requeue_generation:
                 generation, cursor = self.store.requeue_generation, 0  # dead rows came back
             capacity = self.window.capacity
@@ -119,7 +119,7 @@ class Session:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _handle_expired(self, resent: list[InFlight], dead: list[int]) -> None:
+    async def _handle_expired(self, resent: list[InFlight], dead: list[InFlight]) -> None:
         error = f"no ack within {self.window.ack_timeout}s"
         if resent:
             self.store.record_timeouts([(m.id, m.attempts) for m in resent], error)
@@ -134,7 +134,8 @@ class Session:
         if dead:
             reason = f"{error}, {self.window.max_attempts} times"
             logger.warning("giving up on %d message(s): %s", len(dead), reason)
-            self.store.mark_dead([(message_id, reason) for message_id in dead])
+            self.store.record_timeouts([(m.id, m.attempts) for m in dead], error)
+            self.store.mark_dead([(m.id, reason) for m in dead])
 
     async def _transmit(self, rows: list[Row]) -> None:
         self.window.sent(((row.id, row.attempts) for row in rows), self.clock())

@@ -78,9 +78,9 @@ class Ping:
     """The seed's JSON heartbeat; answer with PONG_FRAME."""
 
 
-def _message_id(value: Any, where: str) -> int:
+def _message_id(value: Any, where: str, name: str = "id") -> int:
     if type(value) is not int or value <= 0:
-        raise ProtocolError(f"{where}: 'id' must be a positive integer, got {value!r}")
+        raise ProtocolError(f"{where}: {name!r} must be a positive integer, got {value!r}")
     return value
 
 
@@ -176,12 +176,12 @@ def parse_server_frame(frame: str | bytes) -> ServerEvent:
             ids = obj["messageIds"]
             if not isinstance(ids, list):
                 raise ProtocolError("ack: 'messageIds' must be a list of integers")
-            return Ack(tuple(_message_id(i, "ack") for i in ids))
-        return Ack((_message_id(obj.get("messageId"), "ack"),))
+            return Ack(tuple(_message_id(i, "ack", "messageIds") for i in ids))
+        return Ack((_message_id(obj.get("messageId"), "ack", "messageId"),))
     if kind == "nack":
         reason = obj.get("reason")
         return Nack(
-            _message_id(obj.get("messageId"), "nack"),
+            _message_id(obj.get("messageId"), "nack", "messageId"),
             reason if isinstance(reason, str) else "refused by the server (no reason given)",
         )
     if kind == "pong":
