@@ -180,7 +180,7 @@ async def test_ack_timeout_resends_then_marks_dead(server: ScriptedServer, db: P
     options = {**FAST, "ack_timeout": 0.05, "max_attempts": 3}
     async with Outbox(db, server.url, **options) as box:
         message_id = await box.send({"never": "acked"})
-        with pytest.raises(MessageDeadError, match="no ack within 0.05s"):
+        with pytest.raises(MessageDeadError, match=r"no ack within 0\.05s"):
             await box.wait_acked(message_id, timeout=5)
         stats = box.stats()
     assert server.ids() == [message_id] * 3  # sent, resent, resent, then given up
