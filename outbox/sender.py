@@ -67,6 +67,7 @@ class Session:
         self._wake = asyncio.Event()
         self._json_pong: asyncio.Future[None] | None = None
         self._unacked_before: set[int] = set()
+        self._refill_at = min(options.page_size, max(1, options.max_inflight // 4))
 
     async def run(self) -> None:
         """Resend everything un-acked, then stream until the connection ends."""
@@ -102,7 +103,8 @@ class Session:
             if generation != self.store.requeue_generation:
                 generation, cursor = self.store.requeue_generation, 0  # dead rows came back
             capacity = self.window.capacity
-            if capacity:
+            # Refill in pages, not one row per ack: a read costs a thread hop.
+            if capacity >= self._refill_at or (capacity and not self.window):
                 limit = min(capacity, self.options.page_size)
                 rows = await self.store.fetch_pending(cursor, limit)
                 if rows:

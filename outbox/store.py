@@ -32,6 +32,7 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Status = Literal["pending", "acked", "dead"]
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+_INSERT_CHUNK = 200  # rows per multi-row INSERT (4 variables each, under the old limit of 999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,20 +351,23 @@ class Store:
                 for index, op in inserts:
                     batch.results[index] = ids[offset : offset + len(op.args)]
                     offset += len(op.args)
+            # Coalesce each kind across the batch: one statement per 500 ids, not per op.
+            timeouts = [item for op in ops if op.kind == "timeout" for item in op.args]
+            if timeouts:
+                await db.executemany(
+                    "UPDATE outbox SET attempts = ?, last_error = ?, updated_at = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    [(attempts, error, now, n) for n, attempts, error in timeouts],
+                )
+            acked = [n for op in ops if op.kind == "ack" for n in op.args]
+            if acked:
+                batch.acked = await self._mark_acked(acked, now)
+            reasons = {n: reason for op in ops if op.kind == "dead" for n, reason in op.args}
+            if reasons:
+                changed = await self._mark_dead(reasons, now)
+                batch.dead = [(n, reasons[n]) for n in changed]
             for index, op in enumerate(ops):
-                if op.kind == "ack":
-                    batch.acked += await self._update_status(op.args, "acked", now)
-                elif op.kind == "timeout":
-                    await db.executemany(
-                        "UPDATE outbox SET attempts = ?, last_error = ?, updated_at = ? "
-                        "WHERE id = ? AND status = 'pending'",
-                        [(attempts, error, now, n) for n, attempts, error in op.args],
-                    )
-                elif op.kind == "dead":
-                    reasons = dict(op.args)
-                    changed = await self._update_status(list(reasons), "dead", now, reasons)
-                    batch.dead += [(n, reasons[n]) for n in changed]
-                elif op.kind == "requeue":
+                if op.kind == "requeue":
                     count = await self._requeue(op.args, now)
                     batch.requeued += count
                     batch.results[index] = count
@@ -390,10 +394,10 @@ class Store:
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            async with db.execute(
+            found = await db.execute_fetchall(
                 f"SELECT key, id FROM outbox WHERE key IN ({marks})", chunk
-            ) as cursor:
-                existing.update({str(k): int(i) async for k, i in cursor})
+            )
+            existing.update({str(k): int(i) for k, i in found})
         fresh: list[tuple[str, str | None, float, float]] = []
         slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
         new_key_slot: dict[str, int] = {}
@@ -408,47 +412,50 @@ class Store:
                 slots.append(len(fresh))
                 fresh.append((payload, key, now, now))
         first = 0
-        if fresh:
-            await db.executemany(
-                "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                fresh,
+        for start in range(0, len(fresh), _INSERT_CHUNK):
+            part = fresh[start : start + _INSERT_CHUNK]
+            # One multi-row INSERT per chunk: a single thread hop returns the new ids.
+            returned = await db.execute_fetchall(
+                "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES "
+                + ",".join(["(?,?,?,?)"] * len(part))
+                + " RETURNING id",
+                [value for row in part for value in row],
             )
-            async with db.execute("SELECT last_insert_rowid()") as cursor:
-                last = (await cursor.fetchone() or (0,))[0]
-            # AUTOINCREMENT under our write lock: the new ids are consecutive.
-            first = int(last) - len(fresh) + 1
+            if start == 0:
+                # AUTOINCREMENT under our write lock: the new ids are consecutive, in the
+                # order of the VALUES list (RETURNING's own row order is not promised).
+                first = min(int(row[0]) for row in returned)
         return [first + slot if slot >= 0 else -slot for slot in slots], len(fresh)
 
-    async def _update_status(
-        self,
-        ids: list[int],
-        status: Status,
-        now: float,
-        reasons: dict[int, str] | None = None,
-    ) -> list[int]:
-        """Move pending ids to ``status``; return the ids that actually changed."""
-        db = self._writer
+    async def _mark_acked(self, ids: list[int], now: float) -> list[int]:
+        """Pending ids to acked; return those that changed (a repeated ack changes nothing)."""
         changed: list[int] = []
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            async with db.execute(
+            rows = await self._writer.execute_fetchall(
+                f"UPDATE outbox SET status = 'acked', updated_at = ? "
+                f"WHERE status = 'pending' AND id IN ({marks}) RETURNING id",
+                [now, *chunk],
+            )
+            changed += [int(row[0]) for row in rows]
+        return changed
+
+    async def _mark_dead(self, reasons: dict[int, str], now: float) -> list[int]:
+        """Pending ids to dead with their reasons; return those that changed."""
+        ids = list(reasons)
+        changed: list[int] = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._writer.execute_fetchall(
                 f"SELECT id FROM outbox WHERE status = 'pending' AND id IN ({marks})", chunk
-            ) as cursor:
-                moving = [int(r[0]) async for r in cursor]
-            if not moving:
-                continue
-            if reasons is None:
-                marks = ",".join("?" * len(moving))
-                await db.execute(
-                    f"UPDATE outbox SET status = ?, updated_at = ? WHERE id IN ({marks})",
-                    [status, now, *moving],
-                )
-            else:
-                await db.executemany(
-                    "UPDATE outbox SET status = ?, updated_at = ?, last_error = ? WHERE id = ?",
-                    [(status, now, reasons[n], n) for n in moving],
-                )
+            )
+            moving = [int(row[0]) for row in rows]
+            await self._writer.executemany(
+                "UPDATE outbox SET status = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
+                [(now, reasons[n], n) for n in moving],
+            )
             changed += moving
         return changed
 
@@ -487,12 +494,12 @@ class Store:
     async def fetch_pending(self, after: int, limit: int) -> list[Row]:
         """Pending rows with id > ``after``, in id order: the sender's page."""
         try:
-            async with self._reader.execute(
+            found = await self._reader.execute_fetchall(
                 "SELECT id, payload, attempts FROM outbox "
                 "WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
                 (after, limit),
-            ) as cursor:
-                return [Row(int(i), str(p), int(a)) async for i, p, a in cursor]
+            )
+            return [Row(i, p, a) for i, p, a in found]
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
 
@@ -503,22 +510,23 @@ class Store:
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            async with self._reader.execute(
+            found = await self._reader.execute_fetchall(
                 f"SELECT id, payload, attempts FROM outbox WHERE status = 'pending' "
                 f"AND id IN ({marks}) ORDER BY id",
                 chunk,
-            ) as cursor:
-                rows += [Row(int(i), str(p), int(a)) async for i, p, a in cursor]
+            )
+            rows += [Row(i, p, a) for i, p, a in found]
         return rows
 
     async def status(self, message_id: int) -> tuple[Status, str | None]:
         """The status of one message; an acked row that retention purged reads as acked."""
-        async with self._reader.execute(
-            "SELECT status, last_error FROM outbox WHERE id = ?", (message_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is not None:
-            return row[0], row[1]
+        found = list(
+            await self._reader.execute_fetchall(
+                "SELECT status, last_error FROM outbox WHERE id = ?", (message_id,)
+            )
+        )
+        if found:
+            return found[0][0], found[0][1]
         if 0 < message_id <= self.max_id:
             return "acked", None  # purged by retention: only acked rows are ever deleted
         raise ValueError(f"no message with id {message_id} in {self.path}")
