@@ -24,6 +24,7 @@ from outbox import (
     ReconnectLimitError,
     State,
 )
+from outbox.fault_proxy import FaultProxy
 
 from .support import ScriptedServer, wait_until
 
@@ -388,3 +389,65 @@ async def test_acked_rows_are_purged_but_ids_never_reused(server: ScriptedServer
         await box.drain(timeout=5)
     assert later > max(first)
     assert server.unique_ids() == {*first, later}
+
+
+async def test_blackholed_connection_is_detected_by_the_heartbeat(
+    server: ScriptedServer, db: Path
+) -> None:
+    """The TCP connection stays open but nothing comes back: only pings can tell."""
+    options = {
+        **FAST,
+        "heartbeat_interval": 0.05,
+        "heartbeat_timeout": 0.05,
+        "max_missed_heartbeats": 2,
+        "open_timeout": 0.3,
+    }
+    async with (
+        FaultProxy("127.0.0.1", server.port) as proxy,
+        Outbox(db, proxy.url(), **options) as box,
+    ):
+        await box.wait_acked(await box.send("before"), timeout=5)
+        proxy.blackhole(True)
+        stuck = await box.send("during")
+        await wait_until(lambda: box.stats().counters.heartbeat_misses >= 2)
+        await wait_until(lambda: box.state is not State.CONNECTED)
+        proxy.blackhole(False)
+        await box.wait_acked(stuck, timeout=5)
+        assert box.stats().reconnects >= 1
+    assert statuses(db) == {"acked": 2}
+
+
+async def test_acks_count_as_signs_of_life_for_the_heartbeat(db: Path) -> None:
+    """Pongs never come (JSON pings ignored) but acks keep flowing: no reconnect."""
+    async with ScriptedServer(answer_json_ping=False) as server:
+        options = {
+            **FAST,
+            "heartbeat": "json",
+            "heartbeat_interval": 0.05,
+            "heartbeat_timeout": 0.05,
+            "max_missed_heartbeats": 1,
+        }
+        async with Outbox(db, server.url, **options) as box:
+            started = time.monotonic()
+            while time.monotonic() - started < 0.3:  # keep the server busy acking
+                await box.wait_acked(await box.send("tick"), timeout=5)
+            assert server.connections == 1
+
+
+async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer, db: Path) -> None:
+    options = {
+        **FAST,
+        "heartbeat_interval": 0.02,
+        "heartbeat_timeout": 0.05,
+        "max_missed_heartbeats": 1,
+    }
+    async with Outbox(db, server.url, **options) as box:
+        await box.wait_acked(await box.send("a"), timeout=5)
+        for _ in range(3):
+            # Wait for the next ping to be in the air, then freeze the loop past its deadline.
+            pinged = time.monotonic()
+            await wait_until(lambda pinged=pinged: time.monotonic() - pinged > 0.03)
+            time.sleep(0.2)  # noqa: ASYNC251 - the application blocking its own loop
+        await box.wait_acked(await box.send("b"), timeout=5)
+        assert server.connections == 1
+        assert box.stats().counters.heartbeat_misses == 0
