@@ -1,0 +1,124 @@
+"""The ``outbox`` command line (also ``python -m outbox``).
+
+One subcommand per job, each a ``_add_<name>(subparsers)`` function that registers its
+arguments and the function that runs it; ``main`` only parses and dispatches. To add a
+command, write ``_add_stats`` and ``_stats`` alongside ``serve`` and list it in
+``_COMMANDS``.
+
+``serve`` runs a :class:`~outbox.receiver.Receiver` that stores every message in its inbox
+and does nothing else: a durable landing point for an Outbox, a test target, or the base of
+a deployment that reads the ``inbox`` table. It prints the URL it listens on as the only
+line on stdout (logs go to stderr), so a script can read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+
+from .errors import StoreError
+from .receiver import serve
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="receive messages into a SQLite inbox",
+        description="Run a receiver: every message is stored once in the inbox table of "
+        "--db and acked after it is committed. Stops cleanly on Ctrl-C or SIGTERM.",
+    )
+    parser.add_argument("--db", required=True, help="SQLite inbox file (created if missing)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8765, help="TCP port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--synchronous",
+        choices=("OFF", "NORMAL", "FULL", "EXTRA"),
+        default="FULL",
+        type=str.upper,
+        help="SQLite durability: FULL survives power loss, NORMAL a process crash "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--certfile", help="PEM certificate (chain) to serve wss:// with")
+    parser.add_argument("--keyfile", help="PEM private key for --certfile, if separate")
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="largest frame in bytes; larger ones close the connection with 1009",
+    )
+    parser.set_defaults(run=_serve)
+
+
+_COMMANDS = (_add_serve,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox", description="WebSocket sending as safe as writing to a database."
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level for stderr (default: %(default)s)",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    run: Command = args.run
+    return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    context = None
+    if args.certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+    options: dict[str, object] = {"host": args.host, "port": args.port, "ssl": context}
+    options["synchronous"] = args.synchronous
+    if args.max_size is not None:
+        options["max_size"] = args.max_size
+    try:
+        return asyncio.run(_serve_until_stopped(args.db, options))
+    except KeyboardInterrupt:  # platforms without add_signal_handler (Windows)
+        return 0
+    except (StoreError, OSError) as exc:
+        print(f"outbox serve: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve_until_stopped(db: str, options: dict[str, object]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Windows has no add_signal_handler; Ctrl-C then raises KeyboardInterrupt (see _serve).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    async with serve(None, db, **options) as receiver:
+        print(receiver.url, flush=True)
+        await stop.wait()
+        logging.getLogger("outbox.receiver").info("stopping (signal received)")
+    return 0
