@@ -281,37 +281,54 @@ class Store:
 
     async def _commit_loop(self) -> None:
         failures = 0
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            taken, self._ops = self._ops, []
-            taken_rows = sum(len(op.args) for op in taken if op.kind == "insert")
-            ops = [op for op in taken if op.future is None or not op.future.cancelled()]
-            try:
-                batch = await self._apply(ops) if ops else _Batch()
-            except Exception as exc:
-                self._queued_rows -= taken_rows
-                failures += 1
-                error = _translate(exc, self.path)
-                logger.error("outbox: commit of %d queued writes failed: %s", len(ops), error)
-                retry = []
-                for op in ops:
-                    if op.future is None:
-                        retry.append(op)  # acks and timeouts: try again with the next batch
-                    elif not op.future.done():
-                        op.future.set_exception(error)
-                if retry:
-                    self._ops[:0] = retry
-                    # Back off so a full disk does not turn into a hot loop.
-                    await asyncio.sleep(min(1.0, 0.01 * 2**failures))
-                    self._wakeup.set()
+        while self._ops or not self._closed:
+            if not self._ops:
+                await self._wakeup.wait()
+                self._wakeup.clear()
                 continue
-            failures = 0
-            self.commits += 1
-            self._publish(ops, batch)
+            if await self._commit_queued():
+                failures = 0
+            elif self._closed:
+                logger.error(
+                    "outbox: closing with %d uncommitted acks (resent later)", len(self._ops)
+                )
+                self._ops.clear()
+            else:
+                failures += 1
+                # Back off so a full disk does not turn into a hot loop.
+                await asyncio.sleep(min(1.0, 0.01 * 2**failures))
+
+    async def _commit_queued(self) -> bool:
+        """Commit everything queued in one transaction; False if it failed.
+
+        On failure, callers waiting on their writes get the error at once; acks and
+        timeouts (nobody waits on them) go back in the queue for the next attempt.
+        """
+        taken, self._ops = self._ops, []
+        taken_rows = sum(len(op.args) for op in taken if op.kind == "insert")
+        ops = [op for op in taken if op.future is None or not op.future.cancelled()]
+        try:
+            batch = await self._apply(ops) if ops else _Batch()
+        except Exception as exc:
             self._queued_rows -= taken_rows
+            error = _translate(exc, self.path)
+            logger.error("outbox: commit of %d queued writes failed: %s", len(ops), error)
+            retry = []
+            for op in ops:
+                if op.future is None:
+                    retry.append(op)
+                elif not op.future.done():
+                    op.future.set_exception(error)
+            self._ops[:0] = retry
             self._committed.set()
             self._committed = asyncio.Event()
+            return False
+        self.commits += 1
+        self._publish(ops, batch)
+        self._queued_rows -= taken_rows
+        self._committed.set()
+        self._committed = asyncio.Event()
+        return True
 
     def _publish(self, ops: list[_Op], batch: _Batch) -> None:
         """Bring memory in line with what just committed, then wake whoever waits."""
@@ -557,17 +574,24 @@ class Store:
         return self._closed
 
     async def close(self) -> None:
-        """Commit what is queued, stop the loop, close both connections."""
+        """Commit what is queued, stop the loop, close both connections.
+
+        Also works while the event loop is shutting down (``asyncio.run`` returning with the
+        Outbox still open): if the commit loop was cancelled, what it left is committed here.
+        """
         if self._closed:
             return
-        try:
-            await asyncio.wait_for(self.flush(), timeout=30)
-        except Exception as exc:
-            logger.error("outbox: could not commit queued acks before closing: %s", exc)
-        self._closed = True
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._closed = True  # refuse new writes; the loop commits what is queued, then ends
+        self._wakeup.set()
+        await asyncio.wait({self._task}, timeout=30)  # never raises, whatever ended the task
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        if self._ops:
+            try:
+                await self._commit_queued()
+            except Exception as exc:
+                logger.error("outbox: could not commit queued acks before closing: %s", exc)
         for future_list in self._waiters.values():
             for future in future_list:
                 if not future.done():
