@@ -161,11 +161,12 @@ class Supervisor:
             if delay is None:
                 self.state = State.GAVE_UP
                 logger.error(
-                    "giving up on %s after %d failed attempts in a row (max_reconnect_attempts);"
+                    "giving up on %s after %d failed connection attempt(s) in a row "
+                    "(max_reconnect_attempts);"
                     " last error: %s; %d message(s) stay pending on disk and will be sent by "
                     "the next Outbox opened on %s",
                     self.url,
-                    self.backoff.attempts,
+                    self.backoff.attempts + 1,
                     self.last_error,
                     self.store.counts.pending,
                     self.store.path,
