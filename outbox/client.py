@@ -31,7 +31,7 @@ from .errors import (
     ReconnectLimitError,
 )
 from .stats import Counters, Stats
-from .store import Store
+from .store import PURGE_CHUNK, Store
 from .supervisor import State, Supervisor
 from .window import SendWindow
 
@@ -311,6 +311,8 @@ class Outbox:
             else:
                 if purged:
                     logger.debug("purged %d acked rows", purged)
+                if purged >= PURGE_CHUNK:
+                    continue  # more to delete: go on at once, one short transaction at a time
             await asyncio.sleep(options.purge_interval)
 
     # -- looking in --------------------------------------------------------------------------

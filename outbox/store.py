@@ -32,6 +32,7 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Status = Literal["pending", "acked", "dead"]
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+PURGE_CHUNK = 5000  # acked rows deleted per transaction by the retention purge
 _INSERT_CHUNK = 200  # rows per multi-row INSERT (4 variables each, under the old limit of 999)
 
 
@@ -491,19 +492,30 @@ class Store:
         return total
 
     async def _purge(self, older_than: float | None, keep: int | None) -> int:
+        """Delete at most PURGE_CHUNK acked rows per rule, so no transaction grows long."""
         total = 0
         if older_than is not None:
             cursor = await self._writer.execute(
-                "DELETE FROM outbox WHERE status = 'acked' AND updated_at < ?", (older_than,)
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+                "WHERE status = 'acked' AND updated_at < ? LIMIT ?)",
+                (older_than, PURGE_CHUNK),
             )
             total += cursor.rowcount
         if keep is not None:
-            cursor = await self._writer.execute(
-                "DELETE FROM outbox WHERE status = 'acked' AND id NOT IN "
-                "(SELECT id FROM outbox WHERE status = 'acked' ORDER BY id DESC LIMIT ?)",
-                (keep,),
+            found = list(
+                await self._writer.execute_fetchall(
+                    "SELECT id FROM outbox WHERE status = 'acked' "
+                    "ORDER BY id DESC LIMIT 1 OFFSET ?",
+                    (keep,),
+                )
             )
-            total += cursor.rowcount
+            if found:
+                cursor = await self._writer.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+                    "WHERE status = 'acked' AND id <= ? LIMIT ?)",
+                    (found[0][0], PURGE_CHUNK),
+                )
+                total += cursor.rowcount
         return total
 
     # -- reads (committed data only) ---------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from outbox import (
+    DatabaseCorruptError,
     MessageDeadError,
     Outbox,
     OutboxClosedError,
@@ -22,7 +23,9 @@ from outbox import (
     PayloadTooLargeError,
     QueueFullError,
     ReconnectLimitError,
+    SchemaTooNewError,
     State,
+    StoreError,
 )
 from outbox.fault_proxy import FaultProxy
 
@@ -451,3 +454,30 @@ async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer,
         await box.wait_acked(await box.send("b"), timeout=5)
         assert server.connections == 1
         assert box.stats().counters.heartbeat_misses == 0
+
+
+async def test_retention_by_count_keeps_the_newest_acked_rows(
+    server: ScriptedServer, db: Path
+) -> None:
+    options = {**FAST, "acked_retention_count": 5, "purge_interval": 0.01}
+    async with Outbox(db, server.url, **options) as box:
+        ids = await box.send_many(list(range(20)))
+        await box.drain(timeout=5)
+        await wait_until(lambda: len(rows(db)) == 5)
+    assert [row[0] for row in rows(db)] == ids[-5:]
+
+
+async def test_unusable_database_files_raise_clear_errors(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, just bytes" * 200)
+    with pytest.raises(DatabaseCorruptError, match="not a usable SQLite database"):
+        await Outbox(garbage, "ws://127.0.0.1:9/").open()
+
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    with pytest.raises(SchemaTooNewError, match="upgrade the outbox package"):
+        await Outbox(newer, "ws://127.0.0.1:9/").open()
+
+    with pytest.raises(StoreError, match="directory exists"):
+        await Outbox(tmp_path / "missing" / "o.db", "ws://127.0.0.1:9/").open()
