@@ -146,8 +146,10 @@ class Transaction:
             raise RuntimeError(
                 "this message's transaction is over: use message.tx only while the handler runs"
             )
-        await self._db.execute(f"SAVEPOINT {_SAVEPOINT}")
+        # Open before awaiting: a second statement issued concurrently by the handler then
+        # queues behind the SAVEPOINT on the connection's thread instead of taking another.
         self._state = self._OPEN
+        await self._db.execute(f"SAVEPOINT {_SAVEPOINT}")
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> aiosqlite.Cursor:
         """Run one statement inside the message's transaction (like sqlite3's ``execute``)."""

@@ -40,6 +40,7 @@ import asyncio
 import inspect
 import logging
 import os
+import sqlite3
 import ssl as ssl_module
 import time
 import urllib.parse
@@ -512,8 +513,12 @@ class Receiver:
         finally:
             await self._stop_writer()
             if self._inbox is not None:
-                await self._inbox.rollback()
-                await self._inbox.close()
+                try:
+                    await self._inbox.rollback()
+                except Exception:
+                    logger.exception("rollback failed while closing %s", self._db_path)
+                finally:
+                    await self._inbox.close()
 
     async def _stop_writer(self) -> None:
         task = self._writer
@@ -656,7 +661,7 @@ class Receiver:
         assert isinstance(connection, _Connection)
         peer = _Peer(
             connection,
-            connection.outbox_client_id,
+            connection.outbox_client_id or f"{ANONYMOUS_PREFIX}{uuid.uuid4().hex}",
             wire.FEATURE_BATCH_ACK in connection.outbox_features,
         )
         self.stats.connections += 1
@@ -791,7 +796,7 @@ class Receiver:
                 len(batch),
                 ", ".join(clients[:5]) + (", ..." if len(clients) > 5 else ""),
                 exc,
-                exc_info=not isinstance(exc, StoreError),
+                exc_info=not isinstance(exc, StoreError | sqlite3.Error),
             )
             for peer, _ in batch:
                 self._fail(
@@ -925,11 +930,10 @@ class Receiver:
             raise StoreError(
                 f"the inbox transaction ended while handling message {message_id}: the handler "
                 "committed or rolled back through message.tx, or SQLite rolled back after an "
-                "error; the whole group is retried"
+                "error"
             )
 
 
-def serve(handler: Handler | None, db_path: str | os.PathLike[str], **options: Any) -> Receiver:
-    """``async with serve(handler, "inbox.db", port=0) as receiver:``; ``options`` are the
-    keyword arguments of :class:`Receiver`."""
-    return Receiver(handler, db_path, **options)
+serve = Receiver
+"""``async with serve(handler, "inbox.db", port=0) as receiver:`` reads like websockets'
+``serve``; it is the :class:`Receiver` class itself, so its signature is fully typed."""
