@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import StoreError
-from .receiver import serve
+from .receiver import DEFAULT_MAX_SIZE, Receiver, serve
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -97,12 +97,17 @@ def _serve(args: argparse.Namespace) -> int:
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
-    options: dict[str, object] = {"host": args.host, "port": args.port, "ssl": context}
-    options["synchronous"] = args.synchronous
-    if args.max_size is not None:
-        options["max_size"] = args.max_size
+    receiver = serve(
+        None,
+        args.db,
+        host=args.host,
+        port=args.port,
+        ssl=context,
+        synchronous=args.synchronous,
+        max_size=args.max_size or DEFAULT_MAX_SIZE,
+    )
     try:
-        return asyncio.run(_serve_until_stopped(args.db, options))
+        return asyncio.run(_serve_until_stopped(receiver))
     except KeyboardInterrupt:  # platforms without add_signal_handler (Windows)
         return 0
     except (StoreError, OSError) as exc:
@@ -110,14 +115,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _serve_until_stopped(db: str, options: dict[str, object]) -> int:
+async def _serve_until_stopped(receiver: Receiver) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         # Windows has no add_signal_handler; Ctrl-C then raises KeyboardInterrupt (see _serve).
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    async with serve(None, db, **options) as receiver:
+    async with receiver:
         print(receiver.url, flush=True)
         await stop.wait()
         logging.getLogger("outbox.receiver").info("stopping (signal received)")

@@ -147,7 +147,7 @@ class ConnectRequest:
     """The peer's address, as the socket reports it."""
 
 
-Authenticate = Callable[[ConnectRequest], "str | Awaitable[str | None] | None"]
+Authenticate = Callable[[ConnectRequest], str | Awaitable[str | None] | None]
 """Returns the client id to accept the connection under (the key messages are deduplicated
 by); None refuses with 401; raising :class:`Refuse` refuses with its status."""
 
@@ -394,20 +394,26 @@ class Receiver:
       reason, the message is nacked; later messages go on being handled.
     - raises anything else: its writes are rolled back, the message is not recorded and not
       acked, and the connection is closed with 1011 (internal error) once the messages before
-      it are committed and acked. Messages after it in the same frame are not handled:
+      it are committed and acked. Later messages of the connection are not handled:
       handling them would break the client's order. The client reconnects and resends from
       its oldest un-acked message, so nothing is lost; a handler that always fails on a
       message stalls that client (with its backoff) until the handler is fixed or rejects it.
-      We close rather than just skip the message because the protocol has no "retry this"
-      frame, and an un-acked message in the middle would otherwise wait for the client's
-      ack timeout while later ones get handled first.
+      We close rather than skip the message because the protocol has no "retry this" frame:
+      an un-acked message in the middle would wait for the client's ack timeout while later
+      ones got handled first. 1011 (internal error) rather than 1013 (try again later)
+      because the fault is in the handler, not in load; our client backs off and reconnects
+      on either.
 
     Other close codes: 1003 for a binary frame, 1007 for a frame that is not a JSON object or
     has no usable message id, 1009 for a frame over ``max_size`` (sent by websockets), 1013
-    (try again later) when the inbox itself fails (locked past ``busy_timeout``, disk full),
-    1001 when the receiver shuts down. None of them affects other connections.
+    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1001 when the
+    receiver shuts down. None of them affects other connections.
 
-    Identification: see :meth:`_process_request` and docs/protocol.md, "Receiver".
+    Who the client is (the deduplication key): the ``Outbox-Client-Id`` header; else the
+    ``client_id`` query parameter, for clients that cannot set headers (browsers); else an
+    anonymous id unique to the connection, so deduplication holds only within it. An
+    ``authenticate`` hook, if given, decides instead: it returns the client id. See
+    docs/protocol.md, "Receiver", for what this means for seed-style clients.
     """
 
     def __init__(
@@ -571,20 +577,8 @@ class Receiver:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        """Decide who the client is, or refuse it before the upgrade.
-
-        The client id is the key of deduplication, so it must be stable for as long as the
-        client's message ids are unique under it:
-
-        - ``Outbox-Client-Id`` header: our client sends a UUID stored in its database, stable
-          across reconnects and restarts.
-        - else the ``client_id`` query parameter (``ws://host/?client_id=...``), for clients
-          that cannot set headers, such as browsers.
-        - else an anonymous id unique to this connection: deduplication then holds only
-          within one connection. A resend on a new connection is handled again.
-
-        With an ``authenticate`` hook, the hook's return value is the client id instead.
-        """
+        """Decide who the client is (see the class docstring), or refuse it before the
+        upgrade: 400 for an unusable claimed id, 401/403/... from ``authenticate``."""
         assert isinstance(connection, _Connection)
         split = urllib.parse.urlsplit(request.path)
         query = {

@@ -47,6 +47,12 @@ def headers(client_id: str, features: str = OURS) -> dict[str, str]:
     return {wire.CLIENT_ID_HEADER: client_id, wire.FEATURES_HEADER: features}
 
 
+def features(ws: ClientConnection) -> str:
+    """The Outbox-Features header of the server's handshake response."""
+    assert ws.response is not None
+    return ws.response.headers[wire.FEATURES_HEADER]
+
+
 def message(message_id: int, data: Any) -> str:
     return wire.encode_message(message_id, json.dumps(data))
 
@@ -217,7 +223,7 @@ async def test_seed_client_gets_one_ack_per_message_and_json_pong(
 ) -> None:
     receiver, recorder = recorder_receiver
     async with connect(receiver.url) as ws:  # no headers at all, like a browser
-        assert ws.response.headers[wire.FEATURES_HEADER] == "batch"
+        assert features(ws) == "batch"
         await ws.send(wire.PING_FRAME)
         assert await recv(ws) == {"type": "pong"}
         for i in (1, 2, 3):
@@ -238,7 +244,7 @@ async def test_batch_frame_is_one_transaction_and_one_batched_ack(
 ) -> None:
     receiver, recorder = recorder_receiver
     async with connect(receiver.url, additional_headers=headers("c1")) as ws:
-        assert wire.parse_features(ws.response.headers[wire.FEATURES_HEADER]) == {
+        assert wire.parse_features(features(ws)) == {
             "batch",
             "batch-ack",
         }
@@ -255,7 +261,7 @@ async def test_batch_without_batch_ack_gets_seed_acks(
 ) -> None:
     receiver, _ = recorder_receiver
     async with connect(receiver.url, additional_headers=headers("c1", "batch")) as ws:
-        assert ws.response.headers[wire.FEATURES_HEADER] == "batch"
+        assert features(ws) == "batch"
         await ws.send(batch([1, 2, 3]))
         assert [await recv(ws) for _ in range(3)] == [
             {"type": "ack", "messageId": i} for i in (1, 2, 3)
