@@ -126,6 +126,9 @@ class Transaction:
     the other messages of the same transaction keep theirs. A handler that uses no SQL pays
     nothing for this.
 
+    The inbox rows of a transaction are written after its handlers have run, so a handler
+    does not see, in the ``inbox`` table, the messages handled just before it.
+
     Rules: do not run ``BEGIN``, ``COMMIT``, ``ROLLBACK`` or ``RELEASE`` yourself (the receiver
     detects a transaction that ended under it and fails the whole group), and do not keep
     the handle after the handler returns: it refuses to be used then.

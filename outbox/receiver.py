@@ -773,8 +773,14 @@ class Receiver:
                 peer.room.set()
                 if items and not peer.failed:
                     batch.append((peer, items))
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._commit(batch)
+            except Exception:  # a bug here must not stop every other connection's messages
+                logger.exception("the receiver's writer failed; closing the connections involved")
+                for peer, _ in batch:
+                    self._fail(peer, Close(CloseCode.INTERNAL_ERROR, "receiver error"))
 
     async def _commit(self, batch: list[tuple[_Peer, list[Item]]]) -> None:
         inbox = self._inbox

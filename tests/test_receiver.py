@@ -699,3 +699,49 @@ async def test_receiver_serves_the_outbox_client(tmp_path: Path, db: Path) -> No
     assert recorder.calls[0][2] == {"n": 0}
     [client_id] = {c for c, _, _ in recorder.calls}
     assert not client_id.startswith(ANONYMOUS_PREFIX)  # the id stored in the client's file
+
+
+async def test_small_backlog_slows_reading_without_losing_anything(db: Path) -> None:
+    recorder = Recorder()
+    async with (
+        serve(recorder, db, max_backlog=5) as receiver,
+        connect(receiver.url) as ws,  # seed-style: one ack frame per message
+    ):
+        for i in range(1, 501):
+            await ws.send(message(i, i))
+        assert await acks(ws, 500) == list(range(1, 501))
+    assert recorder.ids() == list(range(1, 501))
+
+
+async def test_close_cancels_a_stuck_handler_and_the_message_is_handled_after_restart(
+    db: Path,
+) -> None:
+    entered = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stuck(message: Incoming) -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()  # a handler waiting on something that never comes
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    receiver = serve(stuck, db, close_timeout=0.2)
+    await receiver.start()
+    async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+        await ws.send(message(1, "x"))
+        await asyncio.wait_for(entered.wait(), 5)
+        await asyncio.wait_for(receiver.close(), 5)
+        assert await closed_with(ws) == CloseCode.GOING_AWAY
+    assert cancelled.is_set()
+    assert inbox_rows(db) == []  # rolled back, never acked
+
+    recorder = Recorder()
+    async with (
+        serve(recorder, db) as receiver,
+        connect(receiver.url, additional_headers=headers("c1")) as ws,
+    ):
+        await ws.send(message(1, "x"))
+        assert await acks(ws, 1) == [1]
+    assert recorder.ids() == [1]
