@@ -52,7 +52,10 @@ class Backoff:
         if self.max_attempts is not None and self.attempts >= self.max_attempts:
             return None
         self.attempts += 1
-        base = min(self.maximum, self.initial * self.factor ** (self.attempts - 1))
+        try:
+            base = min(self.maximum, self.initial * self.factor ** (self.attempts - 1))
+        except OverflowError:  # a very long outage: the growth passed the cap long ago
+            base = self.maximum if self.initial > 0 else 0.0
         return base * (1.0 - self.jitter * self._rand())
 
     def reset(self) -> None:

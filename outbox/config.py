@@ -86,8 +86,9 @@ class Options:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.heartbeat not in ("protocol", "json"):
             raise ValueError(f"heartbeat must be 'protocol' or 'json', got {self.heartbeat!r}")
-        if self.reconnect_interval < 0 or self.reconnect_interval > self.reconnect_max_interval:
-            raise ValueError("need 0 <= reconnect_interval <= reconnect_max_interval")
+        if not 0 < self.reconnect_interval <= self.reconnect_max_interval:
+            # Zero would make every refused attempt retry at once: a hot loop.
+            raise ValueError("need 0 < reconnect_interval <= reconnect_max_interval")
         for name in ("max_attempts", "max_pending", "acked_retention_count"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -90,9 +90,12 @@ async def run_heartbeat(
             continue
         ping_again = False
         ping_at = clock()
-        pong = await ping()
         try:
-            await asyncio.wait_for(pong, monitor.timeout)
+            # Sending the ping is inside the deadline too: on a dead peer the write buffer
+            # may never drain, and a ping that cannot be sent is as missed as its pong.
+            async with asyncio.timeout(monitor.timeout):
+                pong = await ping()
+                await pong
         except TimeoutError:
             # Let frames already in the socket buffer reach the reader before judging.
             for _ in range(3):

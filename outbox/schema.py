@@ -44,18 +44,24 @@ def latest_version() -> int:
     return len(available())
 
 
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
 def statements(sql: str) -> list[str]:
-    """Split a script into complete statements (what sqlite3.complete_statement accepts)."""
+    """Split a script into complete statements, at each ``;`` that ends one.
+
+    ``sqlite3.complete_statement`` decides, so a ``;`` inside a string, a comment or a
+    trigger body does not split. Only comments may follow the last statement.
+    """
     result, buffer = [], ""
-    for line in sql.splitlines(keepends=True):
-        buffer += line
+    pieces = sql.split(";")
+    for index, piece in enumerate(pieces):
+        buffer += piece if index == len(pieces) - 1 else piece + ";"
         if sqlite3.complete_statement(buffer):
-            if buffer.strip():
+            if _COMMENTS.sub("", buffer).strip(" \t\r\n;"):
                 result.append(buffer.strip())
             buffer = ""
-    if buffer.strip() and not all(
-        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
-    ):
+    if _COMMENTS.sub("", buffer).strip():
         raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer!r}")
     return result
 

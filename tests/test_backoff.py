@@ -129,12 +129,6 @@ def test_a_long_outage_keeps_returning_the_capped_delay() -> None:
     assert set(delays(backoff, 2000)[6:]) == {60.0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: backoff.py next_delay falls back to base = maximum on OverflowError, but "
-    "with initial=0 the delay is min(maximum, 0 * ...) = 0; after 1024 instant retries it "
-    "jumps to maximum",
-)
 def test_a_zero_initial_delay_stays_zero_however_long_the_outage() -> None:
     backoff = Backoff(0.0, 60.0, jitter=0.0)
     assert set(delays(backoff, 1100)) == {0.0}
