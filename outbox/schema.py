@@ -73,6 +73,14 @@ def _too_new(path: str, current: int, latest: int) -> SchemaTooNewError:
     )
 
 
+def refuse_newer(conn: sqlite3.Connection, path: str = "the database") -> None:
+    """Raise SchemaTooNewError, touching nothing, if the file is newer than this code."""
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    latest = latest_version()
+    if current > latest:
+        raise _too_new(path, current, latest)
+
+
 def migrate(conn: sqlite3.Connection, path: str = "the database") -> int:
     """Bring ``conn`` up to the latest schema; return the version it is at.
 

@@ -119,6 +119,7 @@ def _prepare(path: str, busy_timeout: float) -> tuple[str, Counts, int]:
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
+        schema.refuse_newer(conn, path)  # before WAL: leave a newer database as it was
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
@@ -324,7 +325,8 @@ class Store:
             self._committed.set()
             self._committed = asyncio.Event()
             return False
-        self.commits += 1
+        if ops:
+            self.commits += 1
         self._publish(ops, batch)
         self._queued_rows -= taken_rows
         self._committed.set()
