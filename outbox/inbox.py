@@ -210,12 +210,14 @@ class Inbox:
             db = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise translate(exc, path) from exc
+        ready = False
         try:
             await db.execute(f"PRAGMA synchronous = {level}")
             await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        except BaseException:
-            await db.close()
-            raise
+            ready = True
+        finally:
+            if not ready:
+                await db.close()
         return cls(path, db, keys_per_query)
 
     @property

@@ -483,6 +483,7 @@ class Receiver:
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(), name=f"outbox-receiver-writer:{self._db_path}"
         )
+        listening = False
         try:
             self._server = await ws_serve(
                 self._serve_connection,
@@ -498,10 +499,11 @@ class Receiver:
                 close_timeout=self._close_timeout,
                 ssl=self._ssl,
             )
-        except BaseException:
-            await self._stop_writer()
-            await self._inbox.close()
-            raise
+            listening = True
+        finally:
+            if not listening:  # e.g. the port is taken: leave nothing running
+                await self._stop_writer()
+                await self._inbox.close()
         logger.info("receiving on %s (inbox %s)", self.url, self._db_path)
 
     async def close(self) -> None:

@@ -745,3 +745,16 @@ async def test_close_cancels_a_stuck_handler_and_the_message_is_handled_after_re
         await ws.send(message(1, "x"))
         assert await acks(ws, 1) == [1]
     assert recorder.ids() == [1]
+
+
+async def test_a_port_in_use_fails_start_and_leaves_nothing_running(db: Path) -> None:
+    async with serve(None, db) as first:
+        before = asyncio.all_tasks()
+        second = serve(None, db, port=first.port)
+        with pytest.raises(OSError):
+            await second.start()
+        assert asyncio.all_tasks() == before  # its writer task is gone
+        # The first receiver is unaffected, and the shared file has no lock left behind.
+        async with connect(first.url, additional_headers=headers("c1")) as ws:
+            await ws.send(message(1, "x"))
+            assert await acks(ws, 1) == [1]
