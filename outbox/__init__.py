@@ -23,13 +23,16 @@ from .errors import (
     StorageFullError,
     StoreError,
 )
+from .receiver import ConnectRequest, Incoming, Receiver, ReceiverStats, Refuse, Reject, serve
 from .stats import Stats
 from .supervisor import State
 from .window import SendWindow
 
 __all__ = [
     "Backoff",
+    "ConnectRequest",
     "DatabaseCorruptError",
+    "Incoming",
     "MessageDeadError",
     "Outbox",
     "OutboxClosedError",
@@ -39,11 +42,16 @@ __all__ = [
     "PayloadTooLargeError",
     "ProtocolError",
     "QueueFullError",
+    "Receiver",
+    "ReceiverStats",
     "ReconnectLimitError",
+    "Refuse",
+    "Reject",
     "SchemaTooNewError",
     "SendWindow",
     "State",
     "Stats",
     "StorageFullError",
     "StoreError",
+    "serve",
 ]
