@@ -1,0 +1,148 @@
+"""Child processes of the benchmark: start, talk to, and always stop them.
+
+A child prints JSON lines on stdout and reads commands on stdin; closing its stdin asks it to
+stop (and is what happens by itself if this process dies, so no child outlives it). Children
+run in their own session, so a Ctrl-C reaches only the parent, which stops them in order:
+end of file, then SIGTERM, then SIGKILL. ``LIVE`` holds whatever is still running, for a
+last-resort kill on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+LIVE: set[asyncio.subprocess.Process] = set()
+
+
+class ChildError(Exception):
+    """A child ended or spoke out of turn; the message ends with the tail of its stderr."""
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Measure this working tree's outbox, whatever version is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on (for now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def kill_all() -> None:
+    for process in list(LIVE):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+
+class Child:
+    """One server or client process (``_servers.py`` or ``_clients.py``)."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process, log: Path) -> None:
+        self.name = name
+        self.process = process
+        self.log = log
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def run(
+        cls, name: str, script: str, argv: Sequence[str], log: Path
+    ) -> AsyncIterator[Child]:
+        """Start ``script argv`` with its stderr in ``log``; stop it when the block ends."""
+        with log.open("wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(HERE / script),
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env=child_env(),
+                start_new_session=True,
+                limit=1 << 24,  # the result line carries the id runs
+            )
+        LIVE.add(process)
+        child = cls(name, process, log)
+        try:
+            yield child
+        finally:
+            await child.stop()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every JSON line until the child closes its stdout."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        while line := await stdout.readline():
+            with contextlib.suppress(ValueError):  # a stray print is not a protocol line
+                yield json.loads(line)
+
+    async def event(self, *wanted: str) -> dict[str, Any]:
+        """The next line whose event is one of ``wanted``."""
+        async for message in self.events():
+            if message["event"] in wanted:
+                return message
+        raise ChildError(f"the {self.name} ended before saying {'/'.join(wanted)}{self.tail()}")
+
+    def send(self, line: str) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(line.encode() + b"\n")
+
+    async def finish(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Ask it to stop; return the ``stats`` line it prints on the way out."""
+        stdin = self.process.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+        stats = None
+        async with asyncio.timeout(timeout):
+            async for message in self.events():
+                if message["event"] == "stats":
+                    stats = message
+            await self.process.wait()
+        if stats is None:
+            raise ChildError(f"the {self.name} stopped without its stats{self.tail()}")
+        return stats
+
+    async def stop(self) -> None:
+        """Make sure it is gone: end of file, then SIGTERM, then SIGKILL, 5 s apart."""
+        process = self.process
+        try:
+            stdin = process.stdin
+            if process.returncode is None and stdin is not None and not stdin.is_closing():
+                stdin.close()
+            for signum in (None, signal.SIGTERM, signal.SIGKILL):
+                if process.returncode is not None:
+                    break
+                if signum is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signum)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), 5.0)
+        finally:
+            if process.returncode is not None:
+                LIVE.discard(process)
+
+    def tail(self, lines: int = 15) -> str:
+        """The end of its stderr, to append to an error message."""
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        if not text:
+            return ""
+        return f"\n--- end of the {self.name}'s stderr ({self.log}):\n" + "\n".join(text[-lines:])
