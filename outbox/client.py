@@ -213,7 +213,14 @@ class Outbox:
         row it made, and nothing new is written. If the call is cancelled, the row either
         committed in full or not at all; retry with the same key to find out which.
         """
-        ids = await self.send_many([payload], keys=None if key is None else [key])
+        # The hot path: send_many's checks for one message, without its lists.
+        store = self._open_store()
+        text = self._encode(payload)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
+        if self.options.max_pending is not None:
+            self._check_quota(store, 1)
+        ids = await store.insert(((text, key),))
         return ids[0]
 
     async def send_many(

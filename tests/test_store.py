@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -430,12 +431,16 @@ async def test_a_directory_that_does_not_exist(tmp_path: Path) -> None:
     assert not missing.parent.exists()
 
 
+async def on_writer(store: Store, sql: str) -> Any:
+    """Run one statement on the store's writer connection, on its own thread."""
+    return await store._run_on_writer(lambda conn: conn.execute(sql).fetchone())
+
+
 async def fill_up(store: Store) -> None:
     """Let the writer use no more pages than the file has now (a full disk, for SQLite)."""
-    async with store._writer.execute("PRAGMA page_count") as cursor:
-        row = await cursor.fetchone()
+    row = await on_writer(store, "PRAGMA page_count")
     assert row is not None
-    await store._writer.execute(f"PRAGMA max_page_count = {row[0]}")
+    await on_writer(store, f"PRAGMA max_page_count = {row[0]}")
 
 
 async def test_a_full_disk_fails_the_insert_whole_and_recovers(store: Store, db: Path) -> None:
@@ -449,7 +454,7 @@ async def test_a_full_disk_fails_the_insert_whole_and_recovers(store: Store, db:
     assert store.counts == Counts(pending=3)
     assert store.queued_rows == 0
 
-    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    await on_writer(store, "PRAGMA max_page_count = 1073741823")
     ids = await asyncio.wait_for(store.insert([('"small"', "k1"), (big, None)]), 5)
     assert ids == [4, 5]
     assert shell(db, "SELECT count(*), max(id) FROM outbox") == [(5, 5)]
@@ -466,7 +471,7 @@ async def test_acks_queued_during_a_full_disk_are_kept_and_committed_later(
     store.mark_acked([1])  # rides in the same doomed transaction
     with pytest.raises(StorageFullError):
         await failing
-    await store._writer.execute("PRAGMA max_page_count = 1073741823")
+    await on_writer(store, "PRAGMA max_page_count = 1073741823")
     await asyncio.wait_for(store.flush(), 5)
     assert statuses(db) == {1: "acked", 2: "pending"}
     assert store.counts == Counts(pending=1, acked=1)
