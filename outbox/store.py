@@ -180,6 +180,7 @@ class Store:
         self.requeue_generation = 0
         """Bumped when dead rows return to pending, so a sender rescans from the start."""
         self.commits = 0
+        self._last_now = 0.0
         self._committed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(
             self._commit_loop(), name=f"outbox-store:{path}"
@@ -328,8 +329,11 @@ class Store:
         taken_rows = sum(len(op.args) for op in taken if op.kind == "insert")
         ops = [op for op in taken if op.future is None or not op.future.cancelled()]
         try:
+            # Strictly increasing per transaction, even with a coarse clock: _mark_acked
+            # tells this transaction's changes apart by their timestamp.
+            self._last_now = now = max(self._clock(), self._last_now + 1e-6)
             ops_data = [(op.kind, op.args) for op in ops]
-            batch = await self._run_on_writer(_apply, ops_data, self._clock()) if ops else _Batch()
+            batch = await self._run_on_writer(_apply, ops_data, now) if ops else _Batch()
         except Exception as exc:
             self._queued_rows -= taken_rows
             error = _translate(exc, self.path)
@@ -562,10 +566,16 @@ def _insert_rows(
             slots.append(len(fresh))
             fresh.append((payload, key, now, now))
     first = 0
-    if fresh:
-        conn.executemany(
-            "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES (?, ?, ?, ?)", fresh
+    for start in range(0, len(fresh), _INSERT_CHUNK):
+        # One multi-row INSERT per chunk rather than executemany: each sqlite3 step lets go
+        # of the GIL, and a busy event loop thread can keep it for a whole switch interval.
+        part = fresh[start : start + _INSERT_CHUNK]
+        conn.execute(
+            "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES "
+            + ",".join(["(?,?,?,?)"] * len(part)),
+            [value for row in part for value in row],
         )
+    if fresh:
         last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         # AUTOINCREMENT under our write lock: the new ids are consecutive, in insert order.
         first = last - len(fresh) + 1
@@ -576,13 +586,23 @@ def _mark_acked(conn: sqlite3.Connection, ids: list[int], now: float) -> list[in
     """Pending ids to acked; return those that changed (a repeated ack changes nothing)."""
     changed: list[int] = []
     for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
+        chunk = list(dict.fromkeys(ids[start : start + _CHUNK]))
         marks = ",".join("?" * len(chunk))
+        still_pending = f"status = 'pending' AND id IN ({marks})"
+        updated = conn.execute(
+            f"UPDATE outbox SET status = 'acked', updated_at = ? WHERE {still_pending}",
+            [now, *chunk],
+        ).rowcount
+        if updated == len(chunk):
+            changed += chunk  # the usual case, known without reading a row per id
+            continue
+        # Some were acked or dead already: ask which of them this statement changed. It was
+        # the only writer since BEGIN IMMEDIATE, so "acked at exactly now" identifies them.
         changed += [
             int(row[0])
             for row in conn.execute(
-                f"UPDATE outbox SET status = 'acked', updated_at = ? "
-                f"WHERE status = 'pending' AND id IN ({marks}) RETURNING id",
+                f"SELECT id FROM outbox WHERE status = 'acked' AND updated_at = ? "
+                f"AND id IN ({marks})",
                 [now, *chunk],
             )
         ]

@@ -263,6 +263,16 @@ async def test_only_pending_rows_change_status(store: Store, db: Path) -> None:
     assert store.counts == Counts(pending=1, acked=1, dead=1)
 
 
+async def test_a_repeated_ack_under_a_frozen_clock_is_not_counted_twice(store: Store) -> None:
+    # The clock fixture never moves: every transaction gets the same wall-clock time.
+    await insert_many(store, 3)
+    store.mark_acked([1])
+    await store.flush()
+    store.mark_acked([1, 2])  # 1 again, from a later transaction at the "same" time
+    await store.flush()
+    assert store.counts == Counts(pending=1, acked=2)
+
+
 async def test_fetch_pending_pages_in_id_order_and_skips_acked_and_dead(store: Store) -> None:
     await store.insert([(f'"m{n}"', None) for n in range(1, 11)])
     store.mark_acked([3, 6])
