@@ -97,7 +97,7 @@ def translate(exc: sqlite3.Error, path: str) -> StoreError:
 
 
 def _prepare(path: str, busy_timeout: float) -> int:
-    """Open synchronously once: check the file, enable WAL, migrate.
+    """Open synchronously once: check the file, enable WAL, migrate, probe the inbox table.
 
     Runs in a worker thread before the async connection opens. Returns how many keys fit in
     one dedup query (half of SQLite's variable limit: two variables per key).
@@ -109,6 +109,14 @@ def _prepare(path: str, busy_timeout: float) -> int:
         if str(mode).lower() not in ("wal", "memory"):
             raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
         schema.migrate(conn, path)
+        # Walk down to the first and the last row of the inbox now: a damaged table then
+        # fails the start (DatabaseCorruptError) instead of every transaction after it. Two
+        # descents of the primary key, so the cost does not grow with the inbox.
+        for order in ("", " DESC"):
+            conn.execute(
+                f"SELECT client_id, message_id, reject_reason FROM inbox "
+                f"ORDER BY client_id{order}, message_id{order} LIMIT 1"
+            ).fetchall()
         return max(1, min(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 2, 4000))
     finally:
         conn.close()

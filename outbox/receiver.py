@@ -60,7 +60,15 @@ from websockets.http11 import Request, Response
 
 from . import codec, wire
 from .errors import ProtocolError, StoreError
-from .inbox import Inbox, InboxRow, Key, Synchronous, Transaction, encode_payload
+from .inbox import (
+    Inbox,
+    InboxRow,
+    Key,
+    Synchronous,
+    Transaction,
+    encode_payload,
+    translate,
+)
 
 __all__ = [
     "ANONYMOUS_PREFIX",
@@ -797,7 +805,8 @@ class Receiver:
                 "1013 so their clients resend later",
                 len(batch),
                 ", ".join(clients[:5]) + (", ..." if len(clients) > 5 else ""),
-                exc,
+                # Say what to do about it (locked, full, corrupt), not only what SQLite said.
+                translate(exc, inbox.path) if isinstance(exc, sqlite3.Error) else exc,
                 exc_info=not isinstance(exc, StoreError | sqlite3.Error),
             )
             for peer, _ in batch:
