@@ -17,9 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sqlite3
 import ssl
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable
 
 from .errors import StoreError
@@ -61,7 +65,21 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=_serve)
 
 
-_COMMANDS = (_add_serve,)
+def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="show what an outbox file holds (read-only; safe while the app runs)",
+        description="Counts by status, the oldest pending message, and the newest dead "
+        "rows with their reasons. Opens the file read-only.",
+    )
+    parser.add_argument("--db", required=True, help="SQLite outbox file")
+    parser.add_argument(
+        "--dead", type=int, default=10, help="how many dead rows to list (default: %(default)s)"
+    )
+    parser.set_defaults(run=_stats)
+
+
+_COMMANDS = (_add_serve, _add_stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,4 +144,38 @@ async def _serve_until_stopped(receiver: Receiver) -> int:
         print(receiver.url, flush=True)
         await stop.wait()
         logging.getLogger("outbox.receiver").info("stopping (signal received)")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.db):
+        print(f"outbox stats: no such file {args.db}", file=sys.stderr)
+        return 1
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{urllib.parse.quote(args.db)}?mode=ro", uri=True)
+        ) as conn:
+            counts = dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"))
+            oldest = conn.execute(
+                "SELECT id, created_at FROM outbox WHERE status = 'pending' ORDER BY id LIMIT 1"
+            ).fetchone()
+            client = conn.execute(
+                "SELECT value FROM outbox_meta WHERE name = 'client_id'"
+            ).fetchone()
+            dead = conn.execute(
+                "SELECT id, attempts, last_error FROM outbox WHERE status = 'dead' "
+                "ORDER BY id DESC LIMIT ?",
+                (args.dead,),
+            ).fetchall()
+    except sqlite3.Error as exc:
+        print(f"outbox stats: cannot read {args.db} as an outbox: {exc}", file=sys.stderr)
+        return 1
+    print(f"client id  {client[0] if client else '-'}")
+    for status in ("pending", "acked", "dead"):
+        print(f"{status:<10} {counts.get(status, 0)}")
+    if oldest:
+        age = time.time() - oldest[1]
+        print(f"oldest pending: id {oldest[0]}, waiting {age:.1f}s")
+    for message_id, attempts, error in dead:
+        print(f"dead {message_id} after {attempts} attempt(s): {error}")
     return 0

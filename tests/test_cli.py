@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from outbox import wire
+from outbox import Outbox, wire
 from outbox.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,3 +91,28 @@ async def test_serve_reports_an_unusable_database(tmp_path: Path) -> None:
     assert process.returncode == 1
     assert stdout == b""
     assert b"not a usable SQLite database" in stderr
+
+
+async def test_stats_reads_an_outbox_while_it_is_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "app-outbox.db"
+    async with Outbox(db, "ws://127.0.0.1:9/", max_reconnect_attempts=0) as box:
+        await box.send_many([1, 2, 3])
+        client = box.client_id
+        assert main(["stats", "--db", str(db)]) == 0  # read-only, beside the running app
+    out = capsys.readouterr().out
+    assert f"client id  {client}" in out and "pending    3" in out and "acked      0" in out
+    assert "oldest pending: id 1" in out
+
+
+def test_stats_says_when_the_file_is_missing_or_not_an_outbox(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["stats", "--db", str(tmp_path / "nope.db")]) == 1
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    assert main(["stats", "--db", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and "cannot read" in err
