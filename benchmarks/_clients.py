@@ -23,6 +23,7 @@ from typing import Any
 
 from _common import (
     PING_INTERVAL,
+    cpu_seconds,
     emit,
     latency_summary,
     payload,
@@ -35,6 +36,21 @@ from outbox import Outbox
 
 Clock = Callable[[], float]
 now: Clock = time.perf_counter
+
+
+class Timer:
+    """Wall-clock seconds and CPU seconds (every thread of this process) from start to stop."""
+
+    def __init__(self) -> None:
+        self._wall, self._cpu = now(), cpu_seconds()
+        self.seconds = self.cpu = 0.0
+
+    def lap(self) -> float:
+        return now() - self._wall
+
+    def stop(self) -> float:
+        self.seconds, self.cpu = now() - self._wall, cpu_seconds() - self._cpu
+        return self.seconds
 
 
 class IdRuns:
@@ -83,13 +99,15 @@ async def progress(done: Callable[[], int], **fields: Any) -> Any:
         emit("progress", done=done(), **fields)
 
 
-def finish(messages: int, seconds: float, **fields: Any) -> None:
+def finish(messages: int, timer: Timer, **fields: Any) -> None:
+    seconds = timer.seconds
     emit(
         "result",
         messages=messages,
         seconds=seconds,
         rate=messages / seconds if seconds > 0 else None,
         rss_mb=peak_rss_mb(),
+        cpu_s=timer.cpu,
         **fields,
     )
 
@@ -105,13 +123,13 @@ async def ceiling_ff(args: argparse.Namespace) -> None:
     sent = 0
     url = f"{args.url}?n={args.n}"
     async with connect(url, compression=compression) as ws, progress(lambda: sent):
-        start = now()
+        timer = Timer()
         for seq in range(1, args.n + 1):
             await ws.send(json.dumps({"id": seq, "data": payload(seq, args.size)}))
             sent += 1
         await ws.recv()  # {"type": "done"}: the server has counted all N
-        seconds = now() - start
-    finish(args.n, seconds, latency=latency_summary([]))
+        timer.stop()
+    finish(args.n, timer, latency=latency_summary([]))
 
 
 async def ceiling_acks(args: argparse.Namespace) -> None:
@@ -135,7 +153,7 @@ async def ceiling_acks(args: argparse.Namespace) -> None:
                     return
 
         async with progress(lambda: acked), asyncio.TaskGroup() as group:
-            start = now()
+            timer = Timer()
             group.create_task(read_acks())
             for seq in range(1, n + 1):
                 while seq - acked > window:
@@ -143,8 +161,8 @@ async def ceiling_acks(args: argparse.Namespace) -> None:
                     await room.wait()
                 sent_at[seq] = now()
                 await ws.send(json.dumps({"id": seq, "data": payload(seq, args.size)}))
-        seconds = now() - start
-    finish(n, seconds, latency=latency_summary(latencies))
+        timer.stop()
+    finish(n, timer, latency=latency_summary(latencies))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +182,7 @@ async def naive(args: argparse.Namespace) -> None:
     latencies: list[float] = []
     done = 0
     async with connect(args.url, compression=None) as ws, progress(lambda: done):
-        start = now()
+        timer = Timer()
         for seq in range(1, args.n + 1):
             data = payload(seq, args.size)
             with db:
@@ -180,9 +198,9 @@ async def naive(args: argparse.Namespace) -> None:
                 db.execute("UPDATE outbox SET status = 'acked' WHERE id = ?", (message_id,))
             latencies.append(now() - queued)
             done += 1
-        seconds = now() - start
+        timer.stop()
     db.close()
-    finish(args.n, seconds, latency=latency_summary(latencies))
+    finish(args.n, timer, latency=latency_summary(latencies))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +208,21 @@ async def naive(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def outbox_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Outbox keyword arguments: none at all for the default rows."""
-    options: dict[str, Any] = {}
+def option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE read as JSON when it can be (5000, true, null), else a str."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def outbox_options(args: argparse.Namespace, **scenario: Any) -> dict[str, Any]:
+    """Outbox keyword arguments: the scenario's own, then any ``--option`` given (none at
+    all for the default rows)."""
+    options: dict[str, Any] = {**scenario, **dict(args.option)}
     if args.per_frame:
         # The seed's wire format: no batch frames, and no batch-ack in the request, so the
         # receiver answers one {"type": "ack", "messageId"} per message.
@@ -235,18 +265,19 @@ async def outbox_stream(args: argparse.Namespace) -> None:
                     group.create_task(measure(message_id, now()))
 
         async with progress(lambda: box.stats().acked):
+            timer = Timer()
             start = now()
             async with asyncio.TaskGroup() as group:
                 for first in range(producers):
                     group.create_task(produce(first, group, start))
-            enqueued = now() - start
+            enqueued = timer.lap()
             await box.drain()
-            seconds = now() - start
+            timer.stop()
         stats = box.stats()
         client_id = box.client_id
     finish(
         ids.count,
-        seconds,
+        timer,
         enqueue_seconds=enqueued,
         latency=latency_summary(latencies),
         ids=ids.merged(),
@@ -283,12 +314,13 @@ async def enqueue(args: argparse.Namespace) -> None:
     """
     n, producers, batch = args.n, args.producers, args.batch
     ids = IdRuns()
-    options: dict[str, Any] = {"max_reconnect_attempts": 0}
+    options = outbox_options(args, max_reconnect_attempts=0)
     async with Outbox(args.db, args.url, **options) as box:
         client_id = box.client_id
         if args.api == "sqlite":
             await box.close()  # the schema exists; now write to it the plain way
-            seconds = sqlite_enqueue(args.db, n, args.size, ids)
+            synchronous = str(options.get("synchronous", "FULL"))
+            timer = sqlite_enqueue(args.db, n, args.size, ids, synchronous)
         else:
 
             async def produce(first: int) -> None:
@@ -303,18 +335,18 @@ async def enqueue(args: argparse.Namespace) -> None:
                     ids.add(await box.send_many(messages))
 
             async with progress(lambda: ids.count):
-                start = now()
+                timer = Timer()
                 async with asyncio.TaskGroup() as group:
                     for first in range(producers):
                         group.create_task(produce(first))
-                seconds = now() - start
-    finish(ids.count, seconds, ids=ids.merged(), client_id=client_id, latency=latency_summary([]))
+                timer.stop()
+    finish(ids.count, timer, ids=ids.merged(), client_id=client_id, latency=latency_summary([]))
 
 
-def sqlite_enqueue(path: str, n: int, size: int, ids: IdRuns) -> float:
+def sqlite_enqueue(path: str, n: int, size: int, ids: IdRuns, synchronous: str) -> Timer:
     db = sqlite3.connect(path)
-    db.execute("PRAGMA synchronous = FULL")  # the file is already in WAL mode
-    start = now()
+    db.execute(f"PRAGMA synchronous = {synchronous}")  # as the Outbox's; the file is in WAL
+    timer = Timer()
     for seq in range(n):
         stamp = time.time()
         with db:
@@ -326,9 +358,9 @@ def sqlite_enqueue(path: str, n: int, size: int, ids: IdRuns) -> float:
         ids.add((cursor.lastrowid,))
         if seq % 1000 == 0:
             emit("progress", done=ids.count)
-    seconds = now() - start
+    timer.stop()
     db.close()
-    return seconds
+    return timer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +401,7 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
     ids = IdRuns()
     # Reconnect quickly, so the drain starts within ~0.1 s of the receiver coming up
     # instead of after a backoff grown during the enqueue.
-    options = {"reconnect_interval": 0.05, "reconnect_max_interval": 0.1}
+    options = outbox_options(args, reconnect_interval=0.05, reconnect_max_interval=0.1)
     async with Outbox(args.db, args.url, **options) as box:
 
         async def produce(first: int) -> None:
@@ -378,24 +410,24 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
                 ids.add(await box.send_many(messages))
 
         async with progress(lambda: ids.count, phase="enqueue"):
-            start = now()
+            timer = Timer()
             async with asyncio.TaskGroup() as group:
                 for first in range(producers):
                     group.create_task(produce(first))
-            enqueue_seconds = now() - start
+            enqueue_seconds = timer.lap()
         rss_before_drain = peak_rss_mb()
         emit("enqueued", messages=ids.count, seconds=enqueue_seconds)
         await go.wait()
         with RssSampler() as sampler:
             async with progress(lambda: box.stats().acked, phase="drain"):
-                start = now()
+                timer = Timer()
                 await box.drain()
-                seconds = now() - start
+                timer.stop()
         stats = box.stats()
         client_id = box.client_id
     finish(
         ids.count,
-        seconds,
+        timer,
         enqueue_seconds=enqueue_seconds,
         enqueue_rss_mb=rss_before_drain,
         drain_rss_mb=sampler.peak / 2**20,
@@ -427,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=int, default=100, help="time every k-th message")
     parser.add_argument("--per-frame", action="store_true", help="the seed's wire format")
     parser.add_argument("--compression", action="store_true", help="permessage-deflate")
+    parser.add_argument(
+        "--option", type=option, action="append", default=[], help="Outbox NAME=VALUE"
+    )
     return parser
 
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,11 @@ def peak_rss_mb() -> float:
         return float(psutil.Process().memory_info().peak_wset) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far, user and system, every thread."""
+    return time.process_time()
 
 
 def watch_stdin(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None]) -> None:

@@ -25,7 +25,7 @@ import sqlite3
 import urllib.parse
 from typing import Any
 
-from _common import emit, peak_rss_mb, watch_stdin
+from _common import cpu_seconds, emit, peak_rss_mb, watch_stdin
 from websockets.asyncio.server import ServerConnection, serve
 
 from outbox.receiver import Incoming
@@ -121,6 +121,7 @@ async def run(args: argparse.Namespace) -> None:
         counter = HandlerCounter()
         receiver = serve_outbox(counter, args.db, port=args.port, compression=compression)
         async with receiver:
+            cpu_at_ready = cpu_seconds()
             emit("ready", url=receiver.url)
             await stop.wait()
         s = receiver.stats
@@ -140,12 +141,13 @@ async def run(args: argparse.Namespace) -> None:
         plain = PlainServer(args.kind, args.db)
         async with serve(plain.handle, HOST, args.port, compression=compression) as server:
             port = server.sockets[0].getsockname()[1]
+            cpu_at_ready = cpu_seconds()
             emit("ready", url=f"ws://{HOST}:{port}/")
             await stop.wait()
         if plain.db is not None:
             plain.db.close()
         stats = {"frames": plain.frames}
-    emit("stats", rss_mb=peak_rss_mb(), **stats)
+    emit("stats", rss_mb=peak_rss_mb(), cpu_s=cpu_seconds() - cpu_at_ready, **stats)
 
 
 def main() -> None:

@@ -83,6 +83,8 @@ class Settings:
     producers: int
     size: int
     quick: bool
+    outbox_options: tuple[str, ...] = ()
+    """``NAME=VALUE`` passed to every Outbox: for tuning experiments, never the defaults."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -99,6 +101,7 @@ class Settings:
             producers=args.producers,
             size=args.size,
             quick=args.quick,
+            outbox_options=tuple(args.outbox_option),
         )
 
 
@@ -193,6 +196,8 @@ async def run_scenario(
     """Run one scenario in ``work``; return its table rows (two for the backlog)."""
     client_argv = [*scenario.client, "-n", str(scenario.messages), "--size", str(settings.size)]
     client_argv += ["--db", str(work / "outbox.db")]
+    if scenario.client[0] in ("outbox", "enqueue", "backlog"):
+        client_argv += [arg for text in settings.outbox_options for arg in ("--option", text)]
     server_argv = None
     if scenario.server is not None:
         server_argv = [*scenario.server, "--db", str(work / "inbox.db")]
@@ -293,8 +298,11 @@ def _row(key: str, title: str, result: dict[str, Any], server: dict[str, Any] | 
         server_rss_mb=None if server is None else server["rss_mb"],
     )
     row.extra = {k: result[k] for k in ("enqueue_seconds", "counters", "dead") if k in result}
+    messages = max(1, result["messages"])
+    row.extra["client_cpu_us_per_msg"] = result["cpu_s"] / messages * 1e6
     if server is not None:
         row.extra["server"] = {k: v for k, v in server.items() if k != "event"}
+        row.extra["server_cpu_us_per_msg"] = server["cpu_s"] / messages * 1e6
     return row
 
 
@@ -418,7 +426,15 @@ def build_parser(keys: Sequence[str]) -> argparse.ArgumentParser:
     add("--producers", type=int, default=100, help="producer tasks (default: %(default)s)")
     add("--size", type=int, default=100, help="payload bytes, about (default: %(default)s)")
     add("--tmp", help="where the databases go (its disk sets the cost of every fsync)")
-    add("--timeout", type=float, default=900, help="seconds per scenario (default: %(default)s)")
+    add(
+        "--outbox-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pass an Outbox option to every outbox row, e.g. max_inflight=5000 (for tuning; "
+        "the report then says the rows are not the defaults)",
+    )
+    add("--timeout", type=float, help="seconds allowed per scenario (900; quick 120)")
     return parser
 
 
@@ -438,7 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="outbox-bench-", dir=args.tmp))
     try:
         disk = fsync_probe(str(base), 0.5 if settings.quick else 2.0)
-        rows = asyncio.run(_run_until_signal(scenarios, settings, base, args.timeout))
+        timeout = args.timeout or (120.0 if settings.quick else 900.0)
+        rows = asyncio.run(_run_until_signal(scenarios, settings, base, timeout))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every child process was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -460,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{settings.producers} producers; fdatasync p50 {disk['p50_ms']:.2f} ms, "
         f"p99 {disk['p99_ms']:.2f} ms"
     )
+    if settings.outbox_options:
+        print(f"NOT THE DEFAULTS: every Outbox ran with {', '.join(settings.outbox_options)}")
     print()
     print(format_table(rows))
     print()
