@@ -380,7 +380,14 @@ async def test_receiver_killed_between_inbox_commit_and_ack(
     per_round, rounds = 60, 3
     count = per_round * (rounds + 1)
     procs: list[Proc] = []
-    options = {**PRODUCER_OPTIONS, "synchronous": "NORMAL"}
+    # A short heartbeat: the FIN of a killed receiver waits in the proxy behind the held acks,
+    # so only the heartbeat tells the client that connection is gone.
+    options = {
+        **PRODUCER_OPTIONS,
+        "synchronous": "NORMAL",
+        "heartbeat_interval": 0.1,
+        "heartbeat_timeout": 0.1,
+    }
     in_window: list[int] = []
     async with reaped(procs):
         rx = await start_receiver(tmp_path, inbox_db, 0, life=0)

@@ -193,7 +193,7 @@ async def test_a_reconnect_needs_no_write_lock(
         async with locked_by_another_process(outbox_db) as locker:
             proxy.refuse(False)
             try:
-                await wait_until(lambda: receiver.stats.messages >= 31, timeout=3)
+                await wait_until(lambda: receiver.stats.messages >= 31, timeout=1.5)
             finally:
                 await locker.release()
         await box.drain(timeout=10)
