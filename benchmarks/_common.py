@@ -78,14 +78,3 @@ def latency_summary(seconds: list[float]) -> dict[str, Any]:
         "p99_ms": percentile(values, 0.99) * 1000,
         "samples": len(values),
     }
-
-
-def id_ranges(ids: Sequence[int]) -> list[list[int]]:
-    """Compress message ids into inclusive ``[first, last]`` runs."""
-    runs: list[list[int]] = []
-    for message_id in sorted(ids):
-        if runs and message_id == runs[-1][1] + 1:
-            runs[-1][1] = message_id
-        elif not runs or message_id > runs[-1][1]:
-            runs.append([message_id, message_id])
-    return runs

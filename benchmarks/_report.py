@@ -163,7 +163,7 @@ def fsync_probe(directory: str, seconds: float) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    import websockets
+    from importlib.metadata import version
 
     from outbox import codec
 
@@ -172,7 +172,7 @@ def machine() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "websockets": websockets.__version__,
+        "websockets": version("websockets"),
         "sqlite": sqlite3.sqlite_version,
         "json_decoder": codec.BACKEND,
     }
