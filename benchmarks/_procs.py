@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,3 +148,57 @@ class Child:
         if not text:
             return ""
         return f"\n--- end of the {self.name}'s stderr ({self.log}):\n" + "\n".join(text[-lines:])
+
+
+class OtherLoad:
+    """CPU seconds used by processes other than this one and its children, while it runs.
+
+    On a shared machine (another test run, a build) the figures of a row mean little if
+    something else took a core meanwhile; this says so. A thread samples every process's
+    CPU time; one first seen after the start counts from zero.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._interval = interval
+        self._me = psutil.Process()
+        self._started = time.time()
+        self._last: dict[int, float] = {}
+        self._first = True
+        self.seconds = 0.0
+        """CPU seconds used by other processes so far."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="other-load", daemon=True)
+
+    def _sample(self) -> None:
+        psutil = self._psutil
+        ours = {self._me.pid} | {p.pid for p in self._me.children(recursive=True)}
+        seen: dict[int, float] = {}
+        for process in psutil.process_iter(["cpu_times", "create_time", "ppid"]):
+            times = process.info["cpu_times"]
+            # Kernel threads (children of kthreadd, pid 2) do our own fsyncs' work.
+            if process.pid in ours or times is None or 2 in (process.pid, process.info["ppid"]):
+                continue
+            seen[process.pid] = used = times.user + times.system
+            if process.pid in self._last:
+                self.seconds += max(0.0, used - self._last[process.pid])
+            elif not self._first and (process.info["create_time"] or 0) >= self._started:
+                self.seconds += used  # born during the run
+        self._last = seen
+        self._first = False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):  # a process vanishing mid-scan
+                self._sample()
+
+    def __enter__(self) -> OtherLoad:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

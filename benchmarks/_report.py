@@ -30,11 +30,21 @@ class Row:
     lost: int | None = None
     dups: int | None = None
     error: str | None = None
+    other_load: float = 0.0
+    """Cores used by other processes on the machine while this row ran (0.1 = 10% of one)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+
+DISTURBED = 0.1
+"""A row is marked when other processes used more than this many cores meanwhile."""
+
+
+def disturbed(rows: Sequence[Row]) -> bool:
+    return any(row.other_load > DISTURBED for row in rows)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -68,6 +78,8 @@ def format_table(rows: Sequence[Row]) -> str:
             getattr(row, attr) if not spec else _fmt(getattr(row, attr), spec)
             for _, _, _, attr, spec in _COLUMNS
         ]
+        if row.other_load > DISTURBED:
+            cells[0] = f"{row.title[:32]} *"
         lines.append(
             "  ".join(
                 f"{cell:{align}{width}}"

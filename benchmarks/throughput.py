@@ -56,10 +56,11 @@ except ImportError as missing:
         "install them with: python -m pip install tqdm psutil"
     ) from None
 
-from _procs import Child, ChildError, free_port, kill_all
+from _procs import Child, ChildError, OtherLoad, free_port, kill_all
 from _report import (
     NOTES,
     Row,
+    disturbed,
     format_table,
     format_verdicts,
     fsync_probe,
@@ -362,7 +363,7 @@ def _paced(scenario: Scenario, rows: Sequence[Row], settings: Settings) -> Scena
 
 
 async def run_all(
-    scenarios: Sequence[Scenario], settings: Settings, base: Path, timeout: float
+    scenarios: Sequence[Scenario], settings: Settings, base: Path, timeout: float, other: OtherLoad
 ) -> list[Row]:
     rows: list[Row] = []
     interactive = sys.stderr.isatty()
@@ -384,7 +385,7 @@ async def run_all(
             work = base / f"{index:02d}-{scenario.key}"
             work.mkdir()
             outer.set_postfix_str(scenario.title)
-            started = time.monotonic()
+            started, other_before = time.monotonic(), other.seconds
             try:
                 async with asyncio.timeout(timeout):
                     new_rows = await run_scenario(scenario, settings, work, progress)
@@ -394,10 +395,11 @@ async def run_all(
             finally:
                 progress.close()
             rows.extend(new_rows)
+            elapsed = time.monotonic() - started
             for row in new_rows:
+                row.other_load = (other.seconds - other_before) / elapsed
                 done = f"{row.rate:,.0f} msg/s" if row.rate else "FAILED"
-                seconds = time.monotonic() - started
-                tqdm.write(f"{row.title:<34} {done} ({seconds:.1f}s)", file=sys.stderr)
+                tqdm.write(f"{row.title:<34} {done} ({elapsed:.1f}s)", file=sys.stderr)
                 if row.error:
                     tqdm.write(f"    {row.error}", file=sys.stderr)
             outer.update(1)
@@ -455,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         disk = fsync_probe(str(base), 0.5 if settings.quick else 2.0)
         timeout = args.timeout or (120.0 if settings.quick else 900.0)
-        rows = asyncio.run(_run_until_signal(scenarios, settings, base, timeout))
+        with OtherLoad() as other:
+            rows = asyncio.run(_run_until_signal(scenarios, settings, base, timeout, other))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every child process was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -477,6 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{settings.producers} producers; fdatasync p50 {disk['p50_ms']:.2f} ms, "
         f"p99 {disk['p99_ms']:.2f} ms"
     )
+    elapsed = time.monotonic() - started
+    print(
+        f"Other processes on this machine used {other.seconds:.1f} CPU-seconds during the run "
+        f"({other.seconds / elapsed:.2f} of a core on average)"
+        + ("; rows marked * lost more than 10% of a core to them" if disturbed(rows) else "")
+    )
     if settings.outbox_options:
         print(f"NOT THE DEFAULTS: every Outbox ran with {', '.join(settings.outbox_options)}")
     print()
@@ -485,12 +494,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_verdicts(measured))
     print()
     print(NOTES)
-    print(f"Took {time.monotonic() - started:.0f} s; exit status {status}.")
+    print(f"Took {elapsed:.0f} s; exit status {status}.")
     if args.json:
         document = {
             "version": 1,
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {**info, "fsync": disk},
+            "machine": {**info, "fsync": disk, "other_cpu_seconds": other.seconds},
             "settings": asdict(settings),
             "rows": [asdict(row) for row in rows],
             "verdicts": [asdict(item) for item in measured],
@@ -501,13 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run_until_signal(
-    scenarios: Sequence[Scenario], settings: Settings, base: Path, timeout: float
+    scenarios: Sequence[Scenario], settings: Settings, base: Path, timeout: float, other: OtherLoad
 ) -> list[Row]:
     task = asyncio.current_task()
     assert task is not None
     with contextlib.suppress(NotImplementedError):  # SIGTERM (a CI timeout) stops children too
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run_all(scenarios, settings, base, timeout)
+    return await run_all(scenarios, settings, base, timeout, other)
 
 
 if __name__ == "__main__":
