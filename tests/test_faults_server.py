@@ -132,7 +132,9 @@ def assert_delivered(db: Path, server: Misbehaving, ids: list[int]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_repeated_and_unknown_acks_and_garbage_mid_stream(db: Path) -> None:
+async def test_repeated_and_unknown_acks_and_garbage_mid_stream(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def answer(ws: ServerConnection, _: int, message_id: int) -> None:
         await ws.send("{not json")
         await ws.send(wire.encode_ack(message_id + 10**9))  # never sent, never will be
@@ -154,6 +156,11 @@ async def test_repeated_and_unknown_acks_and_garbage_mid_stream(db: Path) -> Non
     assert counters.protocol_errors == 4 * 30
     assert counters.unknown_acks >= 3 * 30
     assert counters.nacks == 0 and box.stats().dead == 0
+    logged = caplog.text
+    assert "ignoring a bad frame from the server: frame from the server is not JSON" in logged
+    assert "unexpected binary frame (8 bytes) from the server" in logged
+    assert "ack for id(s) not in flight (late or repeated)" in logged
+    assert "nack for id 1000000001, which is not in flight; ignored" in logged
     report(
         f"[repeated/unknown acks + garbage] messages=30 connections=1 "
         f"protocol_errors={counters.protocol_errors} unknown_acks={counters.unknown_acks}"
