@@ -124,7 +124,7 @@ def finish_report(
         cuts=proxy.stats.cuts,
         **extra,
     )
-    report(end.line(scenario) + f" seed={context}")
+    report(end.line(scenario) + f" ({context})")
 
 
 async def wait_progress(predicate: Callable[[], bool], producer: Producer) -> bool:
