@@ -196,4 +196,5 @@ message (every 10th when paced); ceiling, from a frame's send to its ack; naive,
 INSERT's commit to the UPDATE's commit. RSS: each process's peak (getrusage); the backlog
 drain row shows the sender's peak sampled during the drain. lost: ids send() returned that
 the receiver's inbox does not hold; dups: receiver handler calls beyond one per message id.
-Durable rows run with synchronous=FULL in WAL mode on both ends (also naive and sqlite3)."""
+Durable rows run with synchronous=FULL in WAL mode on both ends (also naive and sqlite3).
+Paced: each producer sleeps until its message's slot; that pacing costs client CPU too."""
