@@ -56,10 +56,11 @@ except ImportError as missing:
         "install them with: python -m pip install tqdm psutil"
     ) from None
 
-from _procs import Child, ChildError, OtherLoad, free_port, kill_all
+from _procs import ROOT, Child, ChildError, OtherLoad, free_port, kill_all
 from _report import (
     NOTES,
     Row,
+    code_version,
     disturbed,
     format_table,
     format_verdicts,
@@ -522,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = EXIT_FAILED
     if any(row.lost or row.dups for row in rows):
         status = EXIT_LOST
-    info = machine()
+    info = {**machine(), "outbox": code_version(ROOT)}
     measured = verdicts(rows)
     print(
         f"outbox throughput ({'--quick' if settings.quick else 'full run'}): "
@@ -532,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"p99 {disk['p99_ms']:.2f} ms"
     )
     elapsed = time.monotonic() - started
+    print(f"outbox measured: {info['outbox']}")
     print(
         f"Other processes on this machine used {other.seconds:.1f} CPU-seconds during the run "
         f"({other.seconds / elapsed:.2f} of a core on average)"
