@@ -1,8 +1,9 @@
 """How close the outbox gets to the raw socket, and how far ahead of the obvious durable design.
 
-    python benchmarks/throughput.py            # the full run (a few minutes on 2 cores)
+    python benchmarks/throughput.py            # the full run (under 2 minutes on 2 cores)
     python benchmarks/throughput.py --quick    # the CI smoke run: well under a minute
-    python benchmarks/throughput.py --json bench-results.json --only outbox-batch backlog
+    python benchmarks/throughput.py --repeat 3 --json bench-results.json
+    python benchmarks/throughput.py --only outbox-batch backlog --outbox-option max_inflight=4000
 
 Each scenario runs in fresh processes on 127.0.0.1: a server (``_servers.py``) and a sender
 (``_clients.py``), each with its own peak RSS, in a fresh temp directory.
@@ -16,8 +17,8 @@ Each scenario runs in fresh processes on 127.0.0.1: a server (``_servers.py``) a
 4. outbox: ``Outbox`` with its defaults, N messages from many producer tasks calling
    ``send()``, to ``outbox.receiver.serve`` (durable inbox, deduplication): in the seed's
    wire format (one message per frame, one ack per message), with batch frames (the
-   defaults), with deflate, and paced at half the batch-frame rate for the latency of a
-   system that is not saturated.
+   defaults), with deflate, and paced at half the batch-frame rate (the send-to-ack
+   latency short of saturation).
 5. enqueue only: ``send()`` and ``send_many()`` with 1, 10 and 100 producers and no
    receiver, next to plain sqlite3 committing one row at a time (same table, same pragmas).
 6. backlog: enqueue a large backlog with the receiver down, start it, time the drain and
@@ -28,6 +29,11 @@ After each outbox scenario the receiver's inbox and the client's outbox files ar
 handler calls beyond one per message id. The exit status is 1 if either is not 0 anywhere,
 2 if a scenario failed to run, 130 if interrupted. Speeds are for people to read; nothing
 here gates on them.
+
+On a shared machine the figures move with whatever else runs: the CPU time other processes
+used is measured and a row that lost more than 10% of a core to them is marked ``*``;
+``--repeat K`` keeps, per scenario, the attempt least disturbed. ``--outbox-option`` runs
+every outbox row with a non-default option (the report then says so), for tuning.
 """
 
 from __future__ import annotations
