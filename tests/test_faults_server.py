@@ -392,6 +392,48 @@ async def test_handshake_refused_with_an_http_status(
 
 
 # ---------------------------------------------------------------------------------------------
+# Closing while the server keeps dropping the connection
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Outbox.close() can hang forever: when its cancellation reaches the supervisor "
+    "while a session is failing (here: the server closes every connection with 1013), "
+    "Session.run's TaskGroup drops the CancelledError in favour of the session's error "
+    "(SessionEnded), supervisor.py Supervisor.run catches that as an ordinary failure and "
+    "reconnects, and client.py Outbox.close() awaits a task that never ends",
+)
+async def test_close_returns_while_the_server_keeps_closing_connections(db: Path) -> None:
+    """Open, wait for a connection (which the server closes at once with 1013), yield to
+    the loop k times, close: k sweeps the moment of the close across the session's end."""
+    options = {**FAST, "reconnect_max_interval": 0.02}
+    hung_at: int | None = None
+    async with ScriptedServer(close_code=1013) as server:
+        for k in range(300):
+            box = Outbox(db, server.url, **options)
+            await box.open()
+            await wait_until(lambda box=box: box.state is State.CONNECTED, timeout=5)
+            for _ in range(k % 40):
+                await asyncio.sleep(0)
+            closing = asyncio.create_task(box.close())
+            done, _ = await asyncio.wait({closing}, timeout=1.0)
+            if not done:
+                hung_at = k
+                # Clean up: with nothing listening no session can start, and a second
+                # cancellation of the supervisor is then honoured.
+                await server.stop()
+                while not closing.done():
+                    for task in asyncio.all_tasks():
+                        if task.get_name() == "outbox-supervisor":
+                            task.cancel()
+                    await asyncio.wait({closing}, timeout=0.2)
+                break
+    report(f"[close while the server closes every connection] hung at close #{hung_at}")
+    assert hung_at is None, f"Outbox.close() did not return within 1 s (close #{hung_at})"
+
+
+# ---------------------------------------------------------------------------------------------
 # Property: a lossy, lying, reordering server
 # ---------------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from outbox import (
     DatabaseCorruptError,
     Outbox,
     Receiver,
+    State,
     StorageFullError,
     StoreError,
     serve,
@@ -548,12 +549,21 @@ async def test_inbox_corrupted_while_running(
     dead) and keeps retrying with backoff."""
     inbox_db = tmp_path / "inbox.db"
     create_effects_table(inbox_db)
-    async with serve(record_effect, inbox_db) as rx, Outbox(outbox_db, rx.url, **FAST) as box:
-        await box.send_many([{"i": i, "pad": "z" * 200} for i in range(200)])
-        await box.drain(timeout=5)
-        scribble(inbox_db, seed=3)
-        await box.send_many([{"after": i} for i in range(5)])
-        await wait_until(lambda: rx.stats.storage_errors >= 3, timeout=10)
-        stats = box.stats()
+    rx = serve(record_effect, inbox_db)
+    await rx.start()
+    try:
+        async with Outbox(outbox_db, rx.url, **FAST) as box:
+            await box.send_many([{"i": i, "pad": "z" * 200} for i in range(200)])
+            await box.drain(timeout=5)
+            scribble(inbox_db, seed=3)
+            await box.send_many([{"after": i} for i in range(5)])
+            await wait_until(lambda: rx.stats.storage_errors >= 3, timeout=10)
+            stats = box.stats()
+            # The receiver goes first: closing an Outbox while its sessions keep failing can
+            # hang (see test_close_returns_while_the_server_keeps_closing_connections).
+            await rx.close()
+            await wait_until(lambda: box.state is State.BACKING_OFF, timeout=5)
+    finally:
+        await rx.close()
     assert stats.pending == 5 and stats.dead == 0
     assert "not a usable SQLite database" in caplog.text
