@@ -15,6 +15,7 @@ connection dead:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -76,17 +77,28 @@ async def run_heartbeat(
     monitor: HeartbeatMonitor,
     ping: Callable[[], Awaitable[Awaitable[object]]],
     clock: Callable[[], float],
+    check_now: asyncio.Event | None = None,
 ) -> None:
     """Ping after each ``interval`` of silence until a pong is missed too often.
 
-    ``ping`` sends one ping and returns an awaitable that completes on its pong. Raises
-    HeartbeatTimeout when the connection should be closed and reopened.
+    ``ping`` sends one ping and returns an awaitable that completes on its pong. Setting
+    ``check_now`` asks for a ping at once (the sender does, when acks are late and nothing
+    else has come back). Raises HeartbeatTimeout when the connection should be closed and
+    reopened.
     """
     ping_again = False  # after a missed pong, ping again at once rather than after a pause
     while True:
         quiet = monitor.quiet_for(clock())
+        if check_now is not None and check_now.is_set():
+            check_now.clear()
+            ping_again = True
         if not ping_again and quiet < monitor.interval:
-            await asyncio.sleep(monitor.interval - quiet)
+            if check_now is None:
+                await asyncio.sleep(monitor.interval - quiet)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(monitor.interval - quiet):  # not wait_for (3.11)
+                        await check_now.wait()
             continue
         ping_again = False
         ping_at = clock()

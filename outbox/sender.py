@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from . import wire
 from .config import Options
-from .errors import ProtocolError
+from .errors import OutboxError, ProtocolError
 from .heartbeat import HeartbeatMonitor, run_heartbeat
 from .stats import Counters
 from .store import Row, Store
@@ -65,13 +65,21 @@ class Session:
         self.saw_life = False
         """Set on the first ack or pong: the connection really works (resets the backoff)."""
         self._wake = asyncio.Event()
+        self._check_now = asyncio.Event()
         self._json_pong: asyncio.Future[None] | None = None
         self._unacked_before: set[int] = set()
         self._refill_at = min(options.page_size, max(1, options.max_inflight // 4))
 
     async def run(self) -> None:
         """Resend everything un-acked, then stream until the connection ends."""
-        await self.store.flush()  # acks read on the last connection are durable first
+        try:
+            # Acks read on the last connection are made durable first, so the rescan below
+            # does not resend what the server already has.
+            await self.store.flush()
+        except OutboxError as exc:
+            # The file is locked or full: resending acked rows is harmless (the receiver
+            # deduplicates), waiting for the disk is not.
+            logger.warning("could not commit acks before resending (%s); going on", exc)
         # Everything un-acked on the last connection goes out again, in id order.
         self._unacked_before = set(self.window.clear())
         unsubscribe = self.store.subscribe(self._wake.set)
@@ -80,7 +88,8 @@ class Session:
                 group.create_task(self._send_loop(), name="outbox-send")
                 group.create_task(self._read_loop(), name="outbox-read")
                 group.create_task(
-                    run_heartbeat(self.heartbeat, self._ping, self.clock), name="outbox-heartbeat"
+                    run_heartbeat(self.heartbeat, self._ping, self.clock, self._check_now),
+                    name="outbox-heartbeat",
                 )
         except BaseExceptionGroup as group_error:
             # Surface the first real cause to the supervisor, not a group of cancellations.
@@ -97,7 +106,17 @@ class Session:
         while True:
             self._wake.clear()
             now = self.clock()
-            expired = self.window.expire(now)
+            expired = self.window.expire(now, last_heard=self.heartbeat.last_seen)
+            if expired.unheard:
+                # Acks are late and the server has said nothing at all since: the connection
+                # may be dead. Not a failed attempt; let the heartbeat find out now.
+                logger.info(
+                    "%d message(s) unacked after %ss with nothing heard from the server; "
+                    "checking the connection",
+                    len(expired.unheard),
+                    self.window.ack_timeout,
+                )
+                self._check_now.set()
             if expired:
                 await self._handle_expired(expired.resend, expired.dead)
             if generation != self.store.requeue_generation:
@@ -118,8 +137,11 @@ class Session:
                     continue
             deadline = self.window.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that races with the event, and this loop would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _handle_expired(self, resent: list[InFlight], dead: list[InFlight]) -> None:
         error = f"no ack within {self.window.ack_timeout}s"

@@ -333,7 +333,10 @@ class Store:
             # tells this transaction's changes apart by their timestamp.
             self._last_now = now = max(self._clock(), self._last_now + 1e-6)
             ops_data = [(op.kind, op.args) for op in ops]
-            batch = await self._run_on_writer(_apply, ops_data, now) if ops else _Batch()
+            # A flush with nothing queued before it needs no transaction, and so no write
+            # lock: a reconnect must not wait for another process to let go of the file.
+            writes = any(kind != "flush" for kind, _ in ops_data)
+            batch = await self._run_on_writer(_apply, ops_data, now) if writes else _Batch()
         except Exception as exc:
             self._queued_rows -= taken_rows
             error = _translate(exc, self.path)

@@ -126,6 +126,28 @@ class Supervisor:
             kwargs["ssl"] = options.ssl
         return kwargs
 
+    async def _run_session(self, session: Session, ws: ClientConnection) -> None:
+        """Run one session to its end; re-raise why it ended.
+
+        The session runs in a task of its own, watched with ``asyncio.wait``, so that the
+        two ways it can end stay apart: the Outbox closing (this task is cancelled: cancel
+        the session, say goodbye with a closing handshake, re-raise) and the connection
+        failing (the session's own error). Awaiting the session directly would let an error
+        racing with the cancellation swallow it, and on Python 3.11 a TaskGroup whose child
+        failed leaves its task's cancelling() count raised.
+        """
+        task = asyncio.create_task(session.run(), name="outbox-session")
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task})
+            await ws.close(1000, "outbox closing")  # bounded by close_timeout
+            raise
+        error = task.exception()
+        if error is not None:
+            raise error
+
     async def run(self) -> None:
         kwargs = self._connect_kwargs()
         while True:
@@ -143,14 +165,11 @@ class Supervisor:
                     session = Session(
                         ws, self.store, self.window, self.options, self.counters, clock=self.clock
                     )
-                    await session.run()
+                    await self._run_session(session, ws)
                 finally:
-                    if _closing_cleanly():
-                        await ws.close(1000, "outbox closing")
-                    else:
-                        # A dead or blackholed peer would make the closing handshake wait
-                        # for close_timeout; after a failure, drop the TCP connection at once.
-                        ws.transport.abort()
+                    # After a failure, a dead or blackholed peer would make the closing
+                    # handshake wait for close_timeout: drop the TCP connection at once.
+                    ws.transport.abort()
             except Exception as exc:
                 self.last_error = describe_failure(exc)
             finally:
@@ -181,9 +200,3 @@ class Supervisor:
                 delay,
             )
             await asyncio.sleep(delay)
-
-
-def _closing_cleanly() -> bool:
-    """True while the current task is being cancelled, i.e. the Outbox is closing."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

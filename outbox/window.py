@@ -10,7 +10,12 @@ Rules:
 - a message with no ack ``ack_timeout`` seconds after it was (re)sent has *timed out*: its
   attempt count goes up by one, and it is sent again, or, once ``max_attempts`` timeouts are
   reached, it is given up on (the caller marks the row ``dead``);
-- a dropped connection is not a timeout: ``clear()`` forgets the window without counting.
+- a dropped connection is not a timeout: ``clear()`` forgets the window without counting;
+- nor is silence: a deadline that passes with *nothing at all* heard from the server since
+  the message was sent (no ack for anything, no pong) says the connection may be dead, not
+  that the message failed. It is not counted; the message waits another ``ack_timeout``
+  while the caller asks the heartbeat to find out. Otherwise a silent partition longer than
+  ``ack_timeout * max_attempts`` would dead-letter everything in flight.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Expired:
     """Timed out, to be sent again (already restamped as sent at ``now``)."""
     dead: list[InFlight] = field(default_factory=list)
     """Timed out for the last time; no longer in the window."""
+    unheard: list[InFlight] = field(default_factory=list)
+    """Deadline passed in silence: not counted, restamped to wait one more ``ack_timeout``."""
 
     def __bool__(self) -> bool:
         return bool(self.resend or self.dead)
@@ -94,20 +101,27 @@ class SendWindow:
         """Forget one message (nacked by the server); True if it was in flight."""
         return self._inflight.pop(message_id, None) is not None
 
-    def expire(self, now: float) -> Expired:
-        """Apply the ack timeout at ``now``."""
+    def expire(self, now: float, last_heard: float = float("inf")) -> Expired:
+        """Apply the ack timeout at ``now``.
+
+        ``last_heard`` is when the last frame of any kind came from the server; a message
+        sent after that has timed out in silence, which is not counted as an attempt.
+        """
         result = Expired()
         while self._inflight:
             oldest = next(iter(self._inflight.values()))
             if oldest.sent_at + self.ack_timeout > now:
                 break
             del self._inflight[oldest.id]
+            if last_heard < oldest.sent_at:
+                result.unheard.append(oldest)
+                continue
             oldest.attempts += 1
             if self.max_attempts is not None and oldest.attempts >= self.max_attempts:
                 result.dead.append(oldest)
             else:
                 result.resend.append(oldest)
-        for message in result.resend:
+        for message in (*result.unheard, *result.resend):
             message.sent_at = now
             self._inflight[message.id] = message
         return result

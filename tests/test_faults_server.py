@@ -396,14 +396,6 @@ async def test_handshake_refused_with_an_http_status(
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Outbox.close() can hang forever: when its cancellation reaches the supervisor "
-    "while a session is failing (here: the server closes every connection with 1013), "
-    "Session.run's TaskGroup drops the CancelledError in favour of the session's error "
-    "(SessionEnded), supervisor.py Supervisor.run catches that as an ordinary failure and "
-    "reconnects, and client.py Outbox.close() awaits a task that never ends",
-)
 async def test_close_returns_while_the_server_keeps_closing_connections(db: Path) -> None:
     """Open, wait for a connection (which the server closes at once with 1013), yield to
     the loop k times, close: k sweeps the moment of the close across the session's end."""

@@ -172,13 +172,6 @@ async def test_outbox_locked_by_another_process(
     report(end.line("outbox file locked by another process past busy_timeout"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: no connection can start while another process holds the outbox's write "
-    "lock, even with nothing to write: sender.py Session.run() first awaits store.flush(), "
-    "and store.py Store._commit_queued() runs _apply (BEGIN IMMEDIATE) for a batch made only "
-    "of that flush, which fails after busy_timeout; committed rows wait for the lock to go",
-)
 async def test_a_reconnect_needs_no_write_lock(
     receiver: Receiver, outbox_db: Path, inbox_db: Path
 ) -> None:
