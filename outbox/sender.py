@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from websockets.asyncio.client import ClientConnection
@@ -34,6 +35,57 @@ class SessionEnded(Exception):
         super().__init__(f"connection closed by the server (code {code}, reason {reason!r})")
         self.code = code
         self.reason = reason
+
+
+class CommittedRows:
+    """Rows this process committed since the sender's last query, so it can skip the next.
+
+    After a query that reached the end of the pending rows, every row committed later
+    arrives here too (``Store.subscribe``), so the sender can take them from memory: no
+    thread hop, no SELECT. Any doubt sends it back to the store: a gap in the ids (another
+    process wrote to the file), an overflow, a requeue, or ``max_age`` seconds since the last
+    query (a cheap re-check that also picks up what other processes committed).
+    """
+
+    def __init__(self, *, limit: int, max_age: float = 1.0) -> None:
+        self._rows: deque[Row] = deque()
+        self._limit = limit
+        self._max_age = max_age
+        self._complete = False
+        self._scanned_at = float("-inf")
+
+    def add(self, rows: list[Row]) -> None:
+        if len(self._rows) + len(rows) > self._limit:
+            self.invalidate()  # the store has them; memory need not
+        else:
+            self._rows.extend(rows)
+
+    def invalidate(self) -> None:
+        self._rows.clear()
+        self._complete = False
+
+    def scanned(self, cursor: int, reached_end: bool, now: float) -> None:
+        """A query read everything up to ``cursor``; ``reached_end``: nothing more was there."""
+        while self._rows and self._rows[0].id <= cursor:
+            self._rows.popleft()
+        self._complete = reached_end
+        self._scanned_at = now
+
+    def take(self, cursor: int, limit: int, now: float) -> list[Row] | None:
+        """Up to ``limit`` rows after ``cursor`` from memory, or None: query the store."""
+        if not self._complete or now - self._scanned_at > self._max_age:
+            return None
+        rows = self._rows
+        while rows and rows[0].id <= cursor:
+            rows.popleft()
+        if rows and rows[0].id != cursor + 1:
+            self.invalidate()
+            return None
+        taken = [rows.popleft() for _ in range(min(limit, len(rows)))]
+        if taken and taken[-1].id - taken[0].id != len(taken) - 1:
+            self.invalidate()  # a gap: somebody else's rows lie in between
+            return None
+        return taken
 
 
 class Session:
@@ -69,6 +121,7 @@ class Session:
         self._json_pong: asyncio.Future[None] | None = None
         self._unacked_before: set[int] = set()
         self._refill_at = min(options.page_size, max(1, options.max_inflight // 4))
+        self._feed = CommittedRows(limit=options.page_size)
 
     async def run(self) -> None:
         """Resend everything un-acked, then stream until the connection ends."""
@@ -82,7 +135,7 @@ class Session:
             logger.warning("could not commit acks before resending (%s); going on", exc)
         # Everything un-acked on the last connection goes out again, in id order.
         self._unacked_before = set(self.window.clear())
-        unsubscribe = self.store.subscribe(self._wake.set)
+        unsubscribe = self.store.subscribe(self._on_commit)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._send_loop(), name="outbox-send")
@@ -99,6 +152,10 @@ class Session:
             self.counters.heartbeat_misses += self.heartbeat.total_missed
 
     # -- outgoing ----------------------------------------------------------------------------
+
+    def _on_commit(self, new_rows: list[Row]) -> None:
+        self._feed.add(new_rows)
+        self._wake.set()
 
     async def _send_loop(self) -> None:
         cursor = 0  # highest id read from the store on this connection
@@ -121,11 +178,15 @@ class Session:
                 await self._handle_expired(expired.resend, expired.dead)
             if generation != self.store.requeue_generation:
                 generation, cursor = self.store.requeue_generation, 0  # dead rows came back
+                self._feed.invalidate()
             capacity = self.window.capacity
             # Refill in pages, not one row per ack: a read costs a thread hop.
             if capacity >= self._refill_at or (capacity and not self.window):
                 limit = min(capacity, self.options.page_size)
-                rows = await self.store.fetch_pending(cursor, limit)
+                rows = self._feed.take(cursor, limit, now)
+                if rows is None:
+                    rows = await self.store.fetch_pending(cursor, limit)
+                    self._feed.scanned(rows[-1].id if rows else cursor, len(rows) < limit, now)
                 if rows:
                     cursor = rows[-1].id
                     fresh = [row for row in rows if row.id not in self.window]

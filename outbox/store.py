@@ -172,11 +172,12 @@ class Store:
         self._reader = reader
         self._clock = clock
         self._ops: list[_Op] = []
+        self._acks: list[int] = []
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._closed = False
         self._waiters: dict[int, list[asyncio.Future[tuple[Status, str | None]]]] = {}
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[list[Row]], None]] = []
         self.requeue_generation = 0
         """Bumped when dead rows return to pending, so a sender rescans from the start."""
         self.commits = 0
@@ -258,9 +259,21 @@ class Store:
         return result
 
     def mark_acked(self, ids: Sequence[int]) -> None:
-        """Queue acked ids; durable with the next commit (a lost ack write only means a resend)."""
-        if ids:
-            self._submit("ack", list(ids), wait=False)
+        """The server acked these ids: wake their waiters now, write them with the next commit.
+
+        Acks from many frames pile into one list and one UPDATE. ``wait_acked`` returns on
+        the server's ack rather than on our own bookkeeping commit: if that commit is lost
+        in a crash, the message is only sent again and the receiver answers from its inbox.
+        """
+        if not ids:
+            return
+        if self._closed:
+            raise OutboxClosedError(f"the outbox store {self.path} is closed")
+        self._acks.extend(ids)
+        if self._waiters:
+            for message_id in ids:
+                self._resolve(message_id, ("acked", None))
+        self._wakeup.set()
 
     def record_timeouts(self, items: Sequence[tuple[int, int]], error: str) -> None:
         """Queue ``(id, attempts)`` after ack timeouts, with the error text."""
@@ -290,8 +303,12 @@ class Store:
         """Wait for the next commit (or failed attempt) of the group commit loop."""
         await self._committed.wait()
 
-    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener`` after each commit that added or requeued pending rows."""
+    def subscribe(self, listener: Callable[[list[Row]], None]) -> Callable[[], None]:
+        """Call ``listener(new_rows)`` after each commit that added or requeued pending rows.
+
+        ``new_rows`` are the rows this commit created, in id order (empty for a requeue), so
+        a sender that has read everything before them can send them without a query.
+        """
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
@@ -299,8 +316,8 @@ class Store:
 
     async def _commit_loop(self) -> None:
         failures = 0
-        while self._ops or not self._closed:
-            if not self._ops:
+        while self._ops or self._acks or not self._closed:
+            if not (self._ops or self._acks):
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 # One turn of the loop lets every producer that is ready to send (e.g. all
@@ -311,9 +328,11 @@ class Store:
                 failures = 0
             elif self._closed:
                 logger.error(
-                    "outbox: closing with %d uncommitted acks (resent later)", len(self._ops)
+                    "outbox: closing with %d writes uncommitted (acks: resent later)",
+                    len(self._ops) + len(self._acks),
                 )
                 self._ops.clear()
+                self._acks.clear()
             else:
                 failures += 1
                 # Back off so a full disk does not turn into a hot loop.
@@ -326,6 +345,9 @@ class Store:
         timeouts (nobody waits on them) go back in the queue for the next attempt.
         """
         taken, self._ops = self._ops, []
+        if self._acks:
+            taken.append(_Op("ack", self._acks))
+            self._acks = []
         taken_rows = sum(len(op.args) for op in taken if op.kind == "insert")
         ops = [op for op in taken if op.future is None or not op.future.cancelled()]
         try:
@@ -361,6 +383,7 @@ class Store:
 
     def _publish(self, ops: list[_Op], batch: _Batch) -> None:
         """Bring memory in line with what just committed, then wake whoever waits."""
+        previous_max_id = self.max_id
         self.max_id = max(self.max_id, batch.max_id)
         counts = self.counts
         counts.pending += batch.new_pending + batch.requeued - len(batch.acked) - len(batch.dead)
@@ -376,8 +399,21 @@ class Store:
         if batch.new_pending or batch.requeued:
             if batch.requeued:
                 self.requeue_generation += 1
+            new_rows: list[Row] = []
+            if batch.new_pending and self._listeners:
+                for index, op in enumerate(ops):
+                    if op.kind == "insert":
+                        for (payload, _), message_id in zip(
+                            op.args, batch.results[index], strict=True
+                        ):
+                            if message_id > previous_max_id:
+                                previous_max_id = message_id  # a key repeated in the batch
+                                new_rows.append(Row(message_id, payload, 0))
             for listener in list(self._listeners):
-                listener()
+                try:
+                    listener(new_rows)
+                except Exception:  # a listener's bug must not stop the commit loop
+                    logger.exception("outbox: a commit listener failed")
 
     def _resolve(self, message_id: int, outcome: tuple[Status, str | None]) -> None:
         for future in self._waiters.pop(message_id, ()):
@@ -470,7 +506,7 @@ class Store:
         if not self._task.done():
             self._task.cancel()
             await asyncio.wait({self._task})
-        if self._ops:
+        if self._ops or self._acks:
             try:
                 await self._commit_queued()
             except Exception as exc:

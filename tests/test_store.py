@@ -297,7 +297,7 @@ async def test_requeue_dead_puts_rows_back_with_attempts_reset(store: Store, db:
     store.mark_acked([4])
     await store.flush()
     wakeups: list[int] = []
-    unsubscribe = store.subscribe(lambda: wakeups.append(store.requeue_generation))
+    unsubscribe = store.subscribe(lambda rows: wakeups.append(store.requeue_generation))
     generation = store.requeue_generation
 
     assert await store.requeue_dead([2, 1, 4]) == 1  # 1 is pending, 4 acked: not dead
