@@ -159,7 +159,9 @@ async def test_every_connection_cut_at_random_moments(
             cuts += proxy.cut_all()
         await producer.finish()
         assert cuts >= wanted_cuts // 2, f"only {cuts} cuts landed (seed {seed})"
-        assert box.stats().counters.reconnects >= cuts, f"seed {seed}"
+        # Every cut link is gone for good and the last one carried the drain. (Not the
+        # client's reconnects: a cut during a handshake is a failed connect, not a reconnect.)
+        assert proxy.stats.accepted >= cuts + 1, f"seed {seed}"
         finish_report(
             "cut_all at random moments",
             outbox_db,
