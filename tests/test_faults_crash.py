@@ -271,7 +271,7 @@ async def test_producer_killed_while_acks_are_written_back(
     in the stream, three times over."""
     seed = SEED + 104
     rng = random.Random(seed)
-    count, kills = 400, 3
+    count, kills = 600, 3
     options = {"max_inflight": 4}
     procs: list[Proc] = []
     mid_stream = 0
@@ -289,7 +289,9 @@ async def test_producer_killed_while_acks_are_written_back(
             )
             procs.append(proc)
             acked = outbox_statuses(outbox_db).get("acked", 0)
-            target = min(count - 20, acked + rng.randint(20, (count - acked) // 2))
+            # Leave at least 150 rows to ack (about 40 round trips at max_inflight 4), so the
+            # kill lands while acks are still streaming in.
+            target = min(count - 150, acked + rng.randint(20, (count - acked) // 2))
             await wait_until(
                 lambda target=target: outbox_statuses(outbox_db).get("acked", 0) >= target,
                 timeout=20,
