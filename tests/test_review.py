@@ -1,0 +1,272 @@
+"""Adversarial review of the client half: each test here proves one bug on the current code.
+
+Every test uses real parts (a real websockets server on 127.0.0.1 port 0, real SQLite files in
+``tmp_path``) and is marked ``xfail(strict=True)`` with the mechanism in its reason, so the
+suite stays green until the bug is fixed, and a fix turns the test into an XPASS failure that
+asks for the marker to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from outbox import Outbox, QueueFullError, State, wire
+from outbox import sender as sender_module
+from outbox.sender import CommittedRows
+from outbox.store import Row, Store
+
+from .support import ScriptedServer, wait_until
+
+FAST: dict[str, Any] = {
+    "reconnect_interval": 0.01,
+    "reconnect_max_interval": 0.05,
+    "ack_timeout": 2.0,
+    "heartbeat_interval": 5.0,
+    "acked_retention": None,
+}
+
+
+def closed_port_url() -> str:
+    """A ws:// URL nobody listens on: an Outbox there stays offline (another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"ws://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    async with ScriptedServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.db"
+
+
+# -------------------------------------------------------------------------------------------
+# (1)/(2) A committed message never sent: CommittedRows marked complete after a stale query
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: sender.py:CommittedRows.scanned/_send_loop: a commit that overflows the feed "
+    "(invalidate) while fetch_pending runs is dropped from memory, yet the stale query result "
+    "marks the feed complete, so take() returns [] and those rows are never sent",
+)
+async def test_rows_committed_during_a_query_that_overflow_the_feed_are_sent(
+    server: ScriptedServer, db: Path
+) -> None:
+    box = Outbox(db, server.url, page_size=5, **FAST)
+    await box.open()
+    try:
+        store = box._store
+        assert store is not None
+        real_fetch = store.fetch_pending
+        armed = True
+        committed: list[int] = []
+
+        async def fetch_then_commit(after: int, limit: int) -> list[Row]:
+            # The SELECT's snapshot is taken first; a bigger-than-page_size send_many then
+            # commits and is published before the query's result reaches the sender. The
+            # reader and writer are two threads, so this order happens on its own; here it
+            # is forced, once, to make the test deterministic.
+            nonlocal armed
+            rows = await real_fetch(after, limit)
+            if armed:
+                armed = False
+                committed.extend(await box.send_many([{"n": i} for i in range(12)]))
+            return rows
+
+        store.fetch_pending = fetch_then_commit  # type: ignore[method-assign]
+        await wait_until(lambda: len(committed) == 12, timeout=2)
+        # Nothing else is ever committed: the application just waits for its 12 messages.
+        await box.drain(timeout=1.0)
+        assert server.unique_ids() == set(committed)
+    finally:
+        await box.close()
+
+
+# -------------------------------------------------------------------------------------------
+# (2) close() hangs when the server stops reading
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: supervisor.py:Supervisor._run_session: on cancel it awaits ws.close(), whose "
+    "send_context drains the paused transport with no deadline (close_timeout only bounds the "
+    "wait after the drain), so Outbox.close() never returns if the server stopped reading",
+)
+async def test_close_returns_when_the_server_stops_reading(db: Path) -> None:
+    peers: list[ServerConnection] = []
+
+    async def never_reads(ws: ServerConnection) -> None:
+        peers.append(ws)
+        await ws.wait_closed()  # accept, then never read (a stuck or overloaded peer)
+
+    async with serve(
+        never_reads, "127.0.0.1", 0, max_queue=1, compression=None, close_timeout=0.1
+    ) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        box = Outbox(db, f"ws://127.0.0.1:{port}/", close_timeout=0.2, **FAST)
+        await box.open()
+        supervisor = box._supervisor
+        assert supervisor is not None
+        await box.send_many([{"pad": "x" * 65536} for _ in range(400)])  # ~26 MB to write
+        await wait_until(lambda: supervisor.ws is not None and supervisor.ws.paused, timeout=5)
+        ws = supervisor.ws
+        assert ws is not None
+        closing = asyncio.create_task(box.close())
+        done, _ = await asyncio.wait({closing}, timeout=1.0)
+        if not done:
+            ws.transport.abort()  # clean up the hung close so the test can end
+            await closing
+        for peer in peers:
+            peer.transport.abort()
+        assert done, "Outbox.close() did not return within 1 s (close_timeout=0.2)"
+
+
+# -------------------------------------------------------------------------------------------
+# (3) Store.counts drift: an id acked twice in one commit, 500 ids apart
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: store.py:_mark_acked: duplicates are removed per 500-id chunk only; an id "
+    "repeated in a later chunk is found again by 'acked at exactly now' and counted twice "
+    "(counts.pending goes negative, so drain() never returns)",
+)
+async def test_an_id_acked_twice_in_one_commit_is_counted_once(tmp_path: Path) -> None:
+    # Reachable from a session: a commit fails (file locked past busy_timeout), its acks are
+    # kept for retry; the connection drops; the next session's flush fails too, so it
+    # rescans the still-pending rows, resends them and reads their acks again. When the
+    # lock goes, one transaction carries every id twice.
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        ids = await store.insert([(json.dumps(i), None) for i in range(600)])
+        store.mark_acked(ids)  # acks read on the first connection, not yet committed
+        store.mark_acked(ids)  # the same ids acked again after the resend
+        await store.flush()
+        assert (store.counts.pending, store.counts.acked) == (0, 600)
+    finally:
+        await store.close()
+
+
+# -------------------------------------------------------------------------------------------
+# (5) Two processes on one outbox file
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: store.py:Store._publish: counts.pending only counts rows this process "
+    "inserted, but the sender acks every pending row of the file; acking another process's "
+    "row drives counts.pending to -1, which is truthy, so drain() waits forever",
+)
+async def test_drain_returns_when_another_process_shares_the_file(
+    server: ScriptedServer, db: Path
+) -> None:
+    async with (
+        Outbox(db, server.url, **FAST) as box,
+        Outbox(db, closed_port_url(), **FAST) as other,  # another process, offline
+    ):
+        await wait_until(lambda: box.state is State.CONNECTED)
+        theirs = await other.send({"from": "other"})
+        mine = await box.send({"from": "me"})  # the id gap sends our sender to the store
+        await wait_until(lambda: server.unique_ids() == {theirs, mine}, timeout=2)
+        await box.wait_acked(mine, timeout=1)
+        await box.drain(timeout=1.0)
+        assert box.stats().pending == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: sender.py:Session._send_loop: CommittedRows.max_age is only checked when "
+    "something wakes the loop; an idle sender waits with no timeout, so rows another process "
+    "commits are never re-checked for and never sent",
+)
+async def test_idle_sender_picks_up_rows_another_process_committed(
+    server: ScriptedServer, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # max_age scaled down from 1 s, as the other tests scale every interval.
+    monkeypatch.setattr(
+        sender_module,
+        "CommittedRows",
+        lambda *, limit: CommittedRows(limit=limit, max_age=0.05),
+    )
+    async with (
+        Outbox(db, server.url, **FAST) as box,
+        Outbox(db, closed_port_url(), **FAST) as other,  # another process, offline
+    ):
+        await box.wait_acked(await box.send("warm up"), timeout=2)  # feed now complete, idle
+        theirs = await other.send({"from": "other"})
+        await wait_until(lambda: theirs in server.unique_ids(), timeout=1.0)
+
+
+# -------------------------------------------------------------------------------------------
+# (5) An idempotent retry at the max_pending quota
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: client.py:Outbox.send/_check_quota: the quota counts a keyed retry as a new "
+    "row, so retrying send() with the same key (as the README says to, to learn whether the "
+    "row committed) raises QueueFullError instead of returning the existing id",
+)
+async def test_retry_with_the_same_key_at_quota_returns_the_id(db: Path) -> None:
+    async with Outbox(db, closed_port_url(), max_pending=1, **FAST) as box:
+        first = await box.send({"order": 42}, key="order-42")
+        try:
+            again = await box.send({"order": 42}, key="order-42")
+        except QueueFullError as exc:
+            pytest.fail(f"an idempotent retry that adds no row was refused: {exc}")
+        assert again == first
+
+
+# -------------------------------------------------------------------------------------------
+# (5) max_batch_bytes counts characters, not bytes
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: sender.py:Session._frames: a batch is sized by len(payload) in characters, "
+    "not UTF-8 bytes, so with non-ASCII payloads a frame carries up to 4x max_batch_bytes",
+)
+async def test_batch_frames_respect_max_batch_bytes_in_bytes(db: Path) -> None:
+    sizes: list[int] = []
+
+    async def record(ws: ServerConnection) -> None:
+        async for frame in ws:
+            assert isinstance(frame, str)
+            sizes.append(len(frame.encode()))
+            items = wire.parse_client_frame(frame)
+            assert isinstance(items, list)
+            await ws.send(wire.encode_acks([m.id for m in items]))
+
+    def announce_batch(connection: Any, request: Any, response: Any) -> None:
+        response.headers[wire.FEATURES_HEADER] = wire.FEATURE_BATCH
+
+    limit = 16 * 1024
+    async with serve(
+        record, "127.0.0.1", 0, process_response=announce_batch, compression=None
+    ) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        async with Outbox(db, f"ws://127.0.0.1:{port}/", max_batch_bytes=limit, **FAST) as box:
+            await box.send_many(["\U0001f600" * 1000 for _ in range(40)])  # 4 bytes a char
+            await box.drain(timeout=2)
+    envelope = 100 + 40 * 20  # {"type":"batch","messages":[...]} and {"id":N,"data":...}
+    assert max(sizes) <= limit + envelope, f"frames of {sizes} bytes, limit {limit}"
