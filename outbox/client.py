@@ -7,7 +7,6 @@ it, in id order, over a WebSocket that it keeps reconnecting, until the server a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -145,13 +144,15 @@ class Outbox:
             await self._store.close()
 
     async def close(self) -> None:
-        """Stop every task, commit queued acks, close the database. Loses nothing."""
+        """Stop every task, commit queued acks, close the database. Loses nothing.
+
+        Safe to call more than once, also concurrently: every call returns once closed.
+        """
         self._closed = True
-        runner, self._runner = self._runner, None
-        if runner is not None and not runner.done():
+        runner = self._runner
+        if runner is not None:
             runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await asyncio.wait({runner})  # the runner closes the store on its way out
         elif self._store is not None:
             await self._store.close()
 
@@ -196,15 +197,26 @@ class Outbox:
                 )
         return text
 
-    def _check_quota(self, store: Store, adding: int) -> None:
+    async def _check_quota(self, store: Store, rows: Sequence[tuple[str, str | None]]) -> None:
+        """Raise QueueFullError if these rows would take the queue past max_pending.
+
+        A row whose key is already in the outbox adds nothing: the retry that finds out
+        whether a send committed must work exactly when the queue is full.
+        """
         quota = self.options.max_pending
-        if quota is not None:
-            waiting = store.counts.pending + store.queued_rows
-            if waiting + adding > quota:
-                raise QueueFullError(
-                    f"{waiting} messages are waiting and max_pending is {quota}; wait for acks "
-                    "(drain() or wait_acked()) and retry, or raise max_pending"
-                )
+        if quota is None:
+            return
+        waiting = store.counts.pending + store.queued_rows
+        if waiting + len(rows) <= quota:
+            return
+        keys = [key for _, key in rows if key is not None]
+        known = await store.ids_for_keys(keys) if keys else {}
+        adding = sum(1 for _, key in rows if key is None or key not in known)
+        if adding and waiting + adding > quota:
+            raise QueueFullError(
+                f"{waiting} messages are waiting and max_pending is {quota}; wait for acks "
+                "(drain() or wait_acked()) and retry, or raise max_pending"
+            )
 
     async def send(self, payload: Any, *, key: str | None = None) -> int:
         """Commit one message and return its id. The row is durable when this returns.
@@ -218,9 +230,10 @@ class Outbox:
         text = self._encode(payload)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
+        row = (text, key)
         if self.options.max_pending is not None:
-            self._check_quota(store, 1)
-        ids = await store.insert(((text, key),))
+            await self._check_quota(store, (row,))
+        ids = await store.insert((row,))
         return ids[0]
 
     async def send_many(
@@ -240,7 +253,7 @@ class Outbox:
             rows = list(zip(texts, keys, strict=True))
         if not rows:
             return []
-        self._check_quota(store, len(rows))
+        await self._check_quota(store, rows)
         return await store.insert(rows)
 
     # -- waiting -----------------------------------------------------------------------------

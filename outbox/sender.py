@@ -56,6 +56,8 @@ class CommittedRows:
         self._max_age = max_age
         self._complete = False
         self._scanned_at = float("-inf")
+        self.epoch = 0
+        """Bumped by every invalidate(): a query that overlapped one cannot vouch for memory."""
 
     def add(self, rows: list[Row]) -> None:
         if len(self._rows) + len(rows) > self._limit:
@@ -66,6 +68,7 @@ class CommittedRows:
     def invalidate(self) -> None:
         self._rows.clear()
         self._complete = False
+        self.epoch += 1
 
     def scanned(self, cursor: int, reached_end: bool, now: float) -> None:
         """A query read everything up to ``cursor``; ``reached_end``: nothing more was there."""
@@ -73,6 +76,10 @@ class CommittedRows:
             self._rows.popleft()
         self._complete = reached_end
         self._scanned_at = now
+
+    def stale_at(self) -> float | None:
+        """When memory stops vouching for the store (time for a re-check), if it does now."""
+        return self._scanned_at + self._max_age if self._complete else None
 
     def take(self, cursor: int, limit: int, now: float) -> list[Row] | None:
         """Up to ``limit`` rows after ``cursor`` from memory, or None: query the store."""
@@ -188,8 +195,12 @@ class Session:
                 limit = min(capacity, self.options.page_size)
                 rows = self._feed.take(cursor, limit, now)
                 if rows is None:
+                    epoch = self._feed.epoch
                     rows = await self.store.fetch_pending(cursor, limit)
-                    self._feed.scanned(rows[-1].id if rows else cursor, len(rows) < limit, now)
+                    # Rows dropped from memory while the query ran may be missing from its
+                    # snapshot too: then only another query can say we reached the end.
+                    reached_end = len(rows) < limit and epoch == self._feed.epoch
+                    self._feed.scanned(rows[-1].id if rows else cursor, reached_end, now)
                 if rows:
                     cursor = rows[-1].id
                     fresh = [row for row in rows if row.id not in self.window]
@@ -199,8 +210,12 @@ class Session:
                         self._unacked_before -= again
                     await self._transmit(fresh)
                     continue
-            deadline = self.window.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            # Wake for the next ack deadline, or to re-check the store (rows that other
+            # processes committed reach it, not our memory), whichever comes first.
+            wake_at = [
+                t for t in (self.window.next_deadline(), self._feed.stale_at()) if t is not None
+            ]
+            timeout = max(0.0, min(wake_at) - self.clock()) if wake_at else None
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation that races with the event, and this loop would never end.
             with contextlib.suppress(TimeoutError):
@@ -239,7 +254,8 @@ class Session:
         while start < len(rows):
             end, size = start, 0
             while end < len(rows) and end - start < limit_n:
-                size += len(rows[end].payload)
+                payload = rows[end].payload
+                size += len(payload) if payload.isascii() else len(payload.encode())
                 if size > limit_bytes and end > start:
                     break
                 end += 1

@@ -81,6 +81,10 @@ class _Batch:
     requeued: int = 0
     purged: int = 0
     max_id: int = 0
+    recount: tuple[Counts, int] | None = None
+    """Counts and max id read at BEGIN, when another connection had written since our last
+    commit (another process, the sqlite3 shell): memory starts again from the table."""
+    data_version: int = 0
 
 
 def _translate(exc: Exception, path: str) -> Exception:
@@ -181,6 +185,7 @@ class Store:
         self.requeue_generation = 0
         """Bumped when dead rows return to pending, so a sender rescans from the start."""
         self.commits = 0
+        self._data_version = 0
         self._last_now = 0.0
         self._committed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(
@@ -211,7 +216,9 @@ class Store:
         loop = asyncio.get_running_loop()
         reader: aiosqlite.Connection | None = None
         try:
-            writer = await loop.run_in_executor(thread, _connect_writer, path, pragmas)
+            writer, data_version = await loop.run_in_executor(
+                thread, _connect_writer, path, pragmas
+            )
             reader = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
             for pragma in pragmas:
                 await reader.execute(pragma)
@@ -220,7 +227,7 @@ class Store:
                 await reader.close()
             thread.shutdown(wait=False)
             raise _translate(exc, path) from exc
-        return cls(
+        store = cls(
             path,
             writer,
             thread,
@@ -230,6 +237,8 @@ class Store:
             max_id=max_id,
             clock=clock,
         )
+        store._data_version = data_version
+        return store
 
     # -- queueing writes ---------------------------------------------------------------------
 
@@ -358,7 +367,11 @@ class Store:
             # A flush with nothing queued before it needs no transaction, and so no write
             # lock: a reconnect must not wait for another process to let go of the file.
             writes = any(kind != "flush" for kind, _ in ops_data)
-            batch = await self._run_on_writer(_apply, ops_data, now) if writes else _Batch()
+            batch = (
+                await self._run_on_writer(_apply, ops_data, now, self._data_version)
+                if writes
+                else _Batch(data_version=self._data_version)
+            )
         except Exception as exc:
             self._queued_rows -= taken_rows
             error = _translate(exc, self.path)
@@ -383,9 +396,14 @@ class Store:
 
     def _publish(self, ops: list[_Op], batch: _Batch) -> None:
         """Bring memory in line with what just committed, then wake whoever waits."""
+        self._data_version = batch.data_version
+        counts = self.counts
+        if batch.recount is not None:
+            fresh, max_id = batch.recount
+            counts.pending, counts.acked, counts.dead = fresh.pending, fresh.acked, fresh.dead
+            self.max_id = max(self.max_id, max_id)
         previous_max_id = self.max_id
         self.max_id = max(self.max_id, batch.max_id)
-        counts = self.counts
         counts.pending += batch.new_pending + batch.requeued - len(batch.acked) - len(batch.dead)
         counts.acked += len(batch.acked) - batch.purged
         counts.dead += len(batch.dead) - batch.requeued
@@ -453,6 +471,19 @@ class Store:
             )
             rows += map(Row._make, found)
         return rows
+
+    async def ids_for_keys(self, keys: Sequence[str]) -> dict[str, int]:
+        """The committed rows these idempotency keys already name."""
+        found: dict[str, int] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._reader.execute_fetchall(
+                f"SELECT key, id FROM outbox WHERE key IN ({marks})", chunk
+            )
+            found.update({str(k): int(i) for k, i in rows})
+        return found
 
     async def status(self, message_id: int) -> tuple[Status, str | None]:
         """The status of one message; an acked row that retention purged reads as acked."""
@@ -528,18 +559,33 @@ class Store:
 # ---------------------------------------------------------------------------------------------
 
 
-def _connect_writer(path: str, pragmas: Sequence[str]) -> sqlite3.Connection:
+def _connect_writer(path: str, pragmas: Sequence[str]) -> tuple[sqlite3.Connection, int]:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     for pragma in pragmas:
         conn.execute(pragma)
-    return conn
+    return conn, int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
-def _apply(conn: sqlite3.Connection, ops: list[tuple[OpKind, Any]], now: float) -> _Batch:
+def _count(conn: sqlite3.Connection) -> tuple[Counts, int]:
+    counts = Counts()
+    for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
+        setattr(counts, status, count)
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+    return counts, int(row[0]) if row else 0
+
+
+def _apply(
+    conn: sqlite3.Connection, ops: list[tuple[OpKind, Any]], now: float, data_version: int
+) -> _Batch:
     """Apply queued writes in one transaction; runs on the writer thread."""
     batch = _Batch()
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # data_version moves only when *another* connection commits: then our counts may
+        # be stale, so read them again (a scan, but only after somebody else wrote).
+        batch.data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        if batch.data_version != data_version:
+            batch.recount = _count(conn)
         inserts = [(index, args) for index, (kind, args) in enumerate(ops) if kind == "insert"]
         if inserts:
             ids, batch.new_pending = _insert_rows(conn, [r for _, a in inserts for r in a], now)
@@ -624,8 +670,9 @@ def _insert_rows(
 def _mark_acked(conn: sqlite3.Connection, ids: list[int], now: float) -> list[int]:
     """Pending ids to acked; return those that changed (a repeated ack changes nothing)."""
     changed: list[int] = []
+    ids = list(dict.fromkeys(ids))  # an id acked twice in one batch counts once
     for start in range(0, len(ids), _CHUNK):
-        chunk = list(dict.fromkeys(ids[start : start + _CHUNK]))
+        chunk = ids[start : start + _CHUNK]
         marks = ",".join("?" * len(chunk))
         still_pending = f"status = 'pending' AND id IN ({marks})"
         updated = conn.execute(

@@ -10,6 +10,7 @@ that accepts and drops at once still gets a growing delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import Callable
@@ -142,7 +143,11 @@ class Supervisor:
         except asyncio.CancelledError:
             task.cancel()
             await asyncio.wait({task})
-            await ws.close(1000, "outbox closing")  # bounded by close_timeout
+            # close_timeout bounds the wait for the peer's close frame, not the drain of
+            # our own buffer before it: a peer that stopped reading would hold us forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.close_timeout):
+                    await ws.close(1000, "outbox closing")
             raise
         error = task.exception()
         if error is not None:

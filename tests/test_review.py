@@ -1,9 +1,7 @@
-"""Adversarial review of the client half: each test here proves one bug on the current code.
-
-Every test uses real parts (a real websockets server on 127.0.0.1 port 0, real SQLite files in
-``tmp_path``) and is marked ``xfail(strict=True)`` with the mechanism in its reason, so the
-suite stays green until the bug is fixed, and a fix turns the test into an XPASS failure that
-asks for the marker to go.
+"""Regression tests from an adversarial review of the client half: each one proved a bug
+(lost rows, hangs, counts drifting, the quota refusing a keyed retry, batch sizes in
+characters) before it was fixed. Real parts throughout: a websockets server on 127.0.0.1
+port 0 and SQLite files in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -58,12 +56,6 @@ def db(tmp_path: Path) -> Path:
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: sender.py:CommittedRows.scanned/_send_loop: a commit that overflows the feed "
-    "(invalidate) while fetch_pending runs is dropped from memory, yet the stale query result "
-    "marks the feed complete, so take() returns [] and those rows are never sent",
-)
 async def test_rows_committed_during_a_query_that_overflow_the_feed_are_sent(
     server: ScriptedServer, db: Path
 ) -> None:
@@ -102,12 +94,6 @@ async def test_rows_committed_during_a_query_that_overflow_the_feed_are_sent(
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: supervisor.py:Supervisor._run_session: on cancel it awaits ws.close(), whose "
-    "send_context drains the paused transport with no deadline (close_timeout only bounds the "
-    "wait after the drain), so Outbox.close() never returns if the server stopped reading",
-)
 async def test_close_returns_when_the_server_stops_reading(db: Path) -> None:
     peers: list[ServerConnection] = []
 
@@ -142,12 +128,6 @@ async def test_close_returns_when_the_server_stops_reading(db: Path) -> None:
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: store.py:_mark_acked: duplicates are removed per 500-id chunk only; an id "
-    "repeated in a later chunk is found again by 'acked at exactly now' and counted twice "
-    "(counts.pending goes negative, so drain() never returns)",
-)
 async def test_an_id_acked_twice_in_one_commit_is_counted_once(tmp_path: Path) -> None:
     # Reachable from a session: a commit fails (file locked past busy_timeout), its acks are
     # kept for retry; the connection drops; the next session's flush fails too, so it
@@ -169,12 +149,6 @@ async def test_an_id_acked_twice_in_one_commit_is_counted_once(tmp_path: Path) -
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: store.py:Store._publish: counts.pending only counts rows this process "
-    "inserted, but the sender acks every pending row of the file; acking another process's "
-    "row drives counts.pending to -1, which is truthy, so drain() waits forever",
-)
 async def test_drain_returns_when_another_process_shares_the_file(
     server: ScriptedServer, db: Path
 ) -> None:
@@ -191,12 +165,6 @@ async def test_drain_returns_when_another_process_shares_the_file(
         assert box.stats().pending == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: sender.py:Session._send_loop: CommittedRows.max_age is only checked when "
-    "something wakes the loop; an idle sender waits with no timeout, so rows another process "
-    "commits are never re-checked for and never sent",
-)
 async def test_idle_sender_picks_up_rows_another_process_committed(
     server: ScriptedServer, db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,12 +188,6 @@ async def test_idle_sender_picks_up_rows_another_process_committed(
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: client.py:Outbox.send/_check_quota: the quota counts a keyed retry as a new "
-    "row, so retrying send() with the same key (as the README says to, to learn whether the "
-    "row committed) raises QueueFullError instead of returning the existing id",
-)
 async def test_retry_with_the_same_key_at_quota_returns_the_id(db: Path) -> None:
     async with Outbox(db, closed_port_url(), max_pending=1, **FAST) as box:
         first = await box.send({"order": 42}, key="order-42")
@@ -241,11 +203,6 @@ async def test_retry_with_the_same_key_at_quota_returns_the_id(db: Path) -> None
 # -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: sender.py:Session._frames: a batch is sized by len(payload) in characters, "
-    "not UTF-8 bytes, so with non-ASCII payloads a frame carries up to 4x max_batch_bytes",
-)
 async def test_batch_frames_respect_max_batch_bytes_in_bytes(db: Path) -> None:
     sizes: list[int] = []
 
