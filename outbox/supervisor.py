@@ -120,7 +120,7 @@ class Supervisor:
             "close_timeout": options.close_timeout,
             "ping_interval": None,  # our heartbeat, with our rules, replaces the built-in one
             "ping_timeout": None,
-            "max_size": None,  # the server decides how large its frames are; acks are small
+            "max_size": 1 << 20,  # acks are small; a server cannot make us hold a huge frame
             "proxy": None,
         }
         if options.ssl is not None:
