@@ -120,7 +120,7 @@ class Supervisor:
             "close_timeout": options.close_timeout,
             "ping_interval": None,  # our heartbeat, with our rules, replaces the built-in one
             "ping_timeout": None,
-            "max_size": 1 << 20,  # acks are small; a server cannot make us hold a huge frame
+            "max_size": None,  # a huge frame from the server is read and ignored, not fatal
             "proxy": None,
         }
         if options.ssl is not None:
