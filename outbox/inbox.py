@@ -24,7 +24,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from . import codec, schema
-from .errors import DatabaseCorruptError, StorageFullError, StoreError
+from .errors import StoreError
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -75,25 +75,8 @@ def _payload_encoder() -> Callable[[Any], str]:
 encode_payload = _payload_encoder()
 
 
-def translate(exc: sqlite3.Error, path: str) -> StoreError:
-    """Turn a sqlite3 error into an outbox error that says what to do about it."""
-    text = str(exc).lower()
-    if "full" in text:
-        return StorageFullError(f"cannot write to {path}: {exc}; free disk space and retry")
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return DatabaseCorruptError(
-            f"{path} is not a usable SQLite database ({exc}); restore it from a backup or "
-            "move it aside to start a new inbox"
-        )
-    if "locked" in text or "busy" in text:
-        return StoreError(
-            f"{path} stayed locked by another connection longer than busy_timeout ({exc})"
-        )
-    if "readonly" in text or "read-only" in text:
-        return StoreError(f"{path} is read-only ({exc}); the receiver needs write access")
-    if "unable to open" in text:
-        return StoreError(f"cannot open {path} ({exc}); check that its directory exists")
-    return StoreError(f"SQLite error on {path}: {exc}")
+translate = schema.sqlite_error
+"""Turn a sqlite3 error into an outbox error that says what to do about it."""
 
 
 def _prepare(path: str, busy_timeout: float) -> int:

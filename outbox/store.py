@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import aiosqlite
 
 from . import schema
-from .errors import DatabaseCorruptError, OutboxClosedError, StorageFullError, StoreError
+from .errors import OutboxClosedError, StoreError
 
 logger = logging.getLogger("outbox")
 
@@ -88,36 +88,9 @@ class _Batch:
 
 
 def _translate(exc: Exception, path: str) -> Exception:
-    """Turn a sqlite3 error into an outbox error that says what to do."""
-    if isinstance(exc, OutboxClosedError | StoreError):
-        return exc
-    text = str(exc).lower()
-    if isinstance(exc, sqlite3.DatabaseError):
-        if "full" in text:
-            return StorageFullError(
-                f"cannot write to {path}: {exc}; free disk space (or raise max_page_count) "
-                "and retry; nothing from this call was written"
-            )
-        if "not a database" in text or "malformed" in text or "corrupt" in text:
-            return DatabaseCorruptError(
-                f"{path} is not a usable SQLite database ({exc}); restore it from a backup "
-                "or move it aside to start a new outbox"
-            )
-        if "readonly" in text or "read-only" in text:
-            return StoreError(
-                f"{path} is read-only ({exc}); outbox needs write access to the file and its "
-                "directory (for the -wal and -shm files)"
-            )
-        if "locked" in text or "busy" in text:
-            return StoreError(
-                f"{path} stayed locked by another connection longer than busy_timeout ({exc}); "
-                "find the process holding a write transaction open"
-            )
-        if "unable to open" in text:
-            return StoreError(
-                f"cannot open {path} ({exc}); check that its directory exists and is writable"
-            )
-        return StoreError(f"SQLite error on {path}: {exc}")
+    """An outbox error for a sqlite3 error; anything else passes through."""
+    if isinstance(exc, sqlite3.Error):
+        return schema.sqlite_error(exc, path)
     return exc
 
 

@@ -28,27 +28,24 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from outbox import Outbox, Receiver, State, serve
+from outbox import Outbox, Receiver, State
 from outbox.fault_proxy import FaultProxy
 
 from .chaos_support import (
     ROOT,
     Proc,
     check_end_state,
-    create_effects_table,
     inbox_count,
     merge_ids,
     outbox_statuses,
     parse_sent,
     read_outbox,
     reaped,
-    record_effect,
     report,
 )
 from .support import wait_until
@@ -68,24 +65,6 @@ PRODUCER_OPTIONS: dict[str, Any] = {
     "close_timeout": 0.1,
     "acked_retention": None,
 }
-
-
-@pytest.fixture
-def inbox_db(tmp_path: Path) -> Path:
-    path = tmp_path / "inbox.db"
-    create_effects_table(path)
-    return path
-
-
-@pytest.fixture
-def outbox_db(tmp_path: Path) -> Path:
-    return tmp_path / "outbox.db"
-
-
-@pytest.fixture
-async def receiver(inbox_db: Path) -> AsyncIterator[Receiver]:
-    async with serve(record_effect, inbox_db) as rx:
-        yield rx
 
 
 async def start_producer(

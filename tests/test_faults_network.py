@@ -19,16 +19,16 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from outbox import Outbox, Receiver, State, serve
+from outbox import Outbox, Receiver, State
 from outbox.fault_proxy import Fault, FaultPlan, FaultProxy
 
-from .chaos_support import check_end_state, create_effects_table, record_effect, report
+from .chaos_support import check_end_state, report
 from .support import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -47,24 +47,6 @@ FAST: dict[str, Any] = {
     "acked_retention": None,
     "synchronous": "NORMAL",  # survives a process crash; the crash tests use FULL
 }
-
-
-@pytest.fixture
-def inbox_db(tmp_path: Path) -> Path:
-    path = tmp_path / "inbox.db"
-    create_effects_table(path)
-    return path
-
-
-@pytest.fixture
-def outbox_db(tmp_path: Path) -> Path:
-    return tmp_path / "outbox.db"
-
-
-@pytest.fixture
-async def receiver(inbox_db: Path) -> AsyncIterator[Receiver]:
-    async with serve(record_effect, inbox_db) as rx:
-        yield rx
 
 
 class Producer:

@@ -66,24 +66,6 @@ FAST: dict[str, Any] = {
 BIG = "x" * 300_000  # more than any free space left in a "full" file
 
 
-@pytest.fixture
-def inbox_db(tmp_path: Path) -> Path:
-    path = tmp_path / "inbox.db"
-    create_effects_table(path)
-    return path
-
-
-@pytest.fixture
-def outbox_db(tmp_path: Path) -> Path:
-    return tmp_path / "outbox.db"
-
-
-@pytest.fixture
-async def receiver(inbox_db: Path) -> AsyncIterator[Receiver]:
-    async with serve(record_effect, inbox_db) as rx:
-        yield rx
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

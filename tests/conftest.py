@@ -1,0 +1,34 @@
+"""Fixtures shared by the fault suites (tests/test_faults_*.py).
+
+A receiver whose handler records an effect per message through the inbox transaction, and
+the two SQLite files ``chaos_support.check_end_state`` reads at the end of a scenario.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from outbox import Receiver, serve
+
+from .chaos_support import create_effects_table, record_effect
+
+
+@pytest.fixture
+def inbox_db(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox.db"
+    create_effects_table(path)
+    return path
+
+
+@pytest.fixture
+def outbox_db(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.db"
+
+
+@pytest.fixture
+async def receiver(inbox_db: Path) -> AsyncIterator[Receiver]:
+    async with serve(record_effect, inbox_db) as rx:
+        yield rx
