@@ -1,7 +1,9 @@
-"""Fixtures shared by the fault suites (tests/test_faults_*.py).
+"""Fixtures shared across test modules (a module's own fixture of the same name wins).
 
-A receiver whose handler records an effect per message through the inbox transaction, and
-the two SQLite files ``chaos_support.check_end_state`` reads at the end of a scenario.
+``db`` and ``server``: an outbox file and a scripted seed-style server for client tests.
+``inbox_db``, ``outbox_db`` and ``receiver``: for the fault suites, a receiver whose handler
+records an effect per message through the inbox transaction, and the two SQLite files
+``chaos_support.check_end_state`` reads at the end of a scenario.
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ import pytest
 from outbox import Receiver, serve
 
 from .chaos_support import create_effects_table, record_effect
+from .support import ScriptedServer
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.db"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    async with ScriptedServer() as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -55,11 +55,6 @@ FAST: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "outbox.db"
-
-
 @pytest.fixture(autouse=True)
 def outbox_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="outbox")

@@ -53,17 +53,6 @@ def statuses(db: Path) -> dict[str, int]:
         return dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"))
 
 
-@pytest.fixture
-async def server() -> Any:
-    async with ScriptedServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "outbox.db"
-
-
 async def test_happy_path_delivers_in_order_and_marks_acked(
     server: ScriptedServer, db: Path
 ) -> None:
