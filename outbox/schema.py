@@ -13,6 +13,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 from .errors import DatabaseCorruptError, SchemaTooNewError, StorageFullError, StoreError
 
@@ -26,10 +27,23 @@ class Migration:
     sql: str
 
 
+def _migrations_folder() -> Traversable:
+    """Where the SQL files are: inside the installed package, or in a source checkout.
+
+    An installed outbox (wheel or editable) has them as ``outbox.migrations``. Code imported
+    straight from a checkout (``python -m outbox`` in the repository, whatever is installed)
+    finds the top-level ``migrations/`` folder beside the package instead.
+    """
+    try:
+        return resources.files("outbox.migrations")
+    except ModuleNotFoundError:
+        return resources.files("outbox").joinpath("..", "migrations")
+
+
 def available() -> list[Migration]:
     """The migrations shipped with this version of outbox, in order."""
     found = []
-    for entry in resources.files("outbox.migrations").iterdir():
+    for entry in _migrations_folder().iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +220,20 @@ def test_statements_splits_two_statements_on_one_line(
 
 def test_statements_accepts_a_trailing_block_comment() -> None:
     assert schema.statements("CREATE TABLE a (x);\n/* the end */\n") == ["CREATE TABLE a (x);"]
+
+
+def test_a_source_checkout_finds_the_top_level_migrations_folder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Imported straight from the repository (no install mapping outbox.migrations), the
+    runner reads migrations/ beside the package: the same files, in the same order."""
+    installed = [(m.version, m.name, m.sql) for m in schema.available()]
+    real_files = schema.resources.files
+
+    def no_mapping(package: str) -> Any:
+        if package == "outbox.migrations":
+            raise ModuleNotFoundError("No module named 'outbox.migrations'")
+        return real_files(package)
+
+    monkeypatch.setattr(schema.resources, "files", no_mapping)
+    assert [(m.version, m.name, m.sql) for m in schema.available()] == installed
