@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -37,10 +37,23 @@ logger = logging.getLogger("outbox")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Status = Literal["pending", "acked", "dead"]
 _T = TypeVar("_T")
+_V = TypeVar("_V")
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 PURGE_CHUNK = 5000  # acked rows deleted per transaction by the retention purge
 _INSERT_CHUNK = 200  # rows per multi-row INSERT (4 variables each, under the old limit of 999)
+
+
+def _in_lists(items: Sequence[_V]) -> Iterator[tuple[list[_V], str]]:
+    """Split ``items`` for ``IN (...)`` queries: each chunk with its ``?,?,...`` placeholders."""
+    for start in range(0, len(items), _CHUNK):
+        chunk = list(items[start : start + _CHUNK])
+        yield chunk, ",".join("?" * len(chunk))
+
+
+def _keys_sql(marks: str) -> str:
+    """The rows idempotency keys already name (read by the writer and by send()'s quota)."""
+    return f"SELECT key, id FROM outbox WHERE key IN ({marks})"
 
 
 class Row(NamedTuple):
@@ -434,9 +447,7 @@ class Store:
         """These rows if they are still pending, in id order (for resends after a timeout)."""
         wanted = sorted(ids)
         rows: list[Row] = []
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_lists(wanted):
             found = await self._reader.execute_fetchall(
                 f"SELECT id, payload, attempts FROM outbox WHERE status = 'pending' "
                 f"AND id IN ({marks}) ORDER BY id",
@@ -449,12 +460,8 @@ class Store:
         """The committed rows these idempotency keys already name."""
         found: dict[str, int] = {}
         unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _CHUNK):
-            chunk = unique[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = await self._reader.execute_fetchall(
-                f"SELECT key, id FROM outbox WHERE key IN ({marks})", chunk
-            )
+        for chunk, marks in _in_lists(unique):
+            rows = await self._reader.execute_fetchall(_keys_sql(marks), chunk)
             found.update({str(k): int(i) for k, i in rows})
         return found
 
@@ -605,10 +612,8 @@ def _insert_rows(
     """
     keys = list({key for _, key in rows if key is not None})
     existing: dict[str, int] = {}
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
-        found = conn.execute(f"SELECT key, id FROM outbox WHERE key IN ({marks})", chunk)
+    for chunk, marks in _in_lists(keys):
+        found = conn.execute(_keys_sql(marks), chunk)
         existing.update({str(k): int(i) for k, i in found})
     fresh: list[tuple[str, str | None, float, float]] = []
     slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
@@ -644,9 +649,7 @@ def _mark_acked(conn: sqlite3.Connection, ids: list[int], now: float) -> list[in
     """Pending ids to acked; return those that changed (a repeated ack changes nothing)."""
     changed: list[int] = []
     ids = list(dict.fromkeys(ids))  # an id acked twice in one batch counts once
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in _in_lists(ids):
         still_pending = f"status = 'pending' AND id IN ({marks})"
         updated = conn.execute(
             f"UPDATE outbox SET status = 'acked', updated_at = ? WHERE {still_pending}",
@@ -672,9 +675,7 @@ def _mark_dead(conn: sqlite3.Connection, reasons: dict[int, str], now: float) ->
     """Pending ids to dead with their reasons; return those that changed."""
     ids = list(reasons)
     changed: list[int] = []
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in _in_lists(ids):
         moving = [
             int(row[0])
             for row in conn.execute(
@@ -695,9 +696,7 @@ def _requeue(conn: sqlite3.Connection, ids: list[int] | None, now: float) -> int
     if ids is None:
         return conn.execute(sql, (now,)).rowcount
     total = 0
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in _in_lists(ids):
         total += conn.execute(f"{sql} AND id IN ({marks})", [now, *chunk]).rowcount
     return total
 
