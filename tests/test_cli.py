@@ -29,12 +29,9 @@ def test_a_command_is_required() -> None:
         main([])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_serve_prints_its_url_stores_messages_and_stops_on_a_signal(
-    tmp_path: Path, signum: signal.Signals
-) -> None:
-    db = tmp_path / "inbox.db"
-    process = await asyncio.create_subprocess_exec(
+async def start_serve(db: Path) -> asyncio.subprocess.Process:
+    """``python -m outbox serve`` on a free port, its output piped for the test to read."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "outbox",
@@ -47,6 +44,14 @@ async def test_serve_prints_its_url_stores_messages_and_stops_on_a_signal(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serve_prints_its_url_stores_messages_and_stops_on_a_signal(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    db = tmp_path / "inbox.db"
+    process = await start_serve(db)
     try:
         assert process.stdout is not None
         async with asyncio.timeout(10):
@@ -73,19 +78,7 @@ async def test_serve_prints_its_url_stores_messages_and_stops_on_a_signal(
 async def test_serve_reports_an_unusable_database(tmp_path: Path) -> None:
     db = tmp_path / "not-a-db"
     db.write_bytes(b"this is not sqlite" * 100)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "outbox",
-        "serve",
-        "--db",
-        str(db),
-        "--port",
-        "0",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_serve(db)
     async with asyncio.timeout(10):
         stdout, stderr = await process.communicate()
     assert process.returncode == 1
