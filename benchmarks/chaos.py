@@ -61,8 +61,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from outbox import Outbox  # noqa: E402
-from outbox.fault_proxy import FaultPlan, FaultProxy  # noqa: E402
 from outbox.receiver import Incoming, serve  # noqa: E402
+from outbox.testing.fault_proxy import FaultPlan, FaultProxy  # noqa: E402
 
 EFFECTS_TABLE = (
     "CREATE TABLE IF NOT EXISTS effects ("

@@ -6,8 +6,7 @@ server acks it; see README.md and docs/protocol.md.
 
 from __future__ import annotations
 
-from .backoff import Backoff
-from .client import Outbox
+from .client import Outbox, State, Stats
 from .errors import (
     DatabaseCorruptError,
     MessageDeadError,
@@ -23,10 +22,9 @@ from .errors import (
     StorageFullError,
     StoreError,
 )
+from .protocol.backoff import Backoff
+from .protocol.window import SendWindow
 from .receiver import ConnectRequest, Incoming, Receiver, ReceiverStats, Refuse, Reject, serve
-from .stats import Stats
-from .supervisor import State
-from .window import SendWindow
 
 __all__ = [
     "Backoff",

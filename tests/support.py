@@ -18,7 +18,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from outbox import wire
+from outbox.protocol import wire
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from outbox import Outbox, wire
+from outbox import Outbox
 from outbox.cli import build_parser, main
+from outbox.protocol import wire
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,19 @@
+"""The sending side: ``Outbox`` and the parts behind it.
+
+- ``outbox``: the ``Outbox`` an application embeds (send, wait, drain, stats).
+- ``options``: every tunable, validated at construction.
+- ``store``: the outbox table and its group-commit writer.
+- ``supervisor``: connect, back off, reconnect; the connection ``State``.
+- ``session``: one connection's life: stream rows out, read acks in.
+- ``heartbeat``: the ping loop over a live connection.
+- ``stats``: what an Outbox reports about itself.
+"""
+
+from __future__ import annotations
+
+from .options import Options
+from .outbox import Outbox
+from .stats import Stats
+from .supervisor import State
+
+__all__ = ["Options", "Outbox", "State", "Stats"]

@@ -1,0 +1,365 @@
+"""``Outbox``: the API an application embeds.
+
+``send()`` returns once the message is committed to SQLite; a background supervisor delivers
+it, in id order, over a WebSocket that it keeps reconnecting, until the server acks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from websockets.exceptions import InvalidURI
+from websockets.uri import parse_uri
+
+from ..errors import (
+    MessageDeadError,
+    OutboxClosedError,
+    PayloadNotJSONError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ReconnectLimitError,
+)
+from ..protocol import codec
+from ..protocol.backoff import Backoff
+from ..protocol.window import SendWindow
+from .options import Options
+from .stats import Counters, Stats
+from .store import PURGE_CHUNK, Store
+from .supervisor import State, Supervisor
+
+logger = logging.getLogger("outbox")
+
+T = TypeVar("T")
+
+
+class Outbox:
+    """A durable queue of outgoing WebSocket messages.
+
+    >>> async with Outbox("app-outbox.db", "ws://127.0.0.1:8765/") as box:  # doctest: +SKIP
+    ...     msg_id = await box.send({"type": "order", "n": 42})
+    ...     await box.wait_acked(msg_id, timeout=10)
+
+    Every keyword of ``Options`` (see ``outbox/config.py`` and the README) is accepted here.
+    ``clock`` (monotonic seconds) and ``rand`` (uniform in [0, 1), for backoff jitter) are
+    injectable for tests.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        **options: Any,
+    ) -> None:
+        try:
+            parse_uri(url)
+        except InvalidURI as exc:
+            raise ValueError(f"not a WebSocket URL: {url!r} ({exc}); use ws:// or wss://") from None
+        self.path = str(path)
+        self.url = url
+        self.options = Options.from_kwargs(options)
+        self._clock = clock
+        self._rand = rand
+        self._store: Store | None = None
+        self._supervisor: Supervisor | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self.counters = Counters()
+        self.window = SendWindow(
+            max_inflight=self.options.max_inflight,
+            ack_timeout=self.options.ack_timeout,
+            max_attempts=self.options.max_attempts,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> Outbox:
+        """Open the database (migrating it) and start the supervisor; returns self.
+
+        Returns once the background tasks run; it does not wait for a connection (sending
+        works offline: rows wait on disk).
+        """
+        if self._store is not None or self._closed:
+            raise OutboxClosedError("an Outbox can be opened once; create a new one")
+        options = self.options
+        self._store = store = await Store.open(
+            self.path, synchronous=options.synchronous, busy_timeout=options.busy_timeout
+        )
+        backoff = Backoff(
+            options.reconnect_interval,
+            options.reconnect_max_interval,
+            jitter=options.reconnect_jitter,
+            max_attempts=options.max_reconnect_attempts,
+            rand=self._rand,
+        )
+        self._supervisor = Supervisor(
+            self.url,
+            store,
+            options,
+            self.counters,
+            self.window,
+            backoff=backoff,
+            clock=self._clock,
+        )
+        started = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self._run(started), name=f"outbox:{self.path}")
+        await started
+        logger.info(
+            "outbox %s opened: %d pending, %d dead, client id %s",
+            self.path,
+            store.counts.pending,
+            store.counts.dead,
+            store.client_id,
+        )
+        return self
+
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        """Own every background task; close the store however this ends.
+
+        If the event loop shuts down without ``close()`` (``asyncio.run`` returning), this
+        task is cancelled and still commits queued acks and closes the database.
+        """
+        assert self._supervisor is not None and self._store is not None
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._supervisor.run(), name="outbox-supervisor")
+                group.create_task(self._purge_loop(), name="outbox-purge")
+                started.set_result(None)
+            # The supervisor gave up (GAVE_UP): stay open, sends still commit, until close().
+            await asyncio.get_running_loop().create_future()
+        except Exception:
+            logger.exception("outbox: a background task crashed; messages stay on disk")
+        finally:
+            self._closed = True
+            self._supervisor.state = State.CLOSED
+            await self._store.close()
+
+    async def close(self) -> None:
+        """Stop every task, commit queued acks, close the database. Loses nothing.
+
+        Safe to call more than once, also concurrently: every call returns once closed.
+        """
+        self._closed = True
+        runner = self._runner
+        if runner is not None:
+            runner.cancel()
+            await asyncio.wait({runner})  # the runner closes the store on its way out
+        elif self._store is not None:
+            await self._store.close()
+
+    async def __aenter__(self) -> Outbox:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _open_store(self) -> Store:
+        store = self._store
+        if store is None or self._closed or store.closed:
+            raise OutboxClosedError(
+                f"the Outbox on {self.path} is "
+                + ("closed" if self._closed else "not open (use 'async with Outbox(...)')")
+                + "; messages can only be sent through an open Outbox"
+            )
+        return store
+
+    def _encode(self, payload: Any) -> str:
+        try:
+            text = codec.dumps(payload)
+        except TypeError as exc:
+            raise PayloadNotJSONError(
+                f"payload is not JSON-serializable ({exc}); send dicts, lists, strings, "
+                "numbers, booleans or None"
+            ) from None
+        limit = self.options.max_message_size
+        if len(text) * 4 > limit:  # only measure bytes when it could matter
+            size = len(text.encode())
+            if size > limit:
+                raise PayloadTooLargeError(
+                    f"payload is {size} bytes of JSON, over max_message_size={limit}; "
+                    "split it or raise max_message_size"
+                )
+        return text
+
+    async def _check_quota(self, store: Store, rows: Sequence[tuple[str, str | None]]) -> None:
+        """Raise QueueFullError if these rows would take the queue past max_pending.
+
+        A row whose key is already in the outbox adds nothing: the retry that finds out
+        whether a send committed must work exactly when the queue is full.
+        """
+        quota = self.options.max_pending
+        if quota is None:
+            return
+        waiting = store.counts.pending + store.queued_rows
+        if waiting + len(rows) <= quota:
+            return
+        keys = [key for _, key in rows if key is not None]
+        known = await store.ids_for_keys(keys) if keys else {}
+        adding = sum(1 for _, key in rows if key is None or key not in known)
+        if adding and waiting + adding > quota:
+            raise QueueFullError(
+                f"{waiting} messages are waiting and max_pending is {quota}; wait for acks "
+                "(drain() or wait_acked()) and retry, or raise max_pending"
+            )
+
+    async def send(self, payload: Any, *, key: str | None = None) -> int:
+        """Commit one message and return its id. The row is durable when this returns.
+
+        ``key`` makes the call idempotent: a key already in the outbox returns the id of the
+        row it made, and nothing new is written. If the call is cancelled, the row either
+        committed in full or not at all; retry with the same key to find out which.
+        """
+        # The hot path: send_many's checks for one message, without its lists.
+        store = self._open_store()
+        text = self._encode(payload)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
+        row = (text, key)
+        if self.options.max_pending is not None:
+            await self._check_quota(store, (row,))
+        ids = await store.insert((row,))
+        return ids[0]
+
+    async def send_many(
+        self, payloads: Iterable[Any], *, keys: Sequence[str | None] | None = None
+    ) -> list[int]:
+        """Commit several messages in one transaction; return their ids, in order."""
+        store = self._open_store()
+        texts = [self._encode(payload) for payload in payloads]
+        if keys is None:
+            rows: list[tuple[str, str | None]] = [(text, None) for text in texts]
+        else:
+            if len(keys) != len(texts):
+                raise ValueError(f"send_many got {len(texts)} payloads but {len(keys)} keys")
+            for key in keys:
+                if key is not None and not isinstance(key, str):
+                    raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
+            rows = list(zip(texts, keys, strict=True))
+        if not rows:
+            return []
+        await self._check_quota(store, rows)
+        return await store.insert(rows)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    async def _unless_given_up(
+        self, awaitable: Awaitable[T], timeout: float | None, what: str
+    ) -> T:
+        """Await, but fail fast with ReconnectLimitError once the supervisor gives up."""
+        supervisor = self._supervisor
+        assert supervisor is not None
+        task = asyncio.ensure_future(awaitable)
+        try:
+            async with asyncio.timeout(timeout):
+                while not task.done():
+                    if supervisor.state is State.GAVE_UP:
+                        raise ReconnectLimitError(
+                            f"{what}: the connection to {self.url} was given up after "
+                            f"max_reconnect_attempts ({supervisor.last_error}); the messages "
+                            f"stay pending in {self.path}"
+                        )
+                    if supervisor.state is State.CLOSED:
+                        raise OutboxClosedError(f"{what}: the Outbox was closed")
+                    changed = asyncio.ensure_future(supervisor.state_changed.wait())
+                    try:
+                        await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        changed.cancel()
+        except TimeoutError:
+            raise TimeoutError(f"{what}: not done within {timeout}s") from None
+        finally:
+            task.cancel()
+        return task.result()
+
+    async def wait_acked(self, message_id: int, timeout: float | None = None) -> None:
+        """Return once the message is acked; MessageDeadError if it became dead."""
+        store = self._open_store()
+        status, reason = await self._unless_given_up(
+            store.wait_status(message_id), timeout, f"wait_acked({message_id})"
+        )
+        if status == "dead":
+            raise MessageDeadError(message_id, reason)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Return once no row is pending or in flight (dead rows do not count)."""
+        store = self._open_store()
+
+        async def drained() -> None:
+            while store.counts.pending or store.queued_rows:
+                await store.wait_commit()
+
+        await self._unless_given_up(drained(), timeout, "drain()")
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead rows (all, or these ids) back in the queue; returns how many."""
+        return await self._open_store().requeue_dead(ids)
+
+    # -- background upkeep -------------------------------------------------------------------
+
+    async def _purge_loop(self) -> None:
+        options = self.options
+        if options.acked_retention is None and options.acked_retention_count is None:
+            return
+        store = self._store
+        assert store is not None
+        while True:
+            older_than = (
+                None if options.acked_retention is None else time.time() - options.acked_retention
+            )
+            try:
+                purged = await store.purge_acked(
+                    older_than=older_than, keep=options.acked_retention_count
+                )
+            except Exception as exc:
+                logger.warning("purge of acked rows failed (will retry): %s", exc)
+            else:
+                if purged:
+                    logger.debug("purged %d acked rows", purged)
+                if purged >= PURGE_CHUNK:
+                    continue  # more to delete: go on at once, one short transaction at a time
+            await asyncio.sleep(options.purge_interval)
+
+    # -- looking in --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The connection state (CONNECTING, CONNECTED, BACKING_OFF, GAVE_UP, CLOSED)."""
+        if self._supervisor is None:
+            return State.CLOSED
+        return self._supervisor.state
+
+    @property
+    def client_id(self) -> str:
+        """The stable id this database sends in the Outbox-Client-Id header."""
+        return self._open_store().client_id
+
+    def stats(self) -> Stats:
+        """Counts by status, in flight, connection state, reconnects and running totals."""
+        store = self._store
+        counts = store.counts if store is not None else None
+        return Stats(
+            pending=counts.pending if counts else 0,
+            acked=counts.acked if counts else 0,
+            dead=counts.dead if counts else 0,
+            in_flight=len(self.window),
+            connected=self.state is State.CONNECTED,
+            state=self.state.value,
+            reconnects=self.counters.reconnects,
+            counters=self.counters,
+        )

@@ -1,0 +1,290 @@
+"""One connection's life: stream pending rows out, read acks in, keep the heartbeat.
+
+The sender only moves things between the store, the ack window and the socket; the rules
+live in ``window.py`` (acks, timeouts, dead rows), ``wire.py`` (frames) and ``heartbeat.py``.
+A session ends by raising: the connection closed, the heartbeat gave up, or the outbox is
+closing (cancellation). The supervisor decides what happens next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from ..errors import OutboxError, ProtocolError
+from ..protocol import wire
+from ..protocol.batching import encode_frames
+from ..protocol.feed import CommittedRows, Row
+from ..protocol.heartbeat import HeartbeatMonitor
+from ..protocol.window import InFlight, SendWindow
+from .heartbeat import run_heartbeat
+from .options import Options
+from .stats import Counters
+from .store import Store
+
+logger = logging.getLogger("outbox")
+
+
+_WRITE_CHUNK = 256 * 1024  # bytes of frames written between two drains
+
+
+class SessionEnded(Exception):
+    """The server closed the connection (cleanly or not); carries its close code."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"connection closed by the server (code {code}, reason {reason!r})")
+        self.code = code
+        self.reason = reason
+
+
+class Session:
+    """Drives one open connection until it ends."""
+
+    def __init__(
+        self,
+        ws: ClientConnection,
+        store: Store,
+        window: SendWindow,
+        options: Options,
+        counters: Counters,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        self.ws = ws
+        self.store = store
+        self.window = window
+        self.options = options
+        self.counters = counters
+        self.clock = clock
+        features = wire.parse_features(_response_header(ws, wire.FEATURES_HEADER))
+        self.batch = options.batch and wire.FEATURE_BATCH in features
+        self.heartbeat = HeartbeatMonitor(
+            interval=options.heartbeat_interval,
+            timeout=options.heartbeat_timeout,
+            max_missed=options.max_missed_heartbeats,
+        )
+        self.saw_life = False
+        """Set on the first ack or pong: the connection really works (resets the backoff)."""
+        self._wake = asyncio.Event()
+        self._check_now = asyncio.Event()
+        self._json_pong: asyncio.Future[None] | None = None
+        self._unacked_before: set[int] = set()
+        self._refill_at = min(options.page_size, max(1, options.max_inflight // 4))
+        self._feed = CommittedRows(limit=options.page_size)
+
+    async def run(self) -> None:
+        """Resend everything un-acked, then stream until the connection ends."""
+        try:
+            # Acks read on the last connection are made durable first, so the rescan below
+            # does not resend what the server already has.
+            await self.store.flush()
+        except OutboxError as exc:
+            # The file is locked or full: resending acked rows is harmless (the receiver
+            # deduplicates), waiting for the disk is not.
+            logger.warning("could not commit acks before resending (%s); going on", exc)
+        # Everything un-acked on the last connection goes out again, in id order.
+        self._unacked_before = set(self.window.clear())
+        unsubscribe = self.store.subscribe(self._on_commit)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._send_loop(), name="outbox-send")
+                group.create_task(self._read_loop(), name="outbox-read")
+                group.create_task(
+                    run_heartbeat(self.heartbeat, self._ping, self.clock, self._check_now),
+                    name="outbox-heartbeat",
+                )
+        except BaseExceptionGroup as group_error:
+            # Surface the first real cause to the supervisor, not a group of cancellations.
+            raise _first_cause(group_error) from None
+        finally:
+            unsubscribe()
+            self.counters.heartbeat_misses += self.heartbeat.total_missed
+
+    # -- outgoing ----------------------------------------------------------------------------
+
+    def _on_commit(self, new_rows: list[Row]) -> None:
+        self._feed.add(new_rows)
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        cursor = 0  # highest id read from the store on this connection
+        generation = self.store.requeue_generation
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            expired = self.window.expire(now, last_heard=self.heartbeat.last_seen)
+            if expired.unheard:
+                # Acks are late and the server has said nothing at all since: the connection
+                # may be dead. Not a failed attempt; let the heartbeat find out now.
+                logger.info(
+                    "%d message(s) unacked after %ss with nothing heard from the server; "
+                    "checking the connection",
+                    len(expired.unheard),
+                    self.window.ack_timeout,
+                )
+                self._check_now.set()
+            if expired:
+                await self._handle_expired(expired.resend, expired.dead)
+            if generation != self.store.requeue_generation:
+                generation, cursor = self.store.requeue_generation, 0  # dead rows came back
+                self._feed.invalidate()
+            capacity = self.window.capacity
+            # Refill in pages, not one row per ack: a read costs a thread hop.
+            if capacity >= self._refill_at or (capacity and not self.window):
+                limit = min(capacity, self.options.page_size)
+                rows = self._feed.take(cursor, limit, now)
+                if rows is None:
+                    epoch = self._feed.epoch
+                    rows = await self.store.fetch_pending(cursor, limit)
+                    # Rows dropped from memory while the query ran may be missing from its
+                    # snapshot too: then only another query can say we reached the end.
+                    reached_end = len(rows) < limit and epoch == self._feed.epoch
+                    self._feed.scanned(rows[-1].id if rows else cursor, reached_end, now)
+                if rows:
+                    cursor = rows[-1].id
+                    fresh = [row for row in rows if row.id not in self.window]
+                    if self._unacked_before:
+                        again = self._unacked_before.intersection(row.id for row in fresh)
+                        self.counters.resends += len(again)
+                        self._unacked_before -= again
+                    await self._transmit(fresh)
+                    continue
+            # Wake for the next ack deadline, or to re-check the store (rows that other
+            # processes committed reach it, not our memory), whichever comes first.
+            wake_at = [
+                t for t in (self.window.next_deadline(), self._feed.stale_at()) if t is not None
+            ]
+            timeout = max(0.0, min(wake_at) - self.clock()) if wake_at else None
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that races with the event, and this loop would never end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _handle_expired(self, resent: list[InFlight], dead: list[InFlight]) -> None:
+        error = f"no ack within {self.window.ack_timeout}s"
+        if resent:
+            self.store.record_timeouts([(m.id, m.attempts) for m in resent], error)
+            rows = await self.store.fetch_ids(m.id for m in resent)
+            still = {row.id for row in rows}
+            for m in resent:
+                if m.id not in still:  # acked or dead meanwhile
+                    self.window.discard(m.id)
+            logger.info("resending %d message(s) after %s", len(rows), error)
+            self.counters.resends += len(rows)
+            await self._send_frames(rows)
+        if dead:
+            reason = f"{error}, {self.window.max_attempts} times"
+            logger.warning("giving up on %d message(s): %s", len(dead), reason)
+            self.store.record_timeouts([(m.id, m.attempts) for m in dead], error)
+            self.store.mark_dead([(m.id, reason) for m in dead])
+
+    async def _transmit(self, rows: list[Row]) -> None:
+        self.window.sent(((row.id, row.attempts) for row in rows), self.clock())
+        await self._send_frames(rows)
+
+    async def _send_frames(self, rows: Sequence[Row]) -> None:
+        """Write a page of frames in one go.
+
+        ``send_context`` is the way websockets documents for writing through its protocol
+        object: one check of the connection state and one drain for the whole page, where
+        ``ws.send()`` per frame pays both every time (most of the cost of a small message).
+        """
+        if not rows:
+            return
+        frames = encode_frames(
+            rows,
+            batch=self.batch,
+            max_messages=self.options.max_batch_messages,
+            max_bytes=self.options.max_batch_bytes,
+        )
+        ws = self.ws
+        start = 0
+        while start < len(frames):
+            # Drain after every _WRITE_CHUNK bytes or so: large messages must not pile up
+            # in the transport's buffer beyond what flow control would allow.
+            written = 0
+            async with ws.send_context():
+                while start < len(frames) and written < _WRITE_CHUNK:
+                    data = frames[start].encode()
+                    ws.protocol.send_text(data)
+                    written += len(data)
+                    start += 1
+        self.counters.frames_sent += len(frames)
+        self.counters.messages_sent += len(rows)
+
+    # -- incoming ----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        while True:
+            try:
+                frame = await ws.recv()
+            except ConnectionClosed as closed:
+                raise SessionEnded(*_close_info(ws)) from closed
+            self.heartbeat.frame_received(self.clock())
+            try:
+                event = wire.parse_server_frame(frame)
+            except ProtocolError as exc:
+                self.counters.protocol_errors += 1
+                logger.warning("ignoring a bad frame from the server: %s", exc)
+                continue
+            self.saw_life = True
+            if isinstance(event, wire.Ack):
+                known, unknown = self.window.acked(event.ids)
+                if unknown:
+                    self.counters.unknown_acks += len(unknown)
+                    logger.debug("ack for id(s) not in flight (late or repeated): %s", unknown)
+                if known:
+                    self.counters.acks += len(known)
+                    self.store.mark_acked(known)
+                    self._wake.set()
+            elif isinstance(event, wire.Nack):
+                if self.window.discard(event.id):
+                    self.counters.nacks += 1
+                    logger.warning("message %d refused by the server: %s", event.id, event.reason)
+                    self.store.mark_dead([(event.id, f"nack: {event.reason}")])
+                    self._wake.set()
+                else:
+                    logger.debug("nack for id %d, which is not in flight; ignored", event.id)
+            elif self._json_pong is not None and not self._json_pong.done():
+                self._json_pong.set_result(None)
+
+    async def _ping(self) -> Awaitable[object]:
+        if self.options.heartbeat == "protocol":
+            return await self.ws.ping()
+        self._json_pong = asyncio.get_running_loop().create_future()
+        await self.ws.send(wire.PING_FRAME)
+        return self._json_pong
+
+
+def _response_header(ws: ClientConnection, name: str) -> str | None:
+    response = ws.response
+    return None if response is None else response.headers.get(name)
+
+
+def _close_info(ws: ClientConnection) -> tuple[int | None, str]:
+    return ws.close_code, ws.close_reason or ""
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that ended a session, preferring a real error over a cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    for leaf in leaves:
+        if not isinstance(leaf, asyncio.CancelledError):
+            return leaf
+    return leaves[0]

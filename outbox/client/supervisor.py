@@ -1,0 +1,207 @@
+"""The supervisor owns the connection: connect, run a session, back off, reconnect.
+
+Every attempt, successful or not, is followed by a jittered exponential delay before the
+next one (``backoff.py``), so no failure mode turns into a hot loop: a refused handshake
+(401/403), a bad host, a server closing with 1012/1013 (restarting / try again later). The
+delay resets only once a connection has shown it works (an ack or pong arrived), so a server
+that accepts and drops at once still gets a growing delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from ..protocol import wire
+from ..protocol.backoff import Backoff
+from ..protocol.heartbeat import HeartbeatTimeout
+from ..protocol.window import SendWindow
+from .options import Options
+from .session import Session, SessionEnded
+from .stats import Counters
+from .store import Store
+
+logger = logging.getLogger("outbox")
+
+
+class State(enum.Enum):
+    """Where the connection is. Each change is logged at DEBUG by ``Supervisor.state``."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKING_OFF = "backing_off"
+    GAVE_UP = "gave_up"
+    """max_reconnect_attempts used up; rows stay pending on disk for the next Outbox."""
+    CLOSED = "closed"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for the log saying what went wrong and, where we can tell, what to do."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        hint = {
+            401: "check the credentials in additional_headers",
+            403: "the server refuses this client",
+            404: "check the URL path",
+        }.get(status, "the server is not accepting WebSocket connections right now")
+        return f"the server answered the handshake with HTTP {status} ({hint})"
+    if isinstance(exc, SessionEnded):
+        meaning = {
+            1012: "server restarting",
+            1013: "server overloaded, try again later",
+            1001: "server going away",
+        }.get(exc.code or 0)
+        return str(exc) + (f": {meaning}" if meaning else "")
+    if isinstance(exc, HeartbeatTimeout | InvalidHandshake):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out opening the connection (open_timeout)"
+    if isinstance(exc, OSError):
+        return f"cannot reach the server: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Supervisor:
+    """Runs sessions over fresh connections until cancelled or out of attempts."""
+
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        options: Options,
+        counters: Counters,
+        window: SendWindow,
+        *,
+        backoff: Backoff,
+        clock: Callable[[], float],
+    ) -> None:
+        self.url = url
+        self.store = store
+        self.options = options
+        self.counters = counters
+        self.window = window
+        self.backoff = backoff
+        self.clock = clock
+        self._state = State.CONNECTING
+        self.state_changed = asyncio.Event()
+        self.last_error: str | None = None
+        self.ws: ClientConnection | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        if value is not self._state:
+            logger.debug("connection state %s -> %s", self._state.value, value.value)
+            self._state = value
+            self.state_changed.set()
+            self.state_changed = asyncio.Event()
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        options = self.options
+        headers = {
+            wire.CLIENT_ID_HEADER: self.store.client_id,
+            wire.FEATURES_HEADER: wire.format_features(wire.CLIENT_FEATURES),
+            **(options.additional_headers or {}),
+        }
+        kwargs: dict[str, Any] = {
+            "additional_headers": headers,
+            "compression": "deflate" if options.compression else None,
+            "open_timeout": options.open_timeout,
+            "close_timeout": options.close_timeout,
+            "ping_interval": None,  # our heartbeat, with our rules, replaces the built-in one
+            "ping_timeout": None,
+            "max_size": None,  # a huge frame from the server is read and ignored, not fatal
+            "proxy": None,
+        }
+        if options.ssl is not None:
+            kwargs["ssl"] = options.ssl
+        return kwargs
+
+    async def _run_session(self, session: Session, ws: ClientConnection) -> None:
+        """Run one session to its end; re-raise why it ended.
+
+        The session runs in a task of its own, watched with ``asyncio.wait``, so that the
+        two ways it can end stay apart: the Outbox closing (this task is cancelled: cancel
+        the session, say goodbye with a closing handshake, re-raise) and the connection
+        failing (the session's own error). Awaiting the session directly would let an error
+        racing with the cancellation swallow it, and on Python 3.11 a TaskGroup whose child
+        failed leaves its task's cancelling() count raised.
+        """
+        task = asyncio.create_task(session.run(), name="outbox-session")
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task})
+            # close_timeout bounds the wait for the peer's close frame, not the drain of
+            # our own buffer before it: a peer that stopped reading would hold us forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.close_timeout):
+                    await ws.close(1000, "outbox closing")
+            raise
+        error = task.exception()
+        if error is not None:
+            raise error
+
+    async def run(self) -> None:
+        kwargs = self._connect_kwargs()
+        while True:
+            self.state = State.CONNECTING
+            session: Session | None = None
+            try:
+                ws = await connect(self.url, **kwargs)
+                self.ws = ws
+                try:
+                    self.counters.connects += 1
+                    if self.counters.connects > 1:
+                        self.counters.reconnects += 1
+                    self.state = State.CONNECTED
+                    logger.info("connected to %s", self.url)
+                    session = Session(
+                        ws, self.store, self.window, self.options, self.counters, clock=self.clock
+                    )
+                    await self._run_session(session, ws)
+                finally:
+                    # After a failure, a dead or blackholed peer would make the closing
+                    # handshake wait for close_timeout: drop the TCP connection at once.
+                    ws.transport.abort()
+            except Exception as exc:
+                self.last_error = describe_failure(exc)
+            finally:
+                self.ws = None
+            if session is not None and session.saw_life:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+            if delay is None:
+                self.state = State.GAVE_UP
+                logger.error(
+                    "giving up on %s after %d failed connection attempt(s) in a row "
+                    "(max_reconnect_attempts);"
+                    " last error: %s; %d message(s) stay pending on disk and will be sent by "
+                    "the next Outbox opened on %s",
+                    self.url,
+                    self.backoff.attempts + 1,
+                    self.last_error,
+                    self.store.counts.pending,
+                    self.store.path,
+                )
+                return
+            self.state = State.BACKING_OFF
+            logger.warning(
+                "connection to %s failed or dropped: %s; reconnect attempt %d in %.2fs",
+                self.url,
+                self.last_error,
+                self.backoff.attempts,
+                delay,
+            )
+            await asyncio.sleep(delay)

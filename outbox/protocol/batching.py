@@ -1,0 +1,40 @@
+"""Pack pending rows into frames: one per message, or batch frames when the server agreed.
+
+Pure: rows in, frame texts out. Batches are bounded by a message count and by payload
+bytes (UTF-8, not characters); one message larger than the byte bound still goes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import wire
+from .feed import Row
+
+
+def payload_bytes(payload: str) -> int:
+    """Bytes of ``payload`` on the wire (cheap for the common ASCII case)."""
+    return len(payload) if payload.isascii() else len(payload.encode())
+
+
+def encode_frames(
+    rows: Sequence[Row], *, batch: bool, max_messages: int, max_bytes: int
+) -> list[str]:
+    """The frames for these rows, in id order."""
+    if not batch:
+        return [wire.encode_message(row.id, row.payload) for row in rows]
+    frames: list[str] = []
+    start = 0
+    while start < len(rows):
+        end, size = start, 0
+        while end < len(rows) and end - start < max_messages:
+            size += payload_bytes(rows[end].payload)
+            if size > max_bytes and end > start:
+                break
+            end += 1
+        if end - start == 1:
+            frames.append(wire.encode_message(rows[start].id, rows[start].payload))
+        else:
+            frames.append(wire.encode_batch([(r.id, r.payload) for r in rows[start:end]]))
+        start = end
+    return frames

@@ -1,0 +1,280 @@
+"""The wire protocol, sans I/O: frames in, events out (see docs/protocol.md).
+
+Both halves of the project speak through this module: the client's sender and reader, and
+the receiver. Nothing here touches a socket, a clock or a database, so every rule is tested
+synchronously.
+
+Compatibility with the seed article's peers is the baseline: one ``{"id", "data"}`` text
+frame per message, one ``{"type": "ack", "messageId"}`` per message, and JSON ping/pong.
+Batch frames and batched acks are extensions that a peer uses only when the other side
+announced them in the handshake headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.frames import CloseCode
+
+from ..errors import ProtocolError
+from . import codec
+
+CLIENT_ID_HEADER = "Outbox-Client-Id"
+"""Request header carrying the client's stable id (created once, stored in its database)."""
+
+FEATURES_HEADER = "Outbox-Features"
+"""Request header listing what the client understands; the response lists what the server
+accepts. Comma-separated tokens."""
+
+FEATURE_BATCH = "batch"
+"""The server accepts ``{"type": "batch", "messages": [...]}`` frames."""
+
+FEATURE_BATCH_ACK = "batch-ack"
+"""The client accepts ``{"type": "ack", "messageIds": [...]}`` frames."""
+
+CLIENT_FEATURES = (FEATURE_BATCH, FEATURE_BATCH_ACK)
+
+PING_FRAME = '{"type":"ping"}'
+PONG_FRAME = '{"type":"pong"}'
+
+
+def parse_features(value: str | None) -> frozenset[str]:
+    """Read an ``Outbox-Features`` header value; unknown tokens are kept and ignored."""
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
+
+
+def format_features(features: Iterable[str]) -> str:
+    return ", ".join(sorted(features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Client -> server
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_message(message_id: int, payload_json: str) -> str:
+    """One message per frame, the seed's form. ``payload_json`` is already JSON text."""
+    return f'{{"id":{message_id},"data":{payload_json}}}'
+
+
+def encode_batch(items: Sequence[tuple[int, str]]) -> str:
+    """Many messages in one frame, for servers that announced ``batch``."""
+    body = ",".join(f'{{"id":{message_id},"data":{payload}}}' for message_id, payload in items)
+    return f'{{"type":"batch","messages":[{body}]}}'
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as the receiver sees it."""
+
+    id: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """The seed's JSON heartbeat; answer with PONG_FRAME."""
+
+
+def _message_id(value: Any, where: str, name: str = "id") -> int:
+    if type(value) is not int or value <= 0:
+        raise ProtocolError(f"{where}: {name!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _message(obj: Any, where: str) -> Message:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise ProtocolError(f"{where}: missing 'id'")
+    if "data" not in obj:
+        raise ProtocolError(f"{where}: missing 'data'")
+    return Message(_message_id(obj["id"], where), obj["data"])
+
+
+def parse_client_frame(frame: str | bytes) -> list[Message] | Ping:
+    """Decode a frame from a client into its messages, or a Ping.
+
+    Raises ProtocolError naming what is wrong: binary frame, not JSON, not an object, no
+    integer id, an unknown type, or a malformed batch.
+    """
+    if isinstance(frame, bytes):
+        raise ProtocolError("binary frames are not part of the protocol; send JSON text frames")
+    try:
+        obj = codec.loads(frame)
+    except ValueError as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame must be a JSON object, got {type(obj).__name__}")
+    kind = obj.get("type")
+    if kind is None:
+        return [_message(obj, "message")]
+    if kind == "ping":
+        return Ping()
+    if kind == "batch":
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ProtocolError("batch: 'messages' must be a non-empty list")
+        return [_message(item, f"batch item {i}") for i, item in enumerate(messages)]
+    raise ProtocolError(f"unknown frame type {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server -> client
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_ack(message_id: int) -> str:
+    """The seed's ack, one per message."""
+    return f'{{"type":"ack","messageId":{message_id}}}'
+
+
+def encode_acks(message_ids: Sequence[int]) -> str:
+    """Many acks in one frame, for clients that announced ``batch-ack``."""
+    return f'{{"type":"ack","messageIds":[{",".join(map(str, message_ids))}]}}'
+
+
+def encode_nack(message_id: int, reason: str) -> str:
+    """Refuse a message for good: the client marks it dead with this reason."""
+    return codec.dumps({"type": "nack", "messageId": message_id, "reason": reason})
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The seed's JSON heartbeat answer."""
+
+
+ServerEvent = Ack | Nack | Pong
+
+
+def parse_server_frame(frame: str | bytes) -> ServerEvent:
+    """Decode a frame from the server; ProtocolError says what is wrong with a bad one."""
+    if isinstance(frame, bytes):
+        raise ProtocolError(f"unexpected binary frame ({len(frame)} bytes) from the server")
+    try:
+        obj = codec.loads(frame)
+    except ValueError:
+        raise ProtocolError(f"frame from the server is not JSON: {frame[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame from the server is not a JSON object: {frame[:80]!r}")
+    kind = obj.get("type")
+    if kind == "ack":
+        if "messageIds" in obj:
+            ids = obj["messageIds"]
+            if not isinstance(ids, list):
+                raise ProtocolError("ack: 'messageIds' must be a list of integers")
+            return Ack(tuple(_message_id(i, "ack", "messageIds") for i in ids))
+        return Ack((_message_id(obj.get("messageId"), "ack", "messageId"),))
+    if kind == "nack":
+        reason = obj.get("reason")
+        return Nack(
+            _message_id(obj.get("messageId"), "nack", "messageId"),
+            reason if isinstance(reason, str) else "refused by the server (no reason given)",
+        )
+    if kind == "pong":
+        return Pong()
+    raise ProtocolError(f"unknown frame type {kind!r} from the server")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the receiver does with a frame it cannot take as it is
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A message whose id can be read but which is otherwise invalid: nack it."""
+
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Stop handling this connection's messages and close it with this code."""
+
+    code: int
+    reason: str
+
+
+Item = Message | Malformed | Close
+
+
+def close_reason(text: str) -> str:
+    """A close reason must fit in 123 bytes of UTF-8 (RFC 6455 section 5.5)."""
+    encoded = text.encode()
+    return text if len(encoded) <= 123 else encoded[:120].decode(errors="ignore") + "..."
+
+
+def _readable_id(obj: Any) -> int | None:
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if type(value) is int and value > 0 else None
+
+
+def salvage(frame: str | bytes, error: ProtocolError) -> list[Item]:
+    """What to do with a frame that ``wire.parse_client_frame`` refused with ``error``.
+
+    Where a message id can still be read, a :class:`Malformed` to nack (the good messages of
+    the same batch are kept, in order); otherwise a :class:`Close`: 1003 for a binary frame,
+    1007 for anything else (not JSON, not an object, no usable id). A batch holding a message
+    whose id cannot be read is refused as a whole, since there is nothing to nack.
+    """
+    if isinstance(frame, bytes):
+        return [Close(CloseCode.UNSUPPORTED_DATA, close_reason(str(error)))]
+    fatal: list[Item] = [Close(CloseCode.INVALID_DATA, close_reason(str(error)))]
+    try:
+        obj = codec.loads(frame)
+    except ValueError:
+        return fatal
+    if not isinstance(obj, dict):
+        return fatal
+    messages = obj.get("messages")
+    if obj.get("type") == "batch" and isinstance(messages, list) and messages:
+        items: list[Item] = []
+        for message in messages:
+            message_id = _readable_id(message)
+            if message_id is None:
+                return fatal
+            try:
+                # Validate the item exactly as the wire module does, alone in a batch.
+                parsed = parse_client_frame(codec.dumps({"type": "batch", "messages": [message]}))
+            except ProtocolError as exc:
+                detail = str(exc).split(": ", 1)[-1]
+                items.append(Malformed(message_id, f"malformed message: {detail}"))
+            else:
+                assert isinstance(parsed, list)
+                items.extend(parsed)
+        return items
+    message_id = _readable_id(obj)
+    if message_id is None:
+        return fatal
+    detail = str(error).split(": ", 1)[-1]
+    return [Malformed(message_id, f"malformed message: {detail}")]
+
+
+def ack_frames(acks: Sequence[int], nacks: Sequence[tuple[int, str]], batch: bool) -> list[str]:
+    """The frames answering one transaction: one batched ack if the client announced
+    ``batch-ack``, else one seed-style ack per message; one nack per refused message."""
+    frames: list[str] = []
+    if acks:
+        if batch:
+            frames.append(encode_acks(acks))
+        else:
+            frames.extend(map(encode_ack, acks))
+    frames.extend(encode_nack(message_id, reason) for message_id, reason in nacks)
+    return frames

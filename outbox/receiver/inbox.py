@@ -1,0 +1,252 @@
+"""The inbox table: all of the receiver's SQL lives here.
+
+The receiver records each ``(client id, message id)`` it handles in the ``inbox`` table
+(``migrations/0002_inbox.sql``), in the same transaction as the handler's own writes. That
+single transaction is what turns a sender's resends into an exactly-once effect: either the
+row and the handler's writes commit together, and every later resend is answered from the
+row, or neither commits and the resend is handled as if it were the first.
+
+One aiosqlite connection (one thread) serves the whole receiver; the receiver's writer loop is
+its only user, one transaction at a time. Every aiosqlite call is a thread hop (tens of
+microseconds), so the per-transaction SQL is fixed at four calls whatever the number of
+messages: ``BEGIN IMMEDIATE``, one dedup ``SELECT`` (chunked only past SQLite's variable
+limit), one ``executemany`` of the new rows, ``COMMIT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from ..errors import StoreError
+from ..protocol import codec
+from ..storage import schema
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+Key = tuple[str, int]
+"""``(client id, message id)``: the inbox's primary key."""
+
+InboxRow = tuple[str, int, str, float, str | None]
+"""``(client id, message id, payload JSON, received_at, reject reason or None)``."""
+
+_SAVEPOINT = "outbox_handler"
+
+_INSERT = (
+    "INSERT INTO inbox (client_id, message_id, payload, received_at, reject_reason) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _dedup_sql(count: int) -> str:
+    # A VALUES list joined to the primary key: one index probe per key. (A row-value
+    # ``(client_id, message_id) IN (VALUES ...)`` would scan the whole table.)
+    values = ",".join(["(?,?)"] * count)
+    return (
+        f"WITH k(c, m) AS (VALUES {values}) "
+        "SELECT i.client_id, i.message_id, i.reject_reason "
+        "FROM k CROSS JOIN inbox AS i ON i.client_id = k.c AND i.message_id = k.m"
+    )
+
+
+def _payload_encoder() -> Callable[[Any], str]:
+    """JSON text of a payload for the inbox row: orjson when the wire decoder is orjson.
+
+    The data came out of ``codec.loads``, so whichever library decoded it can encode it; the
+    standard library is the fallback for anything orjson refuses.
+    """
+    if codec.BACKEND != "orjson":
+        return codec.dumps
+    import orjson
+
+    def dumps(value: Any) -> str:
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError:
+            return codec.dumps(value)
+
+    return dumps
+
+
+encode_payload = _payload_encoder()
+
+
+translate = schema.sqlite_error
+"""Turn a sqlite3 error into an outbox error that says what to do about it."""
+
+
+def _prepare(path: str, busy_timeout: float) -> int:
+    """Open synchronously once: check the file, enable WAL, migrate, probe the inbox table.
+
+    Runs in a worker thread before the async connection opens. Returns how many keys fit in
+    one dedup query (half of SQLite's variable limit: two variables per key).
+    """
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() not in ("wal", "memory"):
+            raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
+        schema.migrate(conn, path)
+        # Walk down to the first and the last row of the inbox now: a damaged table then
+        # fails the start (DatabaseCorruptError) instead of every transaction after it. Two
+        # descents of the primary key, so the cost does not grow with the inbox.
+        for order in ("", " DESC"):
+            conn.execute(
+                f"SELECT client_id, message_id, reject_reason FROM inbox "
+                f"ORDER BY client_id{order}, message_id{order} LIMIT 1"
+            ).fetchall()
+        return max(1, min(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 2, 4000))
+    finally:
+        conn.close()
+
+
+class Transaction:
+    """The open write transaction that will record one message in the inbox.
+
+    A handler receives this as ``message.tx`` and may read and write its own tables through
+    it. Its writes commit in the same ``COMMIT`` as the message's inbox row, so a resend can
+    never apply them twice: that is the exactly-once form of a handler.
+
+    The first statement opens a SAVEPOINT for this message, so if the handler then raises
+    (or raises :class:`~outbox.receiver.Reject`), only this message's writes are rolled back;
+    the other messages of the same transaction keep theirs. A handler that uses no SQL pays
+    nothing for this.
+
+    The inbox rows of a transaction are written after its handlers have run, so a handler
+    does not see, in the ``inbox`` table, the messages handled just before it.
+
+    Rules: do not run ``BEGIN``, ``COMMIT``, ``ROLLBACK`` or ``RELEASE`` yourself (the receiver
+    detects a transaction that ended under it and fails the whole group), and do not keep
+    the handle after the handler returns: it refuses to be used then.
+    """
+
+    __slots__ = ("_db", "_state")
+
+    _FRESH, _OPEN, _DONE = 0, 1, 2
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._state = self._FRESH
+
+    async def _enter(self) -> None:
+        if self._state == self._OPEN:
+            return
+        if self._state == self._DONE:
+            raise RuntimeError(
+                "this message's transaction is over: use message.tx only while the handler runs"
+            )
+        # Open before awaiting: a second statement issued concurrently by the handler then
+        # queues behind the SAVEPOINT on the connection's thread instead of taking another.
+        self._state = self._OPEN
+        await self._db.execute(f"SAVEPOINT {_SAVEPOINT}")
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> aiosqlite.Cursor:
+        """Run one statement inside the message's transaction (like sqlite3's ``execute``)."""
+        await self._enter()
+        return await self._db.execute(sql, parameters)
+
+    async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> aiosqlite.Cursor:
+        """Run one statement for each parameter tuple, in one thread hop."""
+        await self._enter()
+        return await self._db.executemany(sql, parameters)
+
+    async def execute_fetchall(
+        self, sql: str, parameters: Sequence[Any] = ()
+    ) -> Iterable[sqlite3.Row]:
+        """Run a query and return all its rows, in one thread hop."""
+        await self._enter()
+        return await self._db.execute_fetchall(sql, parameters)
+
+    async def _finish(self, keep: bool) -> None:
+        """Called by the receiver when the handler is done: keep or undo its writes."""
+        state, self._state = self._state, self._DONE
+        if state != self._OPEN:
+            return
+        if not keep:
+            await self._db.execute(f"ROLLBACK TO {_SAVEPOINT}")
+        await self._db.execute(f"RELEASE {_SAVEPOINT}")
+
+
+class Inbox:
+    """The receiver's SQLite file. Open with ``await Inbox.open(path)``."""
+
+    def __init__(self, path: str, db: aiosqlite.Connection, keys_per_query: int) -> None:
+        self.path = path
+        self._db = db
+        self._keys_per_query = keys_per_query
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout: float = 5.0,
+    ) -> Inbox:
+        """Migrate the file (any outbox database works: the chain is shared) and connect."""
+        path = str(path)
+        level = synchronous.upper()
+        if level not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        try:
+            keys_per_query = await asyncio.to_thread(_prepare, path, busy_timeout)
+        except sqlite3.Error as exc:
+            raise translate(exc, path) from exc
+        try:
+            db = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise translate(exc, path) from exc
+        ready = False
+        try:
+            await db.execute(f"PRAGMA synchronous = {level}")
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            ready = True
+        finally:
+            if not ready:
+                await db.close()
+        return cls(path, db, keys_per_query)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def transaction(self) -> Transaction:
+        """A handle for one message's handler (see :class:`Transaction`)."""
+        return Transaction(self._db)
+
+    async def begin(self) -> None:
+        """Take the write lock now, not at the first write, so busy_timeout applies here."""
+        await self._db.execute("BEGIN IMMEDIATE")
+
+    async def seen(self, keys: Sequence[Key]) -> dict[Key, str | None]:
+        """Which of ``keys`` are already recorded, each with its reject reason (None = acked)."""
+        found: dict[Key, str | None] = {}
+        step = self._keys_per_query
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
+            params = [part for key in chunk for part in key]
+            for client_id, message_id, reason in await self._db.execute_fetchall(
+                _dedup_sql(len(chunk)), params
+            ):
+                found[(client_id, message_id)] = reason
+        return found
+
+    async def record(self, rows: Sequence[InboxRow]) -> None:
+        await self._db.executemany(_INSERT, rows)
+
+    async def commit(self) -> None:
+        await self._db.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        """Undo the open transaction, if any (SQLite may already have rolled it back)."""
+        if self._db.in_transaction:
+            await self._db.execute("ROLLBACK")
+
+    async def close(self) -> None:
+        await self._db.close()

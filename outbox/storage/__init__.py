@@ -1,0 +1,1 @@
+"""SQLite, shared by both sides: opening a file, its schema and migrations, error messages."""

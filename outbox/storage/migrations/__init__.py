@@ -1,0 +1,1 @@
+"""The numbered SQL migrations, package data read by ``outbox.storage.schema``."""

@@ -1,0 +1,152 @@
+"""Schema migrations: numbered SQL files applied in order, tracked by PRAGMA user_version.
+
+The files live in ``outbox/storage/migrations/``, package data shipped inside the wheel.
+Each file and its version bump run in one explicit transaction (``executescript`` would
+commit early), so a failed step leaves the database at the previous version. This module
+is synchronous on purpose: it runs once at open, on a plain ``sqlite3`` connection in a
+worker thread, and is tested without an event loop.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+
+from ..errors import DatabaseCorruptError, SchemaTooNewError, StorageFullError, StoreError
+
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def _migrations_folder() -> Traversable:
+    """The SQL files, shipped inside the package as ``outbox/storage/migrations/``."""
+    return resources.files("outbox.storage.migrations")
+
+
+def available() -> list[Migration]:
+    """The migrations shipped with this version of outbox, in order."""
+    found = []
+    for entry in _migrations_folder().iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"outbox migrations must be numbered 1..n without gaps: {versions}")
+    return found
+
+
+def latest_version() -> int:
+    return len(available())
+
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+def statements(sql: str) -> list[str]:
+    """Split a script into complete statements, at each ``;`` that ends one.
+
+    ``sqlite3.complete_statement`` decides, so a ``;`` inside a string, a comment or a
+    trigger body does not split. Only comments may follow the last statement.
+    """
+    result, buffer = [], ""
+    pieces = sql.split(";")
+    for index, piece in enumerate(pieces):
+        buffer += piece if index == len(pieces) - 1 else piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if _COMMENTS.sub("", buffer).strip(" \t\r\n;"):
+                result.append(buffer.strip())
+            buffer = ""
+    if _COMMENTS.sub("", buffer).strip():
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer!r}")
+    return result
+
+
+def _too_new(path: str, current: int, latest: int) -> SchemaTooNewError:
+    return SchemaTooNewError(
+        f"{path} has schema version {current}, but this outbox knows only up to {latest}; "
+        "upgrade the outbox package (pip install -U outbox) to open it"
+    )
+
+
+def refuse_newer(conn: sqlite3.Connection, path: str = "the database") -> None:
+    """Raise SchemaTooNewError, touching nothing, if the file is newer than this code."""
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    latest = latest_version()
+    if current > latest:
+        raise _too_new(path, current, latest)
+
+
+def migrate(conn: sqlite3.Connection, path: str = "the database") -> int:
+    """Bring ``conn`` up to the latest schema; return the version it is at.
+
+    Refuses a database whose user_version is newer than this code knows, rather than
+    guessing at a schema it has never seen.
+    """
+    migrations = available()
+    latest = len(migrations)
+    for migration in migrations:
+        # Re-read the version under the write lock: another process may have migrated.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > latest:
+                raise _too_new(path, current, latest)
+            if migration.version <= current:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {migration.version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > latest:
+        raise _too_new(path, current, latest)
+    return current
+
+
+def sqlite_error(exc: sqlite3.Error, path: str) -> StoreError:
+    """Turn a sqlite3 error into an outbox error that names the problem and what to do.
+
+    Shared by the outbox and the inbox: SQLite says the same things about either file.
+    """
+    text = str(exc).lower()
+    if "full" in text:
+        return StorageFullError(
+            f"cannot write to {path}: {exc}; free disk space (or raise max_page_count) "
+            "and retry; nothing from this call was written"
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return DatabaseCorruptError(
+            f"{path} is not a usable SQLite database ({exc}); restore it from a backup "
+            "or move it aside to start afresh"
+        )
+    if "readonly" in text or "read-only" in text:
+        return StoreError(
+            f"{path} is read-only ({exc}); outbox needs write access to the file and its "
+            "directory (for the -wal and -shm files)"
+        )
+    if "locked" in text or "busy" in text:
+        return StoreError(
+            f"{path} stayed locked by another connection longer than busy_timeout ({exc}); "
+            "find the process holding a write transaction open"
+        )
+    if "unable to open" in text:
+        return StoreError(
+            f"cannot open {path} ({exc}); check that its directory exists and is writable"
+        )
+    return StoreError(f"SQLite error on {path}: {exc}")

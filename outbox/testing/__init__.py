@@ -1,0 +1,5 @@
+"""Tools for testing code that uses outbox (provisional public API, like ``trio.testing``).
+
+- ``fault_proxy``: a TCP proxy between a client and a server that cuts, stalls, truncates
+  and refuses on a script, for fault-injection tests of your own deployment.
+"""

@@ -1,0 +1,472 @@
+"""The Outbox end to end: a real websockets server on 127.0.0.1 and a real SQLite file.
+
+Intervals are scaled down (milliseconds), so reconnects, resends and dead-lettering happen
+fast; tests wait on conditions with deadlines, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outbox import (
+    DatabaseCorruptError,
+    MessageDeadError,
+    Outbox,
+    OutboxClosedError,
+    PayloadNotJSONError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ReconnectLimitError,
+    SchemaTooNewError,
+    State,
+    StoreError,
+)
+from outbox.testing.fault_proxy import FaultProxy
+
+from ..support import ScriptedServer, wait_until
+
+FAST: dict[str, Any] = {
+    "reconnect_interval": 0.01,
+    "reconnect_max_interval": 0.05,
+    "ack_timeout": 2.0,
+    "heartbeat_interval": 5.0,
+    "acked_retention": None,
+}
+
+
+def rows(db: Path) -> list[tuple[int, str, int, str | None]]:
+    """The outbox table as the sqlite3 shell sees it (a separate connection)."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT id, status, attempts, last_error FROM outbox ORDER BY id"
+        ).fetchall()
+
+
+def statuses(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"))
+
+
+async def test_happy_path_delivers_in_order_and_marks_acked(
+    server: ScriptedServer, db: Path
+) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        ids = [await box.send({"n": i}) for i in range(20)]
+        await box.drain(timeout=5)
+        await box.wait_acked(ids[-1], timeout=1)
+        stats = box.stats()
+    assert ids == sorted(ids) and len(set(ids)) == 20
+    assert server.ids() == ids
+    assert [r.data for r in server.received] == [{"n": i} for i in range(20)]
+    assert statuses(db) == {"acked": 20}
+    assert stats.pending == 0 and stats.acked == 20 and stats.in_flight == 0
+    assert stats.connected and stats.state == "connected"
+
+
+async def test_client_id_header_is_stable_across_reopen(server: ScriptedServer, db: Path) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        await box.wait_acked(await box.send("a"), timeout=5)
+        first = box.client_id
+    async with Outbox(db, server.url, **FAST) as box:
+        await box.wait_acked(await box.send("b"), timeout=5)
+        assert box.client_id == first
+    assert [r.client_id for r in server.received] == [first, first]
+
+
+async def test_concurrent_senders_all_delivered_exactly_once_in_id_order(
+    server: ScriptedServer, db: Path
+) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        ids = await asyncio.gather(*(box.send({"task": i}) for i in range(300)))
+        await box.drain(timeout=10)
+    assert sorted(ids) == list(range(1, 301))
+    assert server.ids() == sorted(ids)
+
+
+async def test_send_many_is_one_transaction_with_ordered_ids(
+    server: ScriptedServer, db: Path
+) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        ids = await box.send_many([{"i": i} for i in range(50)])
+        await box.drain(timeout=5)
+    assert ids == list(range(ids[0], ids[0] + 50))
+    assert server.ids() == ids
+
+
+async def test_batch_frames_when_the_server_announces_them(db: Path) -> None:
+    async with ScriptedServer(batch=True) as server, Outbox(db, server.url, **FAST) as box:
+        await box.send_many([{"i": i} for i in range(400)])
+        await box.drain(timeout=5)
+        counters = box.stats().counters
+    assert server.ids() == list(range(1, 401))
+    assert counters.messages_sent == 400
+    assert counters.frames_sent < 400 / 10  # packed many messages per frame
+
+
+async def test_idempotent_key_returns_the_same_row(server: ScriptedServer, db: Path) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        first = await box.send({"order": 42}, key="order-42")
+        again = await box.send({"order": 42}, key="order-42")
+        other = await box.send({"order": 43}, key="order-43")
+        await box.drain(timeout=5)
+    assert first == again != other
+    assert len(rows(db)) == 2
+    assert sorted(server.unique_ids()) == [first, other]
+
+
+async def test_server_closes_socket_mid_stream_nothing_lost(
+    server: ScriptedServer, db: Path
+) -> None:
+    server.close_after = 7
+    async with Outbox(db, server.url, **FAST) as box:
+        ids = await box.send_many([{"i": i} for i in range(30)])
+        await box.drain(timeout=10)
+        stats = box.stats()
+    assert server.unique_ids() == set(ids)
+    assert statuses(db) == {"acked": 30}
+    assert stats.reconnects >= 1
+    assert server.connections >= 2
+    # First deliveries happen in id order; resends after the drop start again in id order.
+    first_seen = list(dict.fromkeys(server.ids()))
+    assert first_seen == ids
+
+
+async def test_server_gone_and_back_backs_off_then_delivers(
+    server: ScriptedServer, db: Path
+) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        await box.wait_acked(await box.send("before"), timeout=5)
+        await server.stop()
+        await wait_until(lambda: box.state is State.BACKING_OFF)
+        during = await box.send_many([f"during-{i}" for i in range(10)])
+        assert box.stats().pending == 10  # durable while nobody listens
+        await server.start()  # same port: the server came back
+        await box.drain(timeout=10)
+        assert box.state is State.CONNECTED
+    assert set(during) <= server.unique_ids()
+    assert statuses(db) == {"acked": 11}
+
+
+async def test_new_outbox_sends_leftovers_of_a_closed_one(db: Path) -> None:
+    server = ScriptedServer()
+    await server.start()
+    url = server.url
+    await server.stop()  # nobody listens while the first Outbox runs
+    async with Outbox(db, url, **FAST) as box:
+        ids = await box.send_many([{"left": i} for i in range(5)])
+    assert statuses(db) == {"pending": 5}
+    await server.start()
+    async with Outbox(db, url, **FAST) as box:
+        await box.drain(timeout=5)
+    await server.stop()
+    assert server.ids() == ids
+
+
+async def test_ack_timeout_resends_then_marks_dead(server: ScriptedServer, db: Path) -> None:
+    server.ack = False
+    options = {**FAST, "ack_timeout": 0.05, "max_attempts": 3}
+    async with Outbox(db, server.url, **options) as box:
+        message_id = await box.send({"never": "acked"})
+        with pytest.raises(MessageDeadError, match=r"no ack within 0\.05s"):
+            await box.wait_acked(message_id, timeout=5)
+        stats = box.stats()
+    assert server.ids() == [message_id] * 3  # sent, resent, resent, then given up
+    [(row_id, status, attempts, error)] = rows(db)
+    assert (row_id, status, attempts) == (message_id, "dead", 3)
+    assert error is not None and "no ack" in error
+    assert stats.dead == 1 and stats.counters.resends == 2
+
+
+async def test_dead_rows_can_be_requeued(server: ScriptedServer, db: Path) -> None:
+    server.ack = False
+    options = {**FAST, "ack_timeout": 0.03, "max_attempts": 1}
+    async with Outbox(db, server.url, **options) as box:
+        message_id = await box.send("x")
+        with pytest.raises(MessageDeadError):
+            await box.wait_acked(message_id, timeout=5)
+        server.ack = True
+        assert await box.requeue_dead() == 1
+        await box.wait_acked(message_id, timeout=5)
+    assert statuses(db) == {"acked": 1}
+
+
+async def test_nack_marks_dead_at_once_with_the_reason(server: ScriptedServer, db: Path) -> None:
+    server.nack = {2: "order 2 is invalid"}
+    async with Outbox(db, server.url, **FAST) as box:
+        ids = await box.send_many(["a", "b", "c"])
+        with pytest.raises(MessageDeadError, match="order 2 is invalid"):
+            await box.wait_acked(2, timeout=5)
+        await box.drain(timeout=5)
+    assert ids == [1, 2, 3]
+    assert [(r[0], r[1], r[3]) for r in rows(db)] == [
+        (1, "acked", None),
+        (2, "dead", "nack: order 2 is invalid"),
+        (3, "acked", None),
+    ]
+    assert server.ids() == [1, 2, 3]  # a nacked message is not resent
+
+
+async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
+    server = ScriptedServer()
+    await server.start()
+    url = server.url
+    await server.stop()
+    options = {**FAST, "max_reconnect_attempts": 2}
+    async with Outbox(db, url, **options) as box:
+        message_id = await box.send("kept")
+        await wait_until(lambda: box.state is State.GAVE_UP)
+        with pytest.raises(ReconnectLimitError, match="max_reconnect_attempts"):
+            await box.wait_acked(message_id, timeout=5)
+        with pytest.raises(ReconnectLimitError):
+            await box.drain(timeout=5)
+        assert await box.send("still accepted") == message_id + 1
+    assert statuses(db) == {"pending": 2}
+
+
+async def test_refused_handshake_backs_off_instead_of_hot_looping(db: Path) -> None:
+    async with ScriptedServer(refuse_status=401) as server:
+        options = {**FAST, "reconnect_interval": 0.02, "reconnect_max_interval": 1.0}
+        async with Outbox(db, server.url, **options) as box:
+            await box.send("waits")
+            await wait_until(lambda: len(server.handshakes) >= 5)
+        gaps = [b - a for a, b in zip(server.handshakes, server.handshakes[1:], strict=False)]
+    # Delays double: attempt n waits at least half of 0.02 * 2**(n-1).
+    for n, gap in enumerate(gaps[:4], start=1):
+        assert gap >= 0.5 * 0.02 * 2 ** (n - 1)
+    assert statuses(db) == {"pending": 1}
+
+
+@pytest.mark.parametrize("code", [1012, 1013])
+async def test_server_restarting_close_codes_get_a_backoff(db: Path, code: int) -> None:
+    async with ScriptedServer(close_code=code) as server:
+        options = {**FAST, "reconnect_interval": 0.05, "reconnect_max_interval": 0.05}
+        async with Outbox(db, server.url, **options) as box:
+            await wait_until(lambda: len(server.handshakes) >= 3)
+            server.close_code = None
+            await box.wait_acked(await box.send("after restart"), timeout=5)
+        gaps = [b - a for a, b in zip(server.handshakes, server.handshakes[1:], strict=False)]
+    assert all(gap >= 0.025 for gap in gaps[:2])  # jitter keeps at least half of 0.05 s
+
+
+async def test_json_heartbeat_without_pongs_reconnects(db: Path) -> None:
+    async with ScriptedServer(answer_json_ping=False) as server:
+        options = {
+            **FAST,
+            "heartbeat": "json",
+            "heartbeat_interval": 0.02,
+            "heartbeat_timeout": 0.02,
+            "max_missed_heartbeats": 2,
+        }
+        async with Outbox(db, server.url, **options) as box:
+            await wait_until(lambda: server.connections >= 2)
+            assert box.stats().counters.heartbeat_misses >= 2
+
+
+async def test_json_heartbeat_with_pongs_keeps_the_connection(db: Path) -> None:
+    async with ScriptedServer() as server:
+        options = {
+            **FAST,
+            "heartbeat": "json",
+            "heartbeat_interval": 0.01,
+            "heartbeat_timeout": 0.2,
+        }
+        async with Outbox(db, server.url, **options) as box:
+            pings_before = time.monotonic()
+            await box.wait_acked(await box.send("x"), timeout=5)
+            # Let several heartbeats happen; they all get pongs.
+            await wait_until(lambda: time.monotonic() - pings_before > 0.2)
+            assert server.connections == 1
+            assert box.stats().counters.heartbeat_misses == 0
+
+
+async def test_bad_frames_from_the_server_are_ignored(db: Path) -> None:
+    bad: list[str | bytes] = [
+        "not json",
+        "[1, 2]",
+        b"\x00binary",
+        '{"type": "ack", "messageId": 999}',
+        '{"type": "ack", "messageId": "one"}',
+        '{"type": "surprise"}',
+    ]
+    async with ScriptedServer(extra_frames=bad) as server, Outbox(db, server.url, **FAST) as box:
+        ids = await box.send_many(["a", "b"])
+        await box.drain(timeout=5)
+        counters = box.stats().counters
+    assert server.ids() == ids
+    # not JSON, not an object, binary, a non-integer id, an unknown type
+    assert counters.protocol_errors == 5
+    assert counters.unknown_acks >= 1 and server.connections == 1
+
+
+async def test_refuses_payloads_before_writing(server: ScriptedServer, db: Path) -> None:
+    async with Outbox(db, server.url, max_message_size=100, **FAST) as box:
+        with pytest.raises(PayloadNotJSONError, match="not JSON-serializable"):
+            await box.send({"when": object()})
+        with pytest.raises(PayloadNotJSONError):
+            await box.send(float("nan"))
+        with pytest.raises(PayloadTooLargeError, match="max_message_size=100"):
+            await box.send("x" * 200)
+        with pytest.raises(PayloadTooLargeError):
+            await box.send_many(["ok", "é" * 60])  # 120 bytes of UTF-8: the whole call fails
+        with pytest.raises(TypeError, match="idempotency key"):
+            await box.send("x", key=42)  # type: ignore[arg-type]
+    assert rows(db) == []
+
+
+async def test_max_pending_quota_raises_queue_full(db: Path) -> None:
+    server = ScriptedServer()
+    await server.start()
+    url = server.url
+    await server.stop()
+    async with Outbox(db, url, max_pending=3, **FAST) as box:
+        await box.send_many([1, 2, 3])
+        with pytest.raises(QueueFullError, match="max_pending is 3"):
+            await box.send(4)
+    assert statuses(db) == {"pending": 3}
+
+
+async def test_send_after_close_raises(server: ScriptedServer, db: Path) -> None:
+    box = Outbox(db, server.url, **FAST)
+    with pytest.raises(OutboxClosedError, match="not open"):
+        await box.send("early")
+    async with box:
+        await box.send("ok")
+    with pytest.raises(OutboxClosedError, match="closed"):
+        await box.send("late")
+
+
+def test_bad_url_and_unknown_option_fail_at_construction(db: Path) -> None:
+    with pytest.raises(ValueError, match="not a WebSocket URL"):
+        Outbox(db, "http://example.invalid/")
+    with pytest.raises(TypeError, match="unknown option"):
+        Outbox(db, "ws://127.0.0.1:1/", ack_timout=1)
+    with pytest.raises(ValueError, match="max_inflight"):
+        Outbox(db, "ws://127.0.0.1:1/", max_inflight=0)
+
+
+async def test_cancelled_send_commits_all_or_nothing(server: ScriptedServer, db: Path) -> None:
+    async with Outbox(db, server.url, **FAST) as box:
+        tasks = [asyncio.create_task(box.send({"i": i}, key=f"k{i}")) for i in range(200)]
+        await asyncio.sleep(0)
+        for task in tasks[::2]:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        committed = [r for r in results if isinstance(r, int)]
+        # Retrying with the same keys finds the committed rows and writes the missing ones.
+        again = await box.send_many(
+            [{"i": i} for i in range(200)], keys=[f"k{i}" for i in range(200)]
+        )
+        await box.drain(timeout=10)
+    assert set(committed) <= set(again)
+    assert len(set(again)) == 200 == len(rows(db))
+    with sqlite3.connect(db) as conn:
+        payloads = dict(conn.execute("SELECT key, payload FROM outbox"))
+    assert all(payloads[f"k{i}"] == f'{{"i":{i}}}' for i in range(200))  # no half rows
+
+
+async def test_acked_rows_are_purged_but_ids_never_reused(server: ScriptedServer, db: Path) -> None:
+    options = {**FAST, "acked_retention": 0.0, "purge_interval": 0.01}
+    async with Outbox(db, server.url, **options) as box:
+        first = await box.send_many(["a", "b", "c"])
+        await box.drain(timeout=5)
+        await wait_until(lambda: not rows(db))
+        await box.wait_acked(first[0], timeout=1)  # a purged id still reads as acked
+        later = await box.send("d")
+        await box.drain(timeout=5)
+    assert later > max(first)
+    assert server.unique_ids() == {*first, later}
+
+
+async def test_blackholed_connection_is_detected_by_the_heartbeat(
+    server: ScriptedServer, db: Path
+) -> None:
+    """The TCP connection stays open but nothing comes back: only pings can tell."""
+    options = {
+        **FAST,
+        "heartbeat_interval": 0.05,
+        "heartbeat_timeout": 0.05,
+        "max_missed_heartbeats": 2,
+        "open_timeout": 0.3,
+    }
+    async with (
+        FaultProxy("127.0.0.1", server.port) as proxy,
+        Outbox(db, proxy.url(), **options) as box,
+    ):
+        await box.wait_acked(await box.send("before"), timeout=5)
+        proxy.blackhole(True)
+        stuck = await box.send("during")
+        await wait_until(lambda: box.stats().counters.heartbeat_misses >= 2)
+        await wait_until(lambda: box.state is not State.CONNECTED)
+        proxy.blackhole(False)
+        await box.wait_acked(stuck, timeout=5)
+        assert box.stats().reconnects >= 1
+    assert statuses(db) == {"acked": 2}
+
+
+async def test_acks_count_as_signs_of_life_for_the_heartbeat(db: Path) -> None:
+    """Pongs never come (JSON pings ignored) but acks keep flowing: no reconnect."""
+    async with ScriptedServer(answer_json_ping=False) as server:
+        options = {
+            **FAST,
+            "heartbeat": "json",
+            "heartbeat_interval": 0.05,
+            "heartbeat_timeout": 0.05,
+            "max_missed_heartbeats": 1,
+        }
+        async with Outbox(db, server.url, **options) as box:
+            started = time.monotonic()
+            while time.monotonic() - started < 0.3:  # keep the server busy acking
+                await box.wait_acked(await box.send("tick"), timeout=5)
+            assert server.connections == 1
+
+
+async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer, db: Path) -> None:
+    options = {
+        **FAST,
+        "heartbeat_interval": 0.02,
+        "heartbeat_timeout": 0.05,
+        "max_missed_heartbeats": 1,
+    }
+    async with Outbox(db, server.url, **options) as box:
+        await box.wait_acked(await box.send("a"), timeout=5)
+        for _ in range(3):
+            # Wait for the next ping to be in the air, then freeze the loop past its deadline.
+            pinged = time.monotonic()
+            await wait_until(lambda pinged=pinged: time.monotonic() - pinged > 0.03)
+            time.sleep(0.2)  # noqa: ASYNC251 - the application blocking its own loop
+        await box.wait_acked(await box.send("b"), timeout=5)
+        assert server.connections == 1
+        assert box.stats().counters.heartbeat_misses == 0
+
+
+async def test_retention_by_count_keeps_the_newest_acked_rows(
+    server: ScriptedServer, db: Path
+) -> None:
+    options = {**FAST, "acked_retention_count": 5, "purge_interval": 0.01}
+    async with Outbox(db, server.url, **options) as box:
+        ids = await box.send_many(list(range(20)))
+        await box.drain(timeout=5)
+        await wait_until(lambda: len(rows(db)) == 5)
+    assert [row[0] for row in rows(db)] == ids[-5:]
+
+
+async def test_unusable_database_files_raise_clear_errors(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, just bytes" * 200)
+    with pytest.raises(DatabaseCorruptError, match="not a usable SQLite database"):
+        await Outbox(garbage, "ws://127.0.0.1:9/").open()
+
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    with pytest.raises(SchemaTooNewError, match="upgrade the outbox package"):
+        await Outbox(newer, "ws://127.0.0.1:9/").open()
+
+    with pytest.raises(StoreError, match="directory exists"):
+        await Outbox(tmp_path / "missing" / "o.db", "ws://127.0.0.1:9/").open()
