@@ -61,4 +61,4 @@ async def run_heartbeat(
                 logger.info("heartbeat: missed pong %d of %d", monitor.missed, monitor.max_missed)
             ping_again = not monitor.seen_since(ping_at)
         else:
-            monitor.frame_received(clock())
+            monitor.pong_received(ping_at=ping_at, now=clock())

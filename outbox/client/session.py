@@ -117,12 +117,12 @@ class Session:
         while True:
             self._wake.clear()
             now = self.clock()
-            expired = self.window.expire(now, last_heard=self.heartbeat.last_seen)
+            expired = self.window.expire(now, last_heard=self.heartbeat.answered_ping_at)
             if expired.unheard:
-                # Acks are late and the server has said nothing at all since: the connection
-                # may be dead. Not a failed attempt; let the heartbeat find out now.
+                # Acks are late and nothing sent after them has been answered: the connection
+                # may be slow or dead. Not a failed attempt; let the heartbeat find out now.
                 logger.info(
-                    "%d message(s) unacked after %ss with nothing heard from the server; "
+                    "%d message(s) unacked after %ss and nothing sent since answered; "
                     "checking the connection",
                     len(expired.unheard),
                     self.window.ack_timeout,
@@ -236,7 +236,7 @@ class Session:
                 continue
             self.saw_life = True
             if isinstance(event, wire.Ack):
-                known, unknown = self.window.acked(event.ids)
+                known, unknown = self.window.acked(event.ids, self.clock())
                 if unknown:
                     self.counters.unknown_acks += len(unknown)
                     logger.debug("ack for id(s) not in flight (late or repeated): %s", unknown)

@@ -1,53 +1,238 @@
-"""JSON in one place: payloads are stored and sent as JSON text.
+"""JSON in one place: payloads are stored and sent as JSON text, by one rule on both backends.
 
 With the ``fast`` extra (orjson) installed, encoding and decoding use it; without, the
-standard library. Either way the same payloads are accepted and refused: orjson's output is
-checked where it could differ (it writes NaN and Infinity as ``null``, and refuses integers
-beyond 64 bits and non-string keys that the standard library accepts), by handing those
-cases to the standard encoder with ``allow_nan=False``.
+standard library. Either way exactly the same values are accepted and refused, because the
+rule is ours, checked by :func:`check` before either library sees the value:
+
+- ``None``, ``bool``, ``str``, ``int``, ``float``, ``list``, ``tuple`` and ``dict``, and their
+  subclasses (so an ``IntEnum`` or a ``str`` enum is its value, an ``OrderedDict`` a dict);
+- ``str`` is valid Unicode: a lone surrogate (``"\\ud800"``) has no UTF-8 form;
+- ``int`` fits in 64 bits (``-2**63`` to ``2**64 - 1``): beyond that orjson refuses it and
+  orjson's decoder reads it as a float, so the receiver would store another number;
+- ``float`` is finite: NaN and Infinity are not JSON;
+- ``dict`` keys are strings: the standard library would turn ``1`` into ``"1"``, orjson
+  refuses it, and either way the receiver would see another value than was sent;
+- containers nest at most :data:`MAX_DEPTH` deep (orjson stops at 255, the standard
+  library at Python's recursion limit: neither is a rule a peer can rely on).
+
+Everything else (datetime, UUID, dataclasses, plain ``Enum``, sets, bytes, numpy values) is
+refused on both backends, though orjson alone would encode some of them.
+
+Decoding follows the same rule: :func:`loads` refuses NaN and Infinity on both backends,
+and raises ``ValueError``, never ``RecursionError``, for a document too deep to decode;
+``check`` then refuses what decoded but breaks the rule (too deep, lone surrogates,
+integers beyond 64 bits: a digit run long enough to hold one sends the text to the exact
+standard-library decoder, since orjson would read it as a float).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
-_encode: Callable[[Any], str] = json.JSONEncoder(
+MAX_DEPTH = 64
+"""Deepest nesting of lists and dicts in a payload (frames add up to three levels)."""
+
+MAX_FRAME_DEPTH = MAX_DEPTH + 3
+"""Deepest nesting a frame may have: a batch, its list, a message object, then the data."""
+
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
+_TEXT_LIMIT = 60  # characters of a refused value quoted in an error
+
+
+class NotJSONError(TypeError):
+    """The value breaks the payload rule; the message says where and why."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 3] + "..."
+
+
+class _Refused(Exception):
+    """Raised inside the walk; the path is built on the way out, so success costs nothing."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.path: list[str] = []
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Refused(
+                f"holds a lone surrogate ({_show(text)}), which has no UTF-8 form"
+            ) from None
+
+
+def _check(value: Any, depth: int) -> None:
+    kind = type(value)
+    if kind is str:
+        _check_text(value)
+    elif kind is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise _Refused(f"is an integer beyond 64 bits ({_show(value)})")
+    elif kind is float:
+        if not math.isfinite(value):
+            raise _Refused(f"is {value!r}, which JSON cannot represent")
+    elif value is None or kind is bool:
+        return
+    elif kind is dict:
+        if depth >= MAX_DEPTH:
+            raise _Refused(f"nests deeper than {MAX_DEPTH} levels")
+        for key, item in value.items():
+            if type(key) is not str:
+                if not isinstance(key, str):
+                    raise _Refused(f"has a non-string key {_show(key)}")
+                key = str.__str__(key)
+            try:
+                _check_text(key)
+                _check(item, depth + 1)
+            except _Refused as refused:
+                refused.path.append(f"[{_show(key)}]")
+                raise
+    elif kind is list or kind is tuple:
+        if depth >= MAX_DEPTH:
+            raise _Refused(f"nests deeper than {MAX_DEPTH} levels")
+        for index, item in enumerate(value):
+            try:
+                _check(item, depth + 1)
+            except _Refused as refused:
+                refused.path.append(f"[{index}]")
+                raise
+    else:
+        _check_subclass(value, depth)
+
+
+def _check_subclass(value: Any, depth: int) -> None:
+    """Subclasses of the JSON types are their base value (an IntEnum is its int)."""
+    # The exact value the encoders write: str.__str__ of a str enum is its value, not
+    # "Name.ADA"; int.__int__ of an IntEnum its number.
+    plain: Any
+    if isinstance(value, str):
+        plain = str.__str__(value)
+    elif isinstance(value, int):
+        plain = int.__int__(value)
+    elif isinstance(value, float):
+        plain = float.__float__(value)
+    elif isinstance(value, dict):
+        plain = dict(dict.items(value))
+    elif isinstance(value, list | tuple):
+        plain = list(value)
+    else:
+        plain = None
+    if plain is not None:
+        _check(plain, depth)
+        return
+    what = "a plain Enum member" if isinstance(value, Enum) else type(value).__name__
+    raise _Refused(f"is {what} ({_show(value)}), not a JSON value")
+
+
+def check(value: Any) -> None:
+    """Raise NotJSONError (a TypeError) unless ``value`` follows the payload rule above."""
+    try:
+        _check(value, 0)
+    except _Refused as refused:
+        path = "".join(reversed(refused.path))
+        if len(path) > _TEXT_LIMIT:
+            path = "..." + path[-_TEXT_LIMIT:]
+        raise NotJSONError(f"the payload{path} {refused.reason}") from None
+
+
+_encode_stdlib: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), allow_nan=False
 ).encode
 
 
-def _dumps_stdlib(value: Any) -> str:
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decode_stdlib: Callable[[str], Any] = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+# A run of 19 digits: the shortest text that can hold an integer beyond 64 bits (-2**63-1).
+_LONG_DIGITS = re.compile(r"\d{19}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+
+
+def _loads_stdlib(text: str | bytes) -> Any:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
     try:
-        return _encode(value)
-    except ValueError as exc:  # NaN and Infinity have no JSON form
-        raise TypeError(str(exc)) from exc
+        return _decode_stdlib(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
-dumps: Callable[[Any], str]
+dumps_checked: Callable[[Any], str]
+"""Encode a value that already passed :func:`check` (the receiver's parsed messages)."""
+
 loads: Callable[[str | bytes], Any]
+"""Decode JSON text; ValueError for anything that is not JSON under the rule above."""
 
 try:  # pragma: no cover - depends on the environment
     import orjson
 
-    def _dumps_orjson(value: Any) -> str:
+    def _encode_orjson(value: Any) -> str:
         try:
-            encoded = orjson.dumps(value)
-        except TypeError:
-            return _dumps_stdlib(value)  # accepts what it can (big ints), refuses the rest
-        if b"null" in encoded:
-            return _dumps_stdlib(value)  # maybe a NaN written as null: let stdlib decide
-        return encoded.decode()
+            return orjson.dumps(value).decode()
+        except TypeError:  # not expected after check(); the standard library decides
+            return _encode_stdlib(value)
 
-    dumps = _dumps_orjson
-    loads = orjson.loads
+    def _dumps_orjson(value: Any) -> str:
+        """The orjson encoder under the rule (tests compare it with the standard library's)."""
+        check(value)
+        return _encode_orjson(value)
+
+    def _loads_orjson(text: str | bytes) -> Any:
+        pattern = _LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_BYTES
+        if pattern.search(text) is not None:  # type: ignore[arg-type]
+            # orjson reads an integer beyond 64 bits as a float: read it exactly instead,
+            # so check() can refuse it rather than let a changed number through.
+            return _loads_stdlib(text)
+        try:
+            return orjson.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+    dumps_checked = _encode_orjson
+    loads = _loads_orjson
     BACKEND = "orjson"
 except ImportError:  # pragma: no cover - depends on the environment
-    dumps = _dumps_stdlib
-    loads = json.loads
+    dumps_checked = _encode_stdlib
+    loads = _loads_stdlib
     BACKEND = "json"
 
-dumps.__doc__ = "Encode to compact JSON text; TypeError for anything that is not a JSON value."
 
-__all__ = ["BACKEND", "dumps", "loads"]
+def dumps(value: Any) -> str:
+    """Encode to compact JSON text; NotJSONError (a TypeError) for anything off the rule."""
+    check(value)
+    return dumps_checked(value)
+
+
+def _dumps_stdlib(value: Any) -> str:
+    """The standard-library encoder under the same rule (tests compare it with orjson's)."""
+    check(value)
+    return _encode_stdlib(value)
+
+
+__all__ = [
+    "BACKEND",
+    "INT_MAX",
+    "INT_MIN",
+    "MAX_DEPTH",
+    "MAX_FRAME_DEPTH",
+    "NotJSONError",
+    "check",
+    "dumps",
+    "dumps_checked",
+    "loads",
+]

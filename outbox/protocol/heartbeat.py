@@ -39,10 +39,18 @@ class HeartbeatMonitor:
         self.missed = 0
         self.total_missed = 0
         self.last_seen = float("-inf")
+        self.answered_ping_at = float("-inf")
+        """When the latest ping whose pong came back was sent (the ack window's evidence
+        that the server read everything sent before it)."""
 
     def frame_received(self, now: float) -> None:
         self.last_seen = now
         self.missed = 0
+
+    def pong_received(self, *, ping_at: float, now: float) -> None:
+        """The pong for the ping sent at ``ping_at`` came back at ``now``."""
+        self.frame_received(now)
+        self.answered_ping_at = max(self.answered_ping_at, ping_at)
 
     def quiet_for(self, now: float) -> float:
         return now - self.last_seen

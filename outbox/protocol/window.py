@@ -11,11 +11,21 @@ Rules:
   attempt count goes up by one, and it is sent again, or, once ``max_attempts`` timeouts are
   reached, it is given up on (the caller marks the row ``dead``);
 - a dropped connection is not a timeout: ``clear()`` forgets the window without counting;
-- nor is silence: a deadline that passes with *nothing at all* heard from the server since
-  the message was sent (no ack for anything, no pong) says the connection may be dead, not
-  that the message failed. It is not counted; the message waits another ``ack_timeout``
-  while the caller asks the heartbeat to find out. Otherwise a silent partition longer than
-  ``ack_timeout * max_attempts`` would dead-letter everything in flight.
+- nor is a deadline that passes before the server has answered anything sent *after* the
+  message. Two cases, neither counted, nothing resent; the message waits another
+  ``ack_timeout``:
+  - *behind a queue*: acks keep coming for messages sent before it. A receiver handles a
+    client's messages in the order they arrived, so the server is visibly working through
+    the queue ahead of this one (a slow handler with a backlog many times ``max_inflight``);
+  - *unheard*: nothing at all sent after it has been answered, not even a ping. The
+    connection may be slow or dead: the caller asks the heartbeat to find out. Otherwise a
+    silent partition longer than ``ack_timeout * max_attempts`` would dead-letter
+    everything in flight.
+  A deadline does count once the server acks a message sent after this one (it was
+  skipped), or, while acking nothing for a whole ``ack_timeout``, answers a ping sent at
+  least ``ack_timeout`` after the message (so the server had held it that long; a pong
+  answered at once must not overtake an ack that waits for the receiver's commit). So
+  ``max_attempts`` still dead-letters a message that a live server skips or ignores.
 """
 
 from __future__ import annotations
@@ -32,6 +42,10 @@ class InFlight:
     sent_at: float
     attempts: int
     """Ack timeouts so far, including those of earlier connections and processes."""
+    seq: int = 0
+    """Place in the order this connection put messages on the wire (a resend moves it)."""
+    wire_at: float = 0.0
+    """When it last went on the wire (``sent_at`` also moves when a deadline is extended)."""
 
 
 @dataclass(slots=True)
@@ -43,7 +57,9 @@ class Expired:
     dead: list[InFlight] = field(default_factory=list)
     """Timed out for the last time; no longer in the window."""
     unheard: list[InFlight] = field(default_factory=list)
-    """Deadline passed in silence: not counted, restamped to wait one more ``ack_timeout``."""
+    """Nothing sent after it was answered: not counted, one more ``ack_timeout``."""
+    behind: list[InFlight] = field(default_factory=list)
+    """Acks for earlier messages kept coming: not counted, one more ``ack_timeout``."""
 
     def __bool__(self) -> bool:
         return bool(self.resend or self.dead)
@@ -65,6 +81,11 @@ class SendWindow:
         # Insertion order == send order == deadline order, because a resend moves the
         # message to the end. So expiry only ever looks at the front.
         self._inflight: dict[int, InFlight] = {}
+        self._seq = 0
+        self._max_acked_seq = 0
+        """The latest-sent message the server acked: everything sent before it was read."""
+        self._progress_at = float("-inf")
+        """When the server last acked a message in flight (acked() given ``now``)."""
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -84,17 +105,26 @@ class SendWindow:
         """Record ``(id, attempts so far)`` pairs as sent at ``now``."""
         for message_id, attempts in messages:
             self._inflight.pop(message_id, None)
-            self._inflight[message_id] = InFlight(message_id, now, attempts)
+            self._seq += 1
+            self._inflight[message_id] = InFlight(message_id, now, attempts, self._seq, now)
 
-    def acked(self, ids: Iterable[int]) -> tuple[list[int], list[int]]:
-        """Remove acked ids; return (ids that were in flight, ids that were not)."""
+    def acked(self, ids: Iterable[int], now: float | None = None) -> tuple[list[int], list[int]]:
+        """Remove acked ids; return (ids that were in flight, ids that were not).
+
+        ``now`` records the acks as progress through the queue (see the module's rules).
+        """
         known: list[int] = []
         unknown: list[int] = []
         for message_id in ids:
-            if self._inflight.pop(message_id, None) is not None:
+            message = self._inflight.pop(message_id, None)
+            if message is not None:
                 known.append(message_id)
+                if message.seq > self._max_acked_seq:
+                    self._max_acked_seq = message.seq
             else:
                 unknown.append(message_id)
+        if known and now is not None:
+            self._progress_at = now
         return known, unknown
 
     def discard(self, message_id: int) -> bool:
@@ -102,10 +132,11 @@ class SendWindow:
         return self._inflight.pop(message_id, None) is not None
 
     def expire(self, now: float, last_heard: float = float("inf")) -> Expired:
-        """Apply the ack timeout at ``now``.
+        """Apply the ack timeout at ``now`` (the rules in the module docstring).
 
-        ``last_heard`` is when the last frame of any kind came from the server; a message
-        sent after that has timed out in silence, which is not counted as an attempt.
+        ``last_heard`` is when the latest ping that the server answered was *sent* (not when
+        its pong came): a pong for a ping sent before a message says nothing about that
+        message. The default counts every deadline that passes without progress.
         """
         result = Expired()
         while self._inflight:
@@ -113,16 +144,25 @@ class SendWindow:
             if oldest.sent_at + self.ack_timeout > now:
                 break
             del self._inflight[oldest.id]
-            if last_heard < oldest.sent_at:
-                result.unheard.append(oldest)
-                continue
+            if self._max_acked_seq < oldest.seq:  # nothing sent after it was acked
+                if self._progress_at >= oldest.sent_at:
+                    result.behind.append(oldest)
+                    continue
+                if last_heard < oldest.wire_at + self.ack_timeout:
+                    result.unheard.append(oldest)
+                    continue
             oldest.attempts += 1
             if self.max_attempts is not None and oldest.attempts >= self.max_attempts:
                 result.dead.append(oldest)
             else:
                 result.resend.append(oldest)
-        for message in (*result.unheard, *result.resend):
+        for message in (*result.unheard, *result.behind):
             message.sent_at = now
+            self._inflight[message.id] = message
+        for message in result.resend:  # sent again now: after everything already out
+            message.sent_at = message.wire_at = now
+            self._seq += 1
+            message.seq = self._seq
             self._inflight[message.id] = message
         return result
 
@@ -136,4 +176,5 @@ class SendWindow:
         """Forget everything (the connection dropped); return the ids that were in flight."""
         ids = list(self._inflight)
         self._inflight.clear()
+        self._progress_at = float("-inf")
         return ids

@@ -40,6 +40,35 @@ PING_FRAME = '{"type":"ping"}'
 PONG_FRAME = '{"type":"pong"}'
 
 
+MAX_MESSAGE_ID = 2**63 - 1
+"""Message ids are SQLite integers: 1 to 2**63 - 1."""
+
+MAX_ECHO_BYTES = 200
+"""Most bytes of a peer's own input that we echo back (a nack reason) or write to a log."""
+
+
+def clip(text: str, limit: int = MAX_ECHO_BYTES) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, marked with "..." when cut.
+
+    Anything a peer controls is clipped before it is echoed or logged: a 4 MB field repeated
+    back to a peer that never reads would otherwise cost 4 MB per frame. Lone surrogates
+    become "?", so the result always encodes.
+    """
+    if text.isascii():
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return encoded.decode("utf-8")
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def show(value: Any) -> str:
+    """A peer's value for an error message: its repr, clipped."""
+    if isinstance(value, str) and len(value) > MAX_ECHO_BYTES:
+        value = value[:MAX_ECHO_BYTES]  # no need to repr megabytes to keep 200 bytes
+    return clip(repr(value))
+
+
 def parse_features(value: str | None) -> frozenset[str]:
     """Read an ``Outbox-Features`` header value; unknown tokens are kept and ignored."""
     if not value:
@@ -81,8 +110,10 @@ class Ping:
 
 
 def _message_id(value: Any, where: str, name: str = "id") -> int:
-    if type(value) is not int or value <= 0:
-        raise ProtocolError(f"{where}: {name!r} must be a positive integer, got {value!r}")
+    if type(value) is not int or not 0 < value <= MAX_MESSAGE_ID:
+        raise ProtocolError(
+            f"{where}: {name!r} must be a positive integer up to 2**63-1, got {show(value)}"
+        )
     return value
 
 
@@ -93,7 +124,13 @@ def _message(obj: Any, where: str) -> Message:
         raise ProtocolError(f"{where}: missing 'id'")
     if "data" not in obj:
         raise ProtocolError(f"{where}: missing 'data'")
-    return Message(_message_id(obj["id"], where), obj["data"])
+    message_id = _message_id(obj["id"], where)
+    data = obj["data"]
+    try:
+        codec.check(data)  # what the inbox can store as the client sent it
+    except codec.NotJSONError as exc:
+        raise ProtocolError(f"{where}: 'data' breaks the payload rule: {exc}") from None
+    return Message(message_id, data)
 
 
 def parse_client_frame(frame: str | bytes) -> list[Message] | Ping:
@@ -107,7 +144,7 @@ def parse_client_frame(frame: str | bytes) -> list[Message] | Ping:
     try:
         obj = codec.loads(frame)
     except ValueError as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
+        raise ProtocolError(f"frame is not JSON: {clip(str(exc))}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")
@@ -120,7 +157,7 @@ def parse_client_frame(frame: str | bytes) -> list[Message] | Ping:
         if not isinstance(messages, list) or not messages:
             raise ProtocolError("batch: 'messages' must be a non-empty list")
         return [_message(item, f"batch item {i}") for i, item in enumerate(messages)]
-    raise ProtocolError(f"unknown frame type {kind!r}")
+    raise ProtocolError(f"unknown frame type {show(kind)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +176,8 @@ def encode_acks(message_ids: Sequence[int]) -> str:
 
 
 def encode_nack(message_id: int, reason: str) -> str:
-    """Refuse a message for good: the client marks it dead with this reason."""
-    return codec.dumps({"type": "nack", "messageId": message_id, "reason": reason})
+    """Refuse a message for good: the client marks it dead with this reason (clipped)."""
+    return codec.dumps({"type": "nack", "messageId": message_id, "reason": clip(reason)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +221,11 @@ def parse_server_frame(frame: str | bytes) -> ServerEvent:
         reason = obj.get("reason")
         return Nack(
             _message_id(obj.get("messageId"), "nack", "messageId"),
-            reason if isinstance(reason, str) else "refused by the server (no reason given)",
+            clip(reason) if isinstance(reason, str) else "refused by the server (no reason given)",
         )
     if kind == "pong":
         return Pong()
-    raise ProtocolError(f"unknown frame type {kind!r} from the server")
+    raise ProtocolError(f"unknown frame type {show(kind)} from the server")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +259,7 @@ def close_reason(text: str) -> str:
 
 
 def _readable_id(obj: Any) -> int | None:
+    """An id we can nack (any positive integer: a nack for an id out of range is harmless)."""
     value = obj.get("id") if isinstance(obj, dict) else None
     return value if type(value) is int and value > 0 else None
 
@@ -251,14 +289,10 @@ def salvage(frame: str | bytes, error: ProtocolError) -> list[Item]:
             if message_id is None:
                 return fatal
             try:
-                # Validate the item exactly as the wire module does, alone in a batch.
-                parsed = parse_client_frame(codec.dumps({"type": "batch", "messages": [message]}))
+                items.append(_message(message, "message"))  # the rule parse_client_frame applies
             except ProtocolError as exc:
                 detail = str(exc).split(": ", 1)[-1]
                 items.append(Malformed(message_id, f"malformed message: {detail}"))
-            else:
-                assert isinstance(parsed, list)
-                items.extend(parsed)
         return items
     message_id = _readable_id(obj)
     if message_id is None:

@@ -199,16 +199,17 @@ async def test_frames_cut_in_the_middle(
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_a_path_slower_than_the_ack_timeout_resends_but_handles_once(
+async def test_a_path_slower_than_the_ack_timeout_is_waited_for_not_resent(
     receiver: Receiver, outbox_db: Path, inbox_db: Path
 ) -> None:
-    """Round trip 60 ms, ack_timeout 30 ms, a steady trickle of messages: acks for earlier
-    messages keep arriving, so the server is plainly alive when a later message's deadline
-    passes; that message times out for real and is sent again on the same connection, and the
-    receiver answers the copy from its inbox."""
+    """Round trip 60 ms, ack_timeout 30 ms, a steady trickle of messages: every deadline
+    passes before its ack can come back, but acks for earlier messages keep arriving, so the
+    server is visibly working through the queue ahead (docs/protocol.md, "Dead letters").
+    Nothing is counted against the messages, nothing is resent, nothing dies, and each
+    message is handled once. (Until issue 9 this resent every late message.)"""
     seed = SEED + 4
     count = 120
-    options = {**FAST, "ack_timeout": 0.03, "max_attempts": None}
+    options = {**FAST, "ack_timeout": 0.03, "max_attempts": 1}
     async with (
         FaultProxy("127.0.0.1", receiver.port, seed=seed) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,
@@ -219,11 +220,12 @@ async def test_a_path_slower_than_the_ack_timeout_resends_but_handles_once(
             await asyncio.sleep(0.004)  # traffic shaping: a message every 4 ms
         await box.drain(timeout=15)
         counters = box.stats().counters
-        assert counters.resends > 0, f"expected resends (seed {seed})"
-        assert receiver.stats.duplicates > 0
+        assert box.stats().dead == 0, f"a slow path dead-lettered messages (seed {seed})"
+        assert counters.resends == 0, f"late acks were resent (seed {seed})"
+        assert receiver.stats.duplicates == 0
         assert box.stats().reconnects == 0  # a slow path is not a broken one
         finish_report(
-            "delay 30 ms each way, ack_timeout 30 ms, steady trickle",
+            "delay 30 ms each way, ack_timeout 30 ms, steady trickle, max_attempts 1",
             outbox_db,
             inbox_db,
             box,

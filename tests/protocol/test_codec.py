@@ -18,13 +18,21 @@ if codec.BACKEND == "orjson":
 GOOD: list[Any] = [
     {"type": "order", "n": 42},
     [1.5, "é", None, True],
-    2**70,  # beyond 64 bits: orjson refuses it, the standard library does not
-    {1: "int keys become strings"},
     "null",
     {"text": "a null inside a string"},
     None,
 ]
-BAD: list[Any] = [math.nan, {"x": math.inf}, [-math.inf], object(), {(1, 2): 3}]
+# Beyond 64 bits and non-string keys: one backend would accept them, so both refuse (the
+# receiver would otherwise see another value than was sent; see test_payload_rule.py).
+BAD: list[Any] = [
+    math.nan,
+    {"x": math.inf},
+    [-math.inf],
+    object(),
+    {(1, 2): 3},
+    2**70,
+    {1: "int key"},
+]
 
 
 @pytest.mark.parametrize(("name", "dumps"), ENCODERS)

@@ -83,9 +83,12 @@ def test_acks_round_trip(message_ids: list[int]) -> None:
 
 @given(ids, st.text())
 def test_nack_round_trips(message_id: int, reason: str) -> None:
+    """A reason comes back as sent, clipped to MAX_ECHO_BYTES (lone surrogates as "?")."""
     assert wire.parse_server_frame(wire.encode_nack(message_id, reason)) == wire.Nack(
-        message_id, reason
+        message_id, wire.clip(reason)
     )
+    if len(reason.encode("utf-8", "replace")) <= wire.MAX_ECHO_BYTES and reason.isascii():
+        assert wire.clip(reason) == reason
 
 
 def test_nack_without_reason_gets_one() -> None:
