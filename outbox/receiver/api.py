@@ -85,8 +85,8 @@ class Incoming:
     """One message, as the handler sees it.
 
     ``tx`` is the open write transaction that will record this message in the inbox (see
-    :class:`~outbox.inbox.Transaction`): writes made through it commit atomically with that
-    record, which is what makes their effect exactly-once.
+    :class:`~outbox.receiver.inbox.Transaction`): writes made through it commit atomically
+    with that record, which is what makes their effect exactly-once.
     """
 
     __slots__ = ("_inbox", "_tx", "client_id", "data", "id")
