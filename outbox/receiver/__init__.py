@@ -8,26 +8,24 @@
     async with serve(handler, "inbox.db", port=0) as receiver:
         print(receiver.url)
 
-See ``server`` for the design; the rules are in docs/protocol.md.
+See ``server`` for the design and the module list; the rules are in docs/protocol.md.
 """
 
 from __future__ import annotations
 
 from ..protocol.wire import Close, Malformed, ack_frames, close_reason, salvage
-from .server import (
-    ANONYMOUS_PREFIX,
-    CLIENT_ID_PARAM,
-    DEFAULT_MAX_SIZE,
+from .api import (
     Authenticate,
     ConnectRequest,
     Handler,
     Incoming,
-    Receiver,
     ReceiverStats,
     Refuse,
     Reject,
-    serve,
 )
+from .handshake import ANONYMOUS_PREFIX, CLIENT_ID_PARAM
+from .options import DEFAULT_MAX_SIZE, ReceiverOptions
+from .server import Receiver, serve
 
 __all__ = [
     "ANONYMOUS_PREFIX",
@@ -40,6 +38,7 @@ __all__ = [
     "Incoming",
     "Malformed",
     "Receiver",
+    "ReceiverOptions",
     "ReceiverStats",
     "Refuse",
     "Reject",

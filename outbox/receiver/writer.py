@@ -1,0 +1,289 @@
+"""The group commit: one task handles every connection's messages in shared transactions.
+
+Each round takes all the work the readers queued and handles it in one SQLite transaction
+(``BEGIN IMMEDIATE``, one dedup query, the handlers, one ``executemany``, ``COMMIT``). While
+it commits, readers keep reading, so the busier the receiver, the more messages share each
+fsync. Answers are queued on each connection only after the COMMIT.
+
+Why a single writer rather than a lock per client: SQLite has one writer at a time anyway,
+so a second one would only wait on the file lock. Running every transaction in one task also
+gives the per-client guarantee for free: two connections with the same client id (a client
+that reconnected before the server noticed its old connection died) cannot interleave, and
+each client's messages are handled in the order they arrived, which for a conforming client
+is id order. The cost is that handlers run one at a time.
+
+One connection's failure stays that connection's: a failing handler closes its own
+connection (1011) and its SAVEPOINT is undone; only a failure of the transaction itself
+(SQLite locked or full) closes every connection that shared it (1013).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from websockets.frames import CloseCode
+
+from ..errors import StoreError
+from ..protocol import wire
+from ..protocol.wire import Close, Item, Malformed, ack_frames
+from .api import Handler, Incoming, ReceiverStats, Reject
+from .connection import Peer
+from .inbox import Inbox, InboxRow, Key, encode_payload, translate
+
+__all__ = ["Writer"]
+
+logger = logging.getLogger("outbox.receiver")
+
+Batch = list[tuple[Peer, list[Item]]]
+"""One round of work: each connection with the items it queued, in arrival order."""
+
+Verdict = str | Close | None
+"""What the handler made of one new message: None = accepted, a str = rejected with that
+reason, a Close = the handler failed (close the connection with this frame)."""
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What one transaction decided for one connection; sent only after COMMIT."""
+
+    acks: list[int] = field(default_factory=list)
+    nacks: list[tuple[int, str]] = field(default_factory=list)
+    close: Close | None = None
+    handled: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    handler_failed: bool = False
+
+    def answer_again(self, message_id: int, reason: str | None) -> None:
+        """A resend of a recorded message: the same answer as the first time."""
+        self.duplicates += 1
+        if reason is None:
+            self.acks.append(message_id)
+        else:
+            self.nacks.append((message_id, reason))
+
+    def decided(self, message_id: int, reason: str | None) -> None:
+        """A first delivery, handled (reason None) or rejected."""
+        if reason is None:
+            self.acks.append(message_id)
+            self.handled += 1
+        else:
+            self.nacks.append((message_id, reason))
+            self.rejected += 1
+
+
+class Writer:
+    """The receiver's only user of the inbox: readers ``submit`` work, one task commits it."""
+
+    def __init__(self, inbox: Inbox, handler: Handler | None, stats: ReceiverStats) -> None:
+        self._inbox = inbox
+        self._handler = handler
+        self._stats = stats
+        self._ready: list[Peer] = []
+        self._work = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, name: str) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
+
+    def submit(self, peer: Peer, items: Sequence[Item]) -> None:
+        """Queue a connection's items for the next round (called by its reader)."""
+        peer.pending.extend(items)
+        if not peer.queued:
+            peer.queued = True
+            self._ready.append(peer)
+            self._work.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Let the round in progress finish for at most ``timeout`` seconds, then cancel it."""
+        task = self._task
+        if task is None:
+            return
+        self._stopping = True
+        self._work.set()
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            logger.warning("the transaction in progress did not finish in time; cancelling it")
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we are being cancelled ourselves
+        except Exception:
+            logger.exception("the receiver's writer failed")
+
+    # -- one round -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            await self._work.wait()
+            self._work.clear()
+            if self._stopping:
+                return
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                await self._commit(batch)
+            except Exception:  # a bug here must not stop every other connection's messages
+                logger.exception("the receiver's writer failed; closing the connections involved")
+                for peer, _ in batch:
+                    peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
+
+    def _take(self) -> Batch:
+        """Empty every ready connection's pending list (waking its reader)."""
+        ready, self._ready = self._ready, []
+        batch: Batch = []
+        for peer in ready:
+            peer.queued = False
+            items, peer.pending = peer.pending, []
+            peer.room.set()
+            if items and not peer.failed:
+                batch.append((peer, items))
+        return batch
+
+    async def _commit(self, batch: Batch) -> None:
+        inbox = self._inbox
+        try:
+            results = await self._transaction(batch)
+        except Exception as exc:
+            self._stats.storage_errors += 1
+            clients = sorted({peer.client_id for peer, _ in batch})
+            logger.error(
+                "inbox transaction failed for %d connection(s) (%s): %s; closing them with "
+                "1013 so their clients resend later",
+                len(batch),
+                ", ".join(clients[:5]) + (", ..." if len(clients) > 5 else ""),
+                # Say what to do about it (locked, full, corrupt), not only what SQLite said.
+                translate(exc, inbox.path) if isinstance(exc, sqlite3.Error) else exc,
+                exc_info=not isinstance(exc, StoreError | sqlite3.Error),
+            )
+            for peer, _ in batch:
+                peer.fail(Close(CloseCode.TRY_AGAIN_LATER, "inbox unavailable, resend later"))
+            return
+        finally:
+            if inbox.in_transaction:
+                try:
+                    await inbox.rollback()
+                except Exception:
+                    logger.exception("rollback failed on %s", inbox.path)
+        for peer, out in results:
+            self._deliver(peer, out)
+
+    def _deliver(self, peer: Peer, out: _Outcome) -> None:
+        """After COMMIT: count the outcome and queue its answers on the connection."""
+        stats = self._stats
+        stats.messages += out.handled
+        stats.rejected += out.rejected
+        stats.duplicates += out.duplicates
+        stats.nacks += len(out.nacks)
+        stats.handler_errors += int(out.handler_failed)
+        for frame in ack_frames(out.acks, out.nacks, peer.batch_ack):
+            peer.send(frame)
+        if out.close is not None:
+            peer.fail(out.close)
+
+    async def _transaction(self, batch: Batch) -> list[tuple[Peer, _Outcome]]:
+        inbox = self._inbox
+        keys = [
+            (peer.client_id, item.id)
+            for peer, items in batch
+            for item in items
+            if isinstance(item, wire.Message)
+        ]
+        known: dict[Key, str | None] = {}
+        if keys:
+            await inbox.begin()
+            known = await inbox.seen(keys)
+        rows: list[InboxRow] = []
+        now = time.time()
+        results = [
+            (peer, await self._apply(peer, items, known, rows, now)) for peer, items in batch
+        ]
+        if keys:
+            if rows:
+                await inbox.record(rows)
+            await inbox.commit()
+            self._stats.transactions += 1
+        return results
+
+    # -- one connection's share, one message at a time -----------------------------------------
+
+    async def _apply(
+        self,
+        peer: Peer,
+        items: list[Item],
+        known: dict[Key, str | None],
+        rows: list[InboxRow],
+        now: float,
+    ) -> _Outcome:
+        """Handle one connection's share of the transaction, in order.
+
+        ``known`` maps every key already recorded, including by earlier messages of this
+        same transaction, to its reject reason (None = acked); new rows go to ``rows``.
+        """
+        out = _Outcome()
+        client_id = peer.client_id
+        for item in items:
+            if isinstance(item, Malformed):
+                out.nacks.append((item.id, item.reason))
+                continue
+            if isinstance(item, Close):
+                out.close = item
+                break
+            key = (client_id, item.id)
+            if key in known:
+                out.answer_again(item.id, known[key])
+                continue
+            verdict = await self._handle(client_id, item)
+            if isinstance(verdict, Close):
+                # Later messages wait: handling them would break the client's order.
+                out.handler_failed = True
+                out.close = verdict
+                break
+            rows.append((client_id, item.id, encode_payload(item.data), now, verdict))
+            known[key] = verdict
+            out.decided(item.id, verdict)
+        return out
+
+    async def _handle(self, client_id: str, item: wire.Message) -> Verdict:
+        """Run the handler on one new message; keep its writes only if it returned."""
+        handler = self._handler
+        if handler is None:
+            return None
+        message = Incoming(client_id, item.id, item.data, self._inbox)
+        try:
+            await handler(message)
+        except Reject as exc:
+            self._check_transaction(item.id)
+            await message._finish(keep=False)
+            return exc.reason or "rejected by the receiver"
+        except Exception:
+            logger.exception(
+                "handler failed on message %s from client %r; not acked, closing the "
+                "connection with 1011 so the client resends it",
+                item.id,
+                client_id,
+            )
+            self._check_transaction(item.id)
+            await message._finish(keep=False)
+            return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
+        self._check_transaction(item.id)
+        await message._finish(keep=True)
+        return None
+
+    def _check_transaction(self, message_id: int) -> None:
+        if not self._inbox.in_transaction:
+            raise StoreError(
+                f"the inbox transaction ended while handling message {message_id}: the handler "
+                "committed or rolled back through message.tx, or SQLite rolled back after an "
+                "error"
+            )

@@ -1,0 +1,135 @@
+"""Inbox and Transaction without sockets: a real SQLite file in tmp_path, no receiver."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from outbox.receiver.inbox import Inbox, InboxRow, encode_payload
+
+
+def row(client_id: str, message_id: int, reason: str | None = None) -> InboxRow:
+    return (client_id, message_id, encode_payload({"n": message_id}), 1.0, reason)
+
+
+def effects(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [name for (name,) in conn.execute("SELECT name FROM effects ORDER BY name")]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE effects (name TEXT PRIMARY KEY)")
+    return path
+
+
+@pytest.fixture
+async def inbox(path: Path) -> AsyncIterator[Inbox]:
+    inbox = await Inbox.open(path, synchronous="NORMAL", busy_timeout=1.0)
+    try:
+        yield inbox
+    finally:
+        await inbox.close()
+
+
+async def test_recorded_rows_are_seen_after_commit_even_from_a_new_connection(
+    inbox: Inbox, path: Path
+) -> None:
+    assert not inbox.in_transaction
+    await inbox.begin()
+    assert inbox.in_transaction
+    assert await inbox.seen([("a", 1), ("a", 2)]) == {}
+    await inbox.record([row("a", 1), row("a", 2)])
+    await inbox.commit()
+    assert not inbox.in_transaction
+
+    again = await Inbox.open(path)
+    try:
+        assert await again.seen([("a", 1), ("a", 2), ("a", 3), ("b", 1)]) == {
+            ("a", 1): None,
+            ("a", 2): None,
+        }
+    finally:
+        await again.close()
+
+
+async def test_seen_returns_each_keys_reject_reason(inbox: Inbox) -> None:
+    await inbox.begin()
+    await inbox.record([row("a", 1), row("a", 2, "bad order"), row("b", 2, "no stock")])
+    await inbox.commit()
+    assert await inbox.seen([("a", 2), ("b", 2), ("a", 1)]) == {
+        ("a", 2): "bad order",
+        ("b", 2): "no stock",
+        ("a", 1): None,
+    }
+
+
+async def test_seen_splits_many_keys_over_several_queries(inbox: Inbox) -> None:
+    await inbox.begin()
+    await inbox.record([row("a", i) for i in range(10)])
+    await inbox.commit()
+    inbox._keys_per_query = 3  # force chunks of 3, 3, 3, 2 over SQLite's variable limit
+    keys = [("a", i) for i in range(0, 20, 2)]
+    assert await inbox.seen(keys) == {("a", i): None for i in range(0, 10, 2)}
+
+
+async def test_rollback_undoes_the_recorded_rows(inbox: Inbox) -> None:
+    await inbox.begin()
+    await inbox.record([row("a", 1)])
+    assert await inbox.seen([("a", 1)]) == {("a", 1): None}  # visible inside the transaction
+    await inbox.rollback()
+    assert not inbox.in_transaction
+    assert await inbox.seen([("a", 1)]) == {}
+    await inbox.rollback()  # nothing open: a no-op, not an error
+
+
+async def test_a_savepoint_kept_commits_and_one_rolled_back_undoes_only_its_writes(
+    inbox: Inbox, path: Path
+) -> None:
+    await inbox.begin()
+    kept = inbox.transaction()
+    await kept.execute("INSERT INTO effects VALUES ('kept')")
+    await kept._finish(keep=True)
+
+    undone = inbox.transaction()
+    await undone.execute("INSERT INTO effects VALUES ('undone 1')")
+    await undone.executemany("INSERT INTO effects VALUES (?)", [("undone 2",), ("undone 3",)])
+    assert len(list(await undone.execute_fetchall("SELECT name FROM effects"))) == 4
+    await undone._finish(keep=False)
+
+    assert inbox.in_transaction  # the group's transaction goes on
+    await inbox.record([row("a", 1)])
+    await inbox.commit()
+    assert effects(path) == ["kept"]
+    assert await inbox.seen([("a", 1)]) == {("a", 1): None}
+
+
+async def test_savepoints_are_undone_by_the_groups_rollback(inbox: Inbox, path: Path) -> None:
+    await inbox.begin()
+    tx = inbox.transaction()
+    await tx.execute("INSERT INTO effects VALUES ('kept, then rolled back')")
+    await tx._finish(keep=True)
+    await inbox.rollback()
+    assert effects(path) == []
+
+
+async def test_a_transaction_used_after_its_handler_finished_raises(inbox: Inbox) -> None:
+    await inbox.begin()
+    used = inbox.transaction()
+    await used.execute("INSERT INTO effects VALUES ('x')")
+    await used._finish(keep=True)
+    with pytest.raises(RuntimeError, match=r"use message\.tx only while the handler runs"):
+        await used.execute("INSERT INTO effects VALUES ('late')")
+
+    unused = inbox.transaction()
+    await unused._finish(keep=False)  # no SQL ran: nothing to undo, no SAVEPOINT opened
+    with pytest.raises(RuntimeError, match="transaction is over"):
+        await unused.execute_fetchall("SELECT 1")
+    with pytest.raises(RuntimeError, match="transaction is over"):
+        await unused.executemany("INSERT INTO effects VALUES (?)", [("late",)])
+    await inbox.commit()
