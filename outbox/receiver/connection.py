@@ -1,9 +1,11 @@
 """One connection: its state, the reader that turns frames into work, the sender of answers.
 
 The reader parses frames (``outbox.protocol.wire``) and hands the messages to the writer; it
-answers JSON pings at once and stops reading when the connection's backlog is full, so TCP
-slows the client down. The sender sends the acks, nacks, pongs and the closing frame in the
-order they were queued, so a slow client never stalls the writer.
+answers JSON pings at once and stops reading when the connection's backlog is full (in
+messages or in bytes, pongs included), so TCP slows the client down. The sender sends the
+acks, nacks, pongs and the closing frame in the order they were queued, so a slow client
+never stalls the writer; a client that does not read them within ``send_timeout`` is dropped,
+so one that never reads cannot pin memory or a connection forever.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -22,12 +25,21 @@ from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, salvage
 from .api import ReceiverStats
 
-__all__ = ["Peer", "Submit", "read_loop", "run", "send_loop"]
+__all__ = ["Limits", "Peer", "Submit", "read_loop", "run", "send_loop"]
 
 logger = logging.getLogger("outbox.receiver")
 
-Submit = Callable[["Peer", Sequence[Item]], None]
-"""Hands a connection's parsed items to the writer."""
+Submit = Callable[["Peer", Sequence[Item], int], None]
+"""Hands a connection's parsed items, and the size of the frame they came in, to the writer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much one connection may hold before its reader stops, and how long a send waits."""
+
+    messages: int
+    bytes: int
+    send_timeout: float | None
 
 
 class Peer:
@@ -40,7 +52,10 @@ class Peer:
         "failed",
         "halted",
         "outgoing",
+        "outgoing_bytes",
         "pending",
+        "pending_bytes",
+        "pending_sizes",
         "queued",
         "room",
         "wake",
@@ -53,6 +68,10 @@ class Peer:
         self.batch_ack = batch_ack
         self.pending: list[Item] = []
         """Work the writer has not taken yet, in arrival order."""
+        self.pending_sizes: list[int] = []
+        """Bytes of frame each pending item stands for (a frame's size split among its items)."""
+        self.pending_bytes = 0
+        self.outgoing_bytes = 0
         self.queued = False
         """In the writer's ready list."""
         self.outgoing: deque[str | Close] = deque()
@@ -69,10 +88,40 @@ class Peer:
 
     def send(self, frame: str | Close) -> None:
         self.outgoing.append(frame)
+        if isinstance(frame, str):
+            self.outgoing_bytes += len(frame)
         self.wake.set()
 
-    def backlog(self) -> int:
-        return len(self.pending) + len(self.outgoing)
+    def add_pending(self, items: Sequence[Item], size: int) -> None:
+        """Queue items read from one frame of ``size`` bytes, in order."""
+        if not items:
+            return
+        share = size // len(items) + 1
+        self.pending.extend(items)
+        self.pending_sizes.extend([share] * len(items))
+        self.pending_bytes += share * len(items)
+
+    def take_pending(self, limit: int) -> tuple[list[Item], list[int]]:
+        """The first ``limit`` pending items and their sizes; the rest stay queued."""
+        items, sizes = self.pending[:limit], self.pending_sizes[:limit]
+        del self.pending[:limit], self.pending_sizes[:limit]
+        self.pending_bytes -= sum(sizes)
+        self.room.set()
+        return items, sizes
+
+    def put_back(self, items: Sequence[Item], sizes: Sequence[int]) -> None:
+        """Items the writer took but did not reach: first in line again."""
+        if self.failed or not items:
+            return
+        self.pending[:0] = items
+        self.pending_sizes[:0] = sizes
+        self.pending_bytes += sum(sizes)
+
+    def backlog_full(self, limits: Limits) -> bool:
+        return (
+            len(self.pending) + len(self.outgoing) >= limits.messages
+            or self.pending_bytes + self.outgoing_bytes >= limits.bytes
+        )
 
     def fail(self, close: Close) -> None:
         """Handle nothing more from this connection; close it after what is already queued."""
@@ -80,6 +129,8 @@ class Peer:
             return
         self.failed = True
         self.pending.clear()
+        self.pending_sizes.clear()
+        self.pending_bytes = 0
         self.room.set()
         self.send(close)
 
@@ -89,16 +140,16 @@ async def run(
     *,
     stats: ReceiverStats,
     submit: Submit,
-    max_backlog: int,
+    limits: Limits,
     closing: Callable[[], bool],
 ) -> None:
     """Read until the connection ends, then let the sender finish what is queued."""
     async with asyncio.TaskGroup() as group:
-        group.create_task(send_loop(peer), name=f"outbox-receiver-sender:{peer.client_id}")
+        group.create_task(
+            send_loop(peer, limits.send_timeout), name=f"outbox-receiver-sender:{peer.client_id}"
+        )
         try:
-            await read_loop(
-                peer, stats=stats, submit=submit, max_backlog=max_backlog, closing=closing
-            )
+            await read_loop(peer, stats=stats, submit=submit, limits=limits, closing=closing)
         finally:
             peer.closed = True
             peer.wake.set()
@@ -109,7 +160,7 @@ async def read_loop(
     *,
     stats: ReceiverStats,
     submit: Submit,
-    max_backlog: int,
+    limits: Limits,
     closing: Callable[[], bool],
 ) -> None:
     """Frames in, work out; ``closing()`` true releases a reader held by backpressure."""
@@ -141,11 +192,12 @@ async def read_loop(
             _note_protocol_errors(peer, items, stats)
         else:
             if isinstance(parsed, wire.Ping):
-                peer.send(wire.PONG_FRAME)
-                continue
+                peer.send(wire.PONG_FRAME)  # counted in the backlog like any answer
+                parsed = []
             items = parsed
-        submit(peer, items)
-        while peer.backlog() >= max_backlog and not (peer.failed or closing()):
+        if items:
+            submit(peer, items, len(frame))
+        while peer.backlog_full(limits) and not (peer.failed or closing()):
             peer.room.clear()
             await peer.room.wait()
 
@@ -161,8 +213,12 @@ def _note_protocol_errors(peer: Peer, items: Sequence[Item], stats: ReceiverStat
             logger.warning("client %r: closing with %s: %s", peer.client_id, item.code, item.reason)
 
 
-async def send_loop(peer: Peer) -> None:
-    """Send what the peer's outgoing queue holds, in order, until a Close or the end."""
+async def send_loop(peer: Peer, send_timeout: float | None = None) -> None:
+    """Send what the peer's outgoing queue holds, in order, until a Close or the end.
+
+    A send that cannot finish within ``send_timeout`` (the client stopped reading, its
+    socket buffer is full) drops the connection: nothing else would ever free its memory.
+    """
     ws = peer.ws
     try:
         while True:
@@ -176,7 +232,20 @@ async def send_loop(peer: Peer) -> None:
             if isinstance(item, Close):
                 await ws.close(item.code, item.reason)
                 return
-            await ws.send(item)
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await ws.send(item)
+            except TimeoutError:
+                logger.warning(
+                    "client %r did not read its answers for %ss; dropping the connection",
+                    peer.client_id,
+                    send_timeout,
+                )
+                peer.failed = True  # releases a reader held by backpressure
+                peer.room.set()
+                ws.transport.abort()
+                return
+            peer.outgoing_bytes -= len(item)
             peer.room.set()
     except ConnectionClosed:
         return

@@ -40,6 +40,19 @@ class ReceiverOptions:
     max_backlog: int = 10_000
     """Messages and answers one connection may have waiting before its reader stops reading
     (TCP then slows the client down)."""
+    max_backlog_bytes: int = 16 * 1024 * 1024
+    """The same bound in bytes of frames (messages read, answers not yet sent): reading stops
+    at whichever comes first, so a connection holds at most about this plus one frame."""
+    max_transaction_messages: int = 1000
+    """Most messages one group commit takes; with several clients ready, each gets an equal
+    share, so one client's backlog cannot hold another's acks behind it."""
+    max_transaction_time: float = 0.1
+    """Seconds of handler time after which a group commit stops calling handlers and
+    commits what it has (the rest goes first in the next one), so acks keep flowing while a
+    slow handler works through a backlog."""
+    send_timeout: float | None = 30.0
+    """Seconds an answer may wait for a client that does not read before the connection is
+    dropped; None = wait forever."""
     compression: str | None = None
     """None, or "deflate" for permessage-deflate (it costs more CPU than it saves on small
     JSON messages)."""
@@ -59,7 +72,7 @@ class ReceiverOptions:
         port = _integer("port", self.port)
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {port!r}")
-        for name in ("max_size", "max_backlog"):
+        for name in ("max_size", "max_backlog", "max_backlog_bytes", "max_transaction_messages"):
             count = _integer(name, getattr(self, name))
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count!r}")
@@ -67,7 +80,12 @@ class ReceiverOptions:
             seconds = _number(name, getattr(self, name))
             if not seconds >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {seconds!r}")
-        for name in ("ping_interval", "ping_timeout"):
+        if not _number("max_transaction_time", self.max_transaction_time) > 0:
+            raise ValueError(
+                "max_transaction_time must be a positive number of seconds, "
+                f"got {self.max_transaction_time!r}"
+            )
+        for name in ("ping_interval", "ping_timeout", "send_timeout"):
             value = getattr(self, name)
             if value is not None and not _number(name, value) > 0:
                 raise ValueError(

@@ -98,6 +98,10 @@ class Receiver:
         busy_timeout: float = 5.0,
         max_size: int = DEFAULT_MAX_SIZE,
         max_backlog: int = 10_000,
+        max_backlog_bytes: int = 16 * 1024 * 1024,
+        max_transaction_messages: int = 1000,
+        max_transaction_time: float = 0.1,
+        send_timeout: float | None = 30.0,
         compression: str | None = None,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
@@ -120,6 +124,10 @@ class Receiver:
             busy_timeout=busy_timeout,
             max_size=max_size,
             max_backlog=max_backlog,
+            max_backlog_bytes=max_backlog_bytes,
+            max_transaction_messages=max_transaction_messages,
+            max_transaction_time=max_transaction_time,
+            send_timeout=send_timeout,
             compression=compression,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
@@ -151,7 +159,13 @@ class Receiver:
         self._inbox = await Inbox.open(
             self._db_path, synchronous=opts.synchronous, busy_timeout=opts.busy_timeout
         )
-        self._writer = Writer(self._inbox, self._handler, self.stats)
+        self._writer = Writer(
+            self._inbox,
+            self._handler,
+            self.stats,
+            max_messages=self._options.max_transaction_messages,
+            max_time=self._options.max_transaction_time,
+        )
         self._writer.start(name=f"outbox-receiver-writer:{self._db_path}")
         listening = False
         try:
@@ -250,7 +264,11 @@ class Receiver:
                 peer,
                 stats=self.stats,
                 submit=writer.submit,
-                max_backlog=self._options.max_backlog,
+                limits=connection.Limits(
+                    messages=self._options.max_backlog,
+                    bytes=self._options.max_backlog_bytes,
+                    send_timeout=self._options.send_timeout,
+                ),
                 closing=lambda: self._closing,
             )
         finally:

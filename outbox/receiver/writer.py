@@ -1,9 +1,16 @@
 """The group commit: one task handles every connection's messages in shared transactions.
 
-Each round takes all the work the readers queued and handles it in one SQLite transaction
+Each round takes the work the readers queued and handles it in one SQLite transaction
 (``BEGIN IMMEDIATE``, one dedup query, the handlers, one ``executemany``, ``COMMIT``). While
 it commits, readers keep reading, so the busier the receiver, the more messages share each
 fsync. Answers are queued on each connection only after the COMMIT.
+
+A round is bounded, so acks keep flowing while a backlog is worked through: it takes at most
+``max_messages``, shared equally among the connections that are ready, and it stops calling
+handlers once ``max_time`` seconds have gone by (after at least one message, so every round
+makes progress). What a round did not reach goes back to the head of its connection's queue;
+connections the round did not reach at all go first in the next one, those it served in part
+go last, so a flooding client and a quiet one take turns.
 
 Why a single writer rather than a lock per client: SQLite has one writer at a time anyway,
 so a second one would only wait on the file lock. Running every transaction in one task also
@@ -30,7 +37,7 @@ from websockets.frames import CloseCode
 
 from ..errors import StoreError
 from ..protocol import wire
-from ..protocol.wire import Close, Item, Malformed, ack_frames
+from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
 from .api import Handler, Incoming, ReceiverStats, Reject
 from .connection import Peer
 from .inbox import Inbox, InboxRow, Key, encode_payload, translate
@@ -39,8 +46,9 @@ __all__ = ["Writer"]
 
 logger = logging.getLogger("outbox.receiver")
 
-Batch = list[tuple[Peer, list[Item]]]
-"""One round of work: each connection with the items it queued, in arrival order."""
+Batch = list[tuple[Peer, list[Item], list[int]]]
+"""One round of work: each connection with the items it queued (in arrival order) and the
+bytes each stands for."""
 
 Verdict = str | Close | None
 """What the handler made of one new message: None = accepted, a str = rejected with that
@@ -58,6 +66,8 @@ class _Outcome:
     rejected: int = 0
     duplicates: int = 0
     handler_failed: bool = False
+    unreached: int = 0
+    """Items at the end of this connection's share that the round's time ran out before."""
 
     def answer_again(self, message_id: int, reason: str | None) -> None:
         """A resend of a recorded message: the same answer as the first time."""
@@ -80,10 +90,21 @@ class _Outcome:
 class Writer:
     """The receiver's only user of the inbox: readers ``submit`` work, one task commits it."""
 
-    def __init__(self, inbox: Inbox, handler: Handler | None, stats: ReceiverStats) -> None:
+    def __init__(
+        self,
+        inbox: Inbox,
+        handler: Handler | None,
+        stats: ReceiverStats,
+        *,
+        max_messages: int = 1000,
+        max_time: float = 0.1,
+    ) -> None:
         self._inbox = inbox
         self._handler = handler
         self._stats = stats
+        self._max_messages = max_messages
+        self._max_time = max_time
+        self._deadline = float("inf")
         self._ready: list[Peer] = []
         self._work = asyncio.Event()
         self._stopping = False
@@ -92,9 +113,9 @@ class Writer:
     def start(self, name: str) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
 
-    def submit(self, peer: Peer, items: Sequence[Item]) -> None:
-        """Queue a connection's items for the next round (called by its reader)."""
-        peer.pending.extend(items)
+    def submit(self, peer: Peer, items: Sequence[Item], size: int = 0) -> None:
+        """Queue a connection's items, read from a frame of ``size`` bytes, for a round."""
+        peer.add_pending(items, size)
         if not peer.queued:
             peer.queued = True
             self._ready.append(peer)
@@ -135,20 +156,40 @@ class Writer:
                 await self._commit(batch)
             except Exception:  # a bug here must not stop every other connection's messages
                 logger.exception("the receiver's writer failed; closing the connections involved")
-                for peer, _ in batch:
+                for peer, _, _ in batch:
                     peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
 
     def _take(self) -> Batch:
-        """Empty every ready connection's pending list (waking its reader)."""
+        """Take an equal share of every ready connection's queue (waking its reader).
+
+        A connection with more left stays ready, behind those that were not served.
+        """
         ready, self._ready = self._ready, []
+        share = max(1, self._max_messages // max(1, len(ready)))
         batch: Batch = []
         for peer in ready:
             peer.queued = False
-            items, peer.pending = peer.pending, []
-            peer.room.set()
-            if items and not peer.failed:
-                batch.append((peer, items))
+            if peer.failed:
+                continue
+            items, sizes = peer.take_pending(share)
+            if items:
+                batch.append((peer, items, sizes))
+            if peer.pending:
+                self._requeue(peer, first=False)
         return batch
+
+    def _requeue(self, peer: Peer, *, first: bool) -> None:
+        """Put a connection with work left back in the ready list."""
+        if peer.queued:
+            if not first:
+                return
+            self._ready.remove(peer)
+        peer.queued = True
+        if first:
+            self._ready.insert(0, peer)
+        else:
+            self._ready.append(peer)
+        self._work.set()
 
     async def _commit(self, batch: Batch) -> None:
         inbox = self._inbox
@@ -156,7 +197,7 @@ class Writer:
             results = await self._transaction(batch)
         except Exception as exc:
             self._stats.storage_errors += 1
-            clients = sorted({peer.client_id for peer, _ in batch})
+            clients = sorted({clip(peer.client_id, 80) for peer, _, _ in batch})
             logger.error(
                 "inbox transaction failed for %d connection(s) (%s): %s; closing them with "
                 "1013 so their clients resend later",
@@ -166,7 +207,7 @@ class Writer:
                 translate(exc, inbox.path) if isinstance(exc, sqlite3.Error) else exc,
                 exc_info=not isinstance(exc, StoreError | sqlite3.Error),
             )
-            for peer, _ in batch:
+            for peer, _, _ in batch:
                 peer.fail(Close(CloseCode.TRY_AGAIN_LATER, "inbox unavailable, resend later"))
             return
         finally:
@@ -175,8 +216,18 @@ class Writer:
                     await inbox.rollback()
                 except Exception:
                     logger.exception("rollback failed on %s", inbox.path)
-        for peer, out in results:
+        skipped = []
+        for (peer, out), (_, items, sizes) in zip(results, batch, strict=True):
             self._deliver(peer, out)
+            if out.unreached:
+                peer.put_back(items[-out.unreached :], sizes[-out.unreached :])
+                if out.unreached == len(items):
+                    skipped.append(peer)
+                elif not peer.failed:
+                    self._requeue(peer, first=False)
+        for peer in reversed(skipped):  # first in the next round, in this round's order
+            if not peer.failed:
+                self._requeue(peer, first=True)
 
     def _deliver(self, peer: Peer, out: _Outcome) -> None:
         """After COMMIT: count the outcome and queue its answers on the connection."""
@@ -195,7 +246,7 @@ class Writer:
         inbox = self._inbox
         keys = [
             (peer.client_id, item.id)
-            for peer, items in batch
+            for peer, items, _ in batch
             for item in items
             if isinstance(item, wire.Message)
         ]
@@ -205,8 +256,9 @@ class Writer:
             known = await inbox.seen(keys)
         rows: list[InboxRow] = []
         now = time.time()
+        self._deadline = asyncio.get_running_loop().time() + self._max_time
         results = [
-            (peer, await self._apply(peer, items, known, rows, now)) for peer, items in batch
+            (peer, await self._apply(peer, items, known, rows, now)) for peer, items, _ in batch
         ]
         if keys:
             if rows:
@@ -232,7 +284,11 @@ class Writer:
         """
         out = _Outcome()
         client_id = peer.client_id
-        for item in items:
+        loop = asyncio.get_running_loop()
+        for index, item in enumerate(items):
+            if rows and self._handler is not None and loop.time() >= self._deadline:
+                out.unreached = len(items) - index  # the next round starts with them
+                break
             if isinstance(item, Malformed):
                 out.nacks.append((item.id, item.reason))
                 continue
@@ -243,13 +299,18 @@ class Writer:
             if key in known:
                 out.answer_again(item.id, known[key])
                 continue
+            try:
+                payload = encode_payload(item.data)
+            except (TypeError, ValueError) as exc:  # the parse-time checks make this rare
+                out.nacks.append((item.id, f"cannot be stored: {clip(str(exc))}"))
+                continue
             verdict = await self._handle(client_id, item)
             if isinstance(verdict, Close):
                 # Later messages wait: handling them would break the client's order.
                 out.handler_failed = True
                 out.close = verdict
                 break
-            rows.append((client_id, item.id, encode_payload(item.data), now, verdict))
+            rows.append((client_id, item.id, payload, now, verdict))
             known[key] = verdict
             out.decided(item.id, verdict)
         return out

@@ -1,0 +1,192 @@
+"""A slow handler, a flooding client, a hostile client, a client that never reads: the
+receiver keeps its promise to everyone else, and its memory bounded in bytes (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from outbox import Incoming, Outbox, Receiver, serve
+from outbox.protocol import wire
+
+from ..support import wait_until
+
+MS = 0.001
+
+
+def slow_recorder(delay: float) -> tuple[Callable[[Incoming], Awaitable[None]], list[Any]]:
+    """A handler that takes ``delay`` seconds per message (an HTTP call, a slow disk)."""
+    handled: list[Any] = []
+
+    async def handler(message: Incoming) -> None:
+        await asyncio.sleep(delay)
+        handled.append((message.client_id, message.id))
+
+    return handler, handled
+
+
+async def test_a_slow_handler_with_a_long_backlog_dead_letters_nothing(tmp_path: Path) -> None:
+    """1000 messages, 10x max_inflight, a 2 ms handler, ack_timeout 25x shorter than the
+    backlog takes: every message handled once, none dead, the whole run close to the
+    handler's own time. (Before: one transaction per window, acked at its COMMIT, and each
+    deadline in it counted as a failed attempt: every message ended dead.)"""
+    handler, handled = slow_recorder(2 * MS)
+    count = 1000
+    options: dict[str, Any] = {
+        "max_inflight": 100,
+        "ack_timeout": 80 * MS,  # the seed's 5 s scaled like the handler's 40 ms -> 2 ms
+        "heartbeat_interval": 50 * MS,
+        "heartbeat_timeout": 50 * MS,
+        "reconnect_interval": 10 * MS,
+        "acked_retention": None,
+    }
+    async with (
+        serve(handler, tmp_path / "inbox.db", max_transaction_time=10 * MS) as rx,
+        Outbox(tmp_path / "outbox.db", rx.url, **options) as box,
+    ):
+        started = time.monotonic()
+        ids = await box.send_many([{"n": n} for n in range(count)])
+        await box.drain(timeout=60)
+        elapsed = time.monotonic() - started
+        stats = box.stats()
+        for message_id in ids:
+            await box.wait_acked(message_id, timeout=1)  # raises MessageDeadError if dead
+    assert stats.dead == 0 and stats.acked == count
+    assert sorted(n for _, n in handled) == ids  # each once
+    assert stats.counters.resends == 0
+    handler_time = count * 2 * MS
+    print(f"\n{count} messages, handler time {handler_time:.2f}s, took {elapsed:.2f}s")
+    assert elapsed < 3 * handler_time + 2.0  # a sanity bound, not a speed target
+
+
+async def test_one_clients_backlog_does_not_hold_another_clients_acks(tmp_path: Path) -> None:
+    handler, handled = slow_recorder(2 * MS)
+    async with (
+        serve(handler, tmp_path / "inbox.db", max_transaction_time=10 * MS) as rx,
+        connect(rx.url, additional_headers={wire.CLIENT_ID_HEADER: "flood"}) as flood,
+        connect(rx.url, additional_headers={wire.CLIENT_ID_HEADER: "quiet"}) as quiet,
+    ):
+        for n in range(1, 501):  # a second of handler time
+            await flood.send(wire.encode_message(n, '{"flood": true}'))
+        await wait_until(lambda: len(handled) >= 5, timeout=5)
+        sent_at = time.monotonic()
+        await quiet.send(wire.encode_message(1, '{"quiet": true}'))
+        async with asyncio.timeout(5):
+            ack = json.loads(await quiet.recv())
+        waited = time.monotonic() - sent_at
+        assert ack == {"type": "ack", "messageId": 1}
+        flood_left = 500 - sum(1 for client, _ in handled if client == "flood")
+        # Acked while most of the flood still waits: it did not queue behind it.
+        assert flood_left > 250, (waited, flood_left)
+
+
+async def test_a_hostile_client_cannot_make_another_reconnect(tmp_path: Path) -> None:
+    """Frames that parse but cannot be stored are refused for the sender alone. (Before,
+    they failed the shared transaction and every connection in it was closed with 1013.)"""
+    inbox = tmp_path / "inbox.db"
+    handled: list[tuple[str, int]] = []
+
+    async def handler(message: Incoming) -> None:
+        handled.append((message.client_id, message.id))
+
+    hostile_frames = [
+        '{"id": 9223372036854775808, "data": 1}',  # past SQLite's integers
+        '{"id": 2, "data": NaN}',
+        '{"id": 3, "data": "\\ud800"}',
+        '{"id": 4, "data": ' + "[" * 1000 + "]" * 1000 + "}",
+        '{"id": 5, "data": 123456789012345678901234567890}',
+    ]
+    async with (
+        serve(handler, inbox) as rx,
+        Outbox(tmp_path / "victim.db", rx.url, reconnect_interval=0.01) as victim,
+        connect(rx.url, additional_headers={wire.CLIENT_ID_HEADER: "hostile"}) as hostile,
+    ):
+        ids = []
+        for round_ in range(20):
+            for frame in hostile_frames:
+                try:
+                    await hostile.send(frame)
+                except ConnectionClosed:
+                    break
+            ids += await victim.send_many([{"round": round_, "i": i} for i in range(10)])
+        await victim.drain(timeout=10)
+        assert victim.stats().reconnects == 0
+        assert victim.stats().dead == 0
+        assert sorted(n for client, n in handled if client == victim.client_id) == ids
+        assert not [n for client, n in handled if client == "hostile"]
+    assert rx.stats.storage_errors == 0
+
+
+async def test_pongs_to_a_client_that_never_reads_are_bounded_then_it_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """JSON pings from a peer that never reads its answers: the pongs count in the byte
+    bound, reading stops, and after send_timeout the peer is dropped. (Before, pongs skipped
+    the bound: memory grew without end and the peer was never dropped.)"""
+    limit = 64 * 1024
+    async with serve(None, tmp_path / "inbox.db", max_backlog_bytes=limit, send_timeout=0.3) as rx:
+        peak = 0
+
+        def watch() -> bool:
+            nonlocal peak
+            for peer in list(rx._peers):
+                peak = max(peak, peer.pending_bytes + peer.outgoing_bytes)
+            return rx.stats.open_connections == 0 and rx.stats.connections == 1
+
+        # max_queue=1 and never calling recv(): the client stops reading from the socket.
+        async with connect(rx.url, max_queue=1) as ws:
+            try:
+                async with asyncio.timeout(10):
+                    while True:
+                        await ws.send(wire.PING_FRAME)
+                        watch()
+            except (ConnectionClosed, TimeoutError):
+                pass
+        await wait_until(watch, timeout=5)
+    assert peak <= limit + 64, peak
+
+
+async def test_large_messages_behind_a_slow_handler_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """1 MiB messages faster than the handler takes them: the connection holds at most
+    max_backlog_bytes plus one frame, and every message is still handled."""
+    handler, handled = slow_recorder(20 * MS)
+    limit = 2 * 1024 * 1024
+    big = json.dumps("x" * (1024 * 1024))
+    async with serve(
+        handler, tmp_path / "inbox.db", max_backlog_bytes=limit, max_size=2 * 1024 * 1024
+    ) as rx:
+        peak = 0
+
+        def watch() -> bool:
+            nonlocal peak
+            for peer in list(rx._peers):
+                peak = max(peak, peer.pending_bytes + peer.outgoing_bytes)
+            return len(handled) == 20
+
+        async with connect(rx.url, max_size=None) as ws:
+            sender = asyncio.ensure_future(
+                asyncio.gather(*(ws.send(wire.encode_message(n, big)) for n in range(1, 21)))
+            )
+            await wait_until(watch, timeout=20)
+            await sender
+    assert peak <= limit + len(big) + 100, peak
+
+
+async def test_receiver_options_bound_rounds(tmp_path: Path) -> None:
+    """The new bounds are options like the others, checked at construction."""
+    for name, bad in [
+        ("max_transaction_messages", 0),
+        ("max_transaction_time", 0),
+        ("max_backlog_bytes", 0),
+        ("send_timeout", -1),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            Receiver(None, tmp_path / "inbox.db", **{name: bad})
