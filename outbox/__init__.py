@@ -10,6 +10,7 @@ from .client import Outbox, State, Stats
 from .errors import (
     DatabaseCorruptError,
     MessageDeadError,
+    OutboxBrokenError,
     OutboxClosedError,
     OutboxError,
     PayloadError,
@@ -33,6 +34,7 @@ __all__ = [
     "Incoming",
     "MessageDeadError",
     "Outbox",
+    "OutboxBrokenError",
     "OutboxClosedError",
     "OutboxError",
     "PayloadError",

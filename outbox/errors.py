@@ -2,6 +2,7 @@
 
     OutboxError
     ├── OutboxClosedError        send() or wait on an Outbox that is closed
+    ├── OutboxBrokenError        the store's writer loop crashed (a bug): reopen the Outbox
     ├── PayloadError             refused by send() before anything was written
     │   ├── PayloadNotJSONError  not JSON-serializable
     │   └── PayloadTooLargeError larger than max_message_size
@@ -26,6 +27,15 @@ class OutboxError(Exception):
 
 class OutboxClosedError(OutboxError):
     """The Outbox was closed (or never opened); open a new one to send."""
+
+
+class OutboxBrokenError(OutboxError):
+    """The store's writer loop crashed (a bug in outbox); nothing more can be written.
+
+    Unlike OutboxClosedError (you closed it), this one broke elsewhere: every waiting and
+    every later write fails with it at once, instead of hanging. Rows committed before are
+    on disk; close the Outbox and open a new one on the same file to go on.
+    """
 
 
 class PayloadError(OutboxError, ValueError):

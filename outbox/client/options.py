@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from .store import Synchronous
+from ..storage.sqlite import Synchronous, check_synchronous
 
 HeartbeatMode = Literal["protocol", "json"]
 
@@ -84,6 +84,7 @@ class Options:
         for name in (*at_least_one.split(), "page_size", "max_batch_bytes"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        check_synchronous(self.synchronous)  # at construction, not first at open()
         if self.heartbeat not in ("protocol", "json"):
             raise ValueError(f"heartbeat must be 'protocol' or 'json', got {self.heartbeat!r}")
         if not 0 < self.reconnect_interval <= self.reconnect_max_interval:

@@ -125,23 +125,34 @@ class Outbox:
     async def _run(self, started: asyncio.Future[None]) -> None:
         """Own every background task; close the store however this ends.
 
+        The store's commit loop is watched here too: if it crashes, the supervisor and the
+        purge are cancelled and the Outbox closes (sends then raise OutboxBrokenError).
         If the event loop shuts down without ``close()`` (``asyncio.run`` returning), this
         task is cancelled and still commits queued acks and closes the database.
         """
-        assert self._supervisor is not None and self._store is not None
+        supervisor, store = self._supervisor, self._store
+        assert supervisor is not None and store is not None
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._supervisor.run(), name="outbox-supervisor")
+                group.create_task(store.watch(), name="outbox-store-watch")
+                group.create_task(supervisor.run(), name="outbox-supervisor")
                 group.create_task(self._purge_loop(), name="outbox-purge")
                 started.set_result(None)
-            # The supervisor gave up (GAVE_UP): stay open, sends still commit, until close().
-            await asyncio.get_running_loop().create_future()
+                # The supervisor may give up (GAVE_UP): the group then stays open, sends still
+                # commit, until close() or a crash of the store.
         except Exception:
-            logger.exception("outbox: a background task crashed; messages stay on disk")
+            if store.broken:  # the store logged the traceback: say only what happens now
+                logger.error(
+                    "outbox %s: the store can no longer write; stopped sending and closed "
+                    "(messages committed before stay on disk for the next Outbox)",
+                    self.path,
+                )
+            else:
+                logger.exception("outbox: a background task crashed; messages stay on disk")
         finally:
             self._closed = True
-            self._supervisor.state = State.CLOSED
-            await self._store.close()
+            supervisor.state = State.CLOSED
+            await store.close()
 
     async def close(self) -> None:
         """Stop every task, commit queued acks, close the database. Loses nothing.
@@ -171,6 +182,8 @@ class Outbox:
 
     def _open_store(self) -> Store:
         store = self._store
+        if store is not None:
+            store.check_broken()  # "it broke" says more than "it is closed"
         if store is None or self._closed or store.closed:
             raise OutboxClosedError(
                 f"the Outbox on {self.path} is "
@@ -275,6 +288,8 @@ class Outbox:
                             f"stay pending in {self.path}"
                         )
                     if supervisor.state is State.CLOSED:
+                        if self._store is not None:
+                            self._store.check_broken()
                         raise OutboxClosedError(f"{what}: the Outbox was closed")
                     changed = asyncio.ensure_future(supervisor.state_changed.wait())
                     try:

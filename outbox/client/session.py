@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from ..errors import OutboxError, ProtocolError
+from ..errors import OutboxBrokenError, OutboxError, ProtocolError
 from ..protocol import wire
 from ..protocol.batching import encode_frames
 from ..protocol.feed import CommittedRows, Row
@@ -83,6 +83,8 @@ class Session:
             # Acks read on the last connection are made durable first, so the rescan below
             # does not resend what the server already has.
             await self.store.flush()
+        except OutboxBrokenError:
+            raise  # not the disk: the store's commit loop is gone (the supervisor stops)
         except OutboxError as exc:
             # The file is locked or full: resending acked rows is harmless (the receiver
             # deduplicates), waiting for the disk is not.

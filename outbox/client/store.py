@@ -25,17 +25,17 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
-from ..errors import OutboxClosedError, StoreError
+from ..errors import OutboxBrokenError, OutboxClosedError
 from ..protocol.feed import Row
-from ..storage import schema
+from ..storage import sqlite
+from ..storage.sqlite import Synchronous as Synchronous  # re-exported for Options
 
 logger = logging.getLogger("outbox")
 
-Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 Status = Literal["pending", "acked", "dead"]
 _T = TypeVar("_T")
 _V = TypeVar("_V")
@@ -57,16 +57,71 @@ def _keys_sql(marks: str) -> str:
     return f"SELECT key, id FROM outbox WHERE key IN ({marks})"
 
 
-OpKind = Literal["insert", "ack", "timeout", "dead", "requeue", "purge", "flush"]
+# -- the queued writes: one frozen type per kind -------------------------------------------
+# Each is applied by its own step on the writer thread (see ``_STEPS``), coalesced across
+# the whole batch: all inserts in one pass, one statement per chunk of ids for the others.
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """New rows, ``(payload_json, key)``; the result is their ids, in order."""
+
+    rows: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Ids the server acked (every ack since the last commit, in one write)."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """``(id, attempts, error)`` after ack timeouts."""
+
+    items: tuple[tuple[int, int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """``(id, reason)`` rows that become dead."""
+
+    items: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Dead rows back to pending: these ids, or all of them (None); the result is a count."""
+
+    ids: tuple[int, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """Delete acked rows older than ``older_than`` or beyond the newest ``keep``: a count."""
+
+    older_than: float | None
+    keep: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Nothing to write: done once everything queued before it has committed."""
+
+
+Write = Insert | Ack | Timeouts | Dead | Requeue | Purge | Flush
+Result = list[int] | int | None
+"""What a caller's future gets: ids for an Insert, a count for Requeue and Purge."""
+_W = TypeVar("_W", Insert, Ack, Timeouts, Dead, Requeue, Purge, Flush)
 
 
 @dataclass(slots=True)
-class _Op:
+class _Queued:
     """One queued write. ``future`` is None for writes nobody waits on (acks, timeouts)."""
 
-    kind: OpKind
-    args: Any
-    future: asyncio.Future[Any] | None = None
+    write: Write
+    future: asyncio.Future[Result] | None = None
 
 
 @dataclass(slots=True)
@@ -80,58 +135,51 @@ class Counts:
 class _Batch:
     """What one transaction did, applied to memory only after it commits."""
 
-    results: dict[int, Any] = field(default_factory=dict)
+    results: dict[int, Result] = field(default_factory=dict)
+    """By index of the write in the batch, for those that have a result."""
     new_pending: int = 0
     acked: list[int] = field(default_factory=list)
     dead: list[tuple[int, str]] = field(default_factory=list)
     requeued: int = 0
     purged: int = 0
     max_id: int = 0
+    inserted: list[tuple[Insert, list[int]]] = field(default_factory=list)
+    """Each insert of the batch with its ids (the listeners' new rows come from here)."""
     recount: tuple[Counts, int] | None = None
     """Counts and max id read at BEGIN, when another connection had written since our last
     commit (another process, the sqlite3 shell): memory starts again from the table."""
     data_version: int = 0
 
 
-def _translate(exc: Exception, path: str) -> Exception:
-    """An outbox error for a sqlite3 error; anything else passes through."""
-    if isinstance(exc, sqlite3.Error):
-        return schema.sqlite_error(exc, path)
-    return exc
+_translate = sqlite.translate
 
 
 def _prepare(path: str, busy_timeout: float) -> tuple[str, Counts, int]:
-    """Open synchronously once: check the file, enable WAL, migrate, read what memory needs.
+    """Open synchronously once (``sqlite.prepare``), then read what memory needs.
 
     Runs in a worker thread before the async connections open. Returns the client id, the
     row counts by status, and the highest id ever assigned.
     """
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    try:
-        conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
-        schema.refuse_newer(conn, path)  # before WAL: leave a newer database as it was
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
-        schema.migrate(conn, path)
-        conn.execute(
-            "INSERT OR IGNORE INTO outbox_meta (name, value) VALUES ('client_id', ?)",
-            (str(uuid.uuid4()),),
-        )
-        client_id = conn.execute(
-            "SELECT value FROM outbox_meta WHERE name = 'client_id'"
-        ).fetchone()[0]
-        counts = Counts()
-        for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
-            setattr(counts, status, count)
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-        return str(client_id), counts, int(row[0]) if row else 0
-    finally:
-        conn.close()
+    return sqlite.prepare(path, busy_timeout, _read_identity)
+
+
+def _read_identity(conn: sqlite3.Connection) -> tuple[str, Counts, int]:
+    conn.execute(
+        "INSERT OR IGNORE INTO outbox_meta (name, value) VALUES ('client_id', ?)",
+        (str(uuid.uuid4()),),
+    )
+    client_id = conn.execute("SELECT value FROM outbox_meta WHERE name = 'client_id'").fetchone()
+    counts, max_id = _count(conn)
+    return str(client_id[0]), counts, max_id
 
 
 class Store:
-    """The durable queue behind an Outbox. Open with ``await Store.open(path)``."""
+    """The durable queue behind an Outbox. Open with ``await Store.open(path)``.
+
+    The group commit loop runs in a task of the store's own, started here. If it crashes (a
+    bug), every waiting and every later write fails with OutboxBrokenError instead of
+    hanging, the traceback is logged once, and ``watch()`` raises for the owner to see.
+    """
 
     def __init__(
         self,
@@ -154,11 +202,15 @@ class Store:
         self._writer_thread = writer_thread
         self._reader = reader
         self._clock = clock
-        self._ops: list[_Op] = []
+        self._ops: list[_Queued] = []
+        self._in_commit: list[_Queued] = []
+        """The writes of the transaction under way (failed too if the loop crashes)."""
         self._acks: list[int] = []
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._closed = False
+        self._crash: Exception | None = None
+        """What ended the commit loop, if a bug did."""
         self._waiters: dict[int, list[asyncio.Future[tuple[Status, str | None]]]] = {}
         self._listeners: list[Callable[[list[Row]], None]] = []
         self.requeue_generation = 0
@@ -168,7 +220,7 @@ class Store:
         self._last_now = 0.0
         self._committed = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(
-            self._commit_loop(), name=f"outbox-store:{path}"
+            self._run_writer(), name=f"outbox-store:{path}"
         )
 
     @classmethod
@@ -181,16 +233,11 @@ class Store:
         clock: Callable[[], float] = time.time,
     ) -> Store:
         path = str(path)
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, got {synchronous!r}")
+        pragmas = sqlite.connection_pragmas(synchronous, busy_timeout)
         try:
             client_id, counts, max_id = await asyncio.to_thread(_prepare, path, busy_timeout)
         except sqlite3.Error as exc:
             raise _translate(exc, path) from exc
-        pragmas = (
-            f"PRAGMA synchronous = {synchronous.upper()}",
-            f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}",
-        )
         thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
         reader: aiosqlite.Connection | None = None
@@ -221,11 +268,23 @@ class Store:
 
     # -- queueing writes ---------------------------------------------------------------------
 
-    def _submit(self, kind: OpKind, args: Any, wait: bool) -> Any:
+    def _check_open(self) -> None:
+        if self._crash is not None:
+            raise self._broken_error()
         if self._closed:
             raise OutboxClosedError(f"the outbox store {self.path} is closed")
-        future = asyncio.get_running_loop().create_future() if wait else None
-        self._ops.append(_Op(kind, args, future))
+
+    def _queue(self, write: Write) -> None:
+        """Queue a write nobody waits on (timeouts, dead rows)."""
+        self._check_open()
+        self._ops.append(_Queued(write))
+        self._wakeup.set()
+
+    def _call(self, write: Write) -> asyncio.Future[Result]:
+        """Queue a write; the future gets its result once it commits (or the error)."""
+        self._check_open()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._ops.append(_Queued(write, future))
         self._wakeup.set()
         return future
 
@@ -241,10 +300,11 @@ class Store:
         writes nothing. If the caller is cancelled before the transaction starts, nothing is
         written; once it has started, the rows commit even though nobody reads the ids.
         """
-        future = self._submit("insert", list(rows), wait=True)
+        future = self._call(Insert(tuple(rows)))
         self._queued_rows += len(rows)
-        result: list[int] = await future
-        return result
+        ids = await future
+        assert isinstance(ids, list)
+        return ids
 
     def mark_acked(self, ids: Sequence[int]) -> None:
         """The server acked these ids: wake their waiters now, write them with the next commit.
@@ -255,8 +315,7 @@ class Store:
         """
         if not ids:
             return
-        if self._closed:
-            raise OutboxClosedError(f"the outbox store {self.path} is closed")
+        self._check_open()
         self._acks.extend(ids)
         if self._waiters:
             for message_id in ids:
@@ -266,30 +325,35 @@ class Store:
     def record_timeouts(self, items: Sequence[tuple[int, int]], error: str) -> None:
         """Queue ``(id, attempts)`` after ack timeouts, with the error text."""
         if items:
-            self._submit("timeout", [(n, attempts, error) for n, attempts in items], False)
+            self._queue(Timeouts(tuple((n, attempts, error) for n, attempts in items)))
 
     def mark_dead(self, items: Sequence[tuple[int, str]]) -> None:
         """Queue ``(id, reason)`` rows to become dead (kept, never deleted)."""
         if items:
-            self._submit("dead", list(items), wait=False)
+            self._queue(Dead(tuple(items)))
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         """Dead rows (all, or these ids) back to pending with attempts reset; returns count."""
-        result: int = await self._submit("requeue", None if ids is None else list(ids), True)
-        return result
+        count = await self._call(Requeue(None if ids is None else tuple(ids)))
+        assert isinstance(count, int)
+        return count
 
     async def purge_acked(self, *, older_than: float | None, keep: int | None) -> int:
         """Delete acked rows last changed before ``older_than`` or beyond the newest ``keep``."""
-        result: int = await self._submit("purge", (older_than, keep), wait=True)
-        return result
+        count = await self._call(Purge(older_than, keep))
+        assert isinstance(count, int)
+        return count
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
-        await self._submit("flush", None, wait=True)
+        await self._call(Flush())
 
     async def wait_commit(self) -> None:
         """Wait for the next commit (or failed attempt) of the group commit loop."""
-        await self._committed.wait()
+        if self._crash is None:
+            await self._committed.wait()
+        if self._crash is not None:
+            raise self._broken_error()
 
     def subscribe(self, listener: Callable[[list[Row]], None]) -> Callable[[], None]:
         """Call ``listener(new_rows)`` after each commit that added or requeued pending rows.
@@ -301,6 +365,72 @@ class Store:
         return lambda: self._listeners.remove(listener)
 
     # -- the group commit loop ---------------------------------------------------------------
+
+    async def _run_writer(self) -> None:
+        """Run the commit loop; if it crashes, fail every write at once and say so, once.
+
+        An error of SQLite (disk full, file locked) never gets here: ``_commit_queued`` hands
+        it to the callers and the loop retries. What gets here is a bug, and a loop that is
+        gone must not leave ``send()`` waiting forever for a commit that never comes.
+        """
+        try:
+            await self._commit_loop()
+        except Exception as exc:
+            self._crash = exc
+            logger.exception(
+                "outbox: the commit loop of %s crashed (a bug in outbox, please report it); "
+                "every send() now fails with OutboxBrokenError: close the Outbox and open a "
+                "new one on the same file to go on",
+                self.path,
+            )
+            self._fail_everything()
+
+    def _broken_error(self) -> OutboxBrokenError:
+        """A fresh error for each caller, chained to the crash (not re-raised: one traceback)."""
+        crash = self._crash
+        what = f"{type(crash).__name__}: {crash}"[:300]
+        error = OutboxBrokenError(
+            f"the outbox store {self.path} can no longer write: its commit loop crashed "
+            f"({what}), a bug in outbox whose traceback is in the log. Rows committed before "
+            "are safe on disk; a write under way at the crash may or may not have committed. "
+            "Close this Outbox and open a new one on the same file (retry a send with the "
+            "same key to find out whether it committed)."
+        )
+        error.__cause__ = crash
+        return error
+
+    def _fail_everything(self) -> None:
+        """After a crash: every queued write and every waiter gets OutboxBrokenError."""
+        queued = [*self._in_commit, *self._ops]
+        self._in_commit, self._ops, self._acks, self._queued_rows = [], [], [], 0
+        for item in queued:
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(self._broken_error())
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(self._broken_error())
+        self._waiters.clear()
+        self._commit_done()
+
+    async def watch(self) -> None:
+        """For the store's owner: wait while the commit loop runs, raise if it crashed.
+
+        Returns when the loop ends after close(); cancelling this leaves the loop running.
+        """
+        await asyncio.wait({self._task})
+        if self._crash is not None:
+            raise self._broken_error()
+
+    @property
+    def broken(self) -> bool:
+        """True once the commit loop has crashed (see OutboxBrokenError)."""
+        return self._crash is not None
+
+    def check_broken(self) -> None:
+        """Raise OutboxBrokenError if the commit loop has crashed."""
+        if self._crash is not None:
+            raise self._broken_error()
 
     async def _commit_loop(self) -> None:
         failures = 0
@@ -334,47 +464,74 @@ class Store:
         """
         taken, self._ops = self._ops, []
         if self._acks:
-            taken.append(_Op("ack", self._acks))
+            taken.append(_Queued(Ack(tuple(self._acks))))
             self._acks = []
-        taken_rows = sum(len(op.args) for op in taken if op.kind == "insert")
-        ops = [op for op in taken if op.future is None or not op.future.cancelled()]
+        taken_rows = sum(len(item.write.rows) for item in taken if isinstance(item.write, Insert))
+        self._in_commit = queued = [
+            item for item in taken if item.future is None or not item.future.cancelled()
+        ]
+        writes = [item.write for item in queued]
         try:
             # Strictly increasing per transaction, even with a coarse clock: _mark_acked
             # tells this transaction's changes apart by their timestamp.
             self._last_now = now = max(self._clock(), self._last_now + 1e-6)
-            ops_data = [(op.kind, op.args) for op in ops]
             # A flush with nothing queued before it needs no transaction, and so no write
             # lock: a reconnect must not wait for another process to let go of the file.
-            writes = any(kind != "flush" for kind, _ in ops_data)
             batch = (
-                await self._run_on_writer(_apply, ops_data, now, self._data_version)
-                if writes
+                await self._run_on_writer(_apply, writes, now, self._data_version)
+                if any(not isinstance(write, Flush) for write in writes)
                 else _Batch(data_version=self._data_version)
             )
         except Exception as exc:
             self._queued_rows -= taken_rows
-            error = _translate(exc, self.path)
-            logger.error("outbox: commit of %d queued writes failed: %s", len(ops), error)
-            retry = []
-            for op in ops:
-                if op.future is None:
-                    retry.append(op)
-                elif not op.future.done():
-                    op.future.set_exception(error)
-            self._ops[:0] = retry
-            self._committed.set()
-            self._committed = asyncio.Event()
+            self._in_commit = []
+            self._fail_commit(queued, _translate(exc, self.path))
             return False
-        if ops:
+        if queued:
             self.commits += 1
-        self._publish(ops, batch)
+        self._publish(queued, batch)
         self._queued_rows -= taken_rows
-        self._committed.set()
-        self._committed = asyncio.Event()
+        self._in_commit = []
+        self._commit_done()
         return True
 
-    def _publish(self, ops: list[_Op], batch: _Batch) -> None:
+    def _fail_commit(self, queued: list[_Queued], error: Exception) -> None:
+        """The transaction rolled back: waiting callers get the error, the rest is retried."""
+        logger.error("outbox: commit of %d queued writes failed: %s", len(queued), error)
+        retry = []
+        for item in queued:
+            if item.future is None:
+                retry.append(item)
+            elif not item.future.done():
+                item.future.set_exception(error)
+        self._ops[:0] = retry
+        self._commit_done()
+
+    def _commit_done(self) -> None:
+        """Wake wait_commit() callers: a commit, or an attempt at one, just ended."""
+        self._committed.set()
+        self._committed = asyncio.Event()
+
+    def _publish(self, queued: list[_Queued], batch: _Batch) -> None:
         """Bring memory in line with what just committed, then wake whoever waits."""
+        previous_max_id = self._update_counts(batch)
+        for index, item in enumerate(queued):
+            if item.future is not None and not item.future.done():
+                item.future.set_result(batch.results.get(index))
+        for message_id in batch.acked:
+            self._resolve(message_id, ("acked", None))
+        for message_id, reason in batch.dead:
+            self._resolve(message_id, ("dead", reason))
+        if batch.new_pending or batch.requeued:
+            if batch.requeued:
+                self.requeue_generation += 1
+            new_rows = (
+                _new_rows(batch, previous_max_id) if batch.new_pending and self._listeners else []
+            )
+            self._notify(new_rows)
+
+    def _update_counts(self, batch: _Batch) -> int:
+        """Apply the batch to the counts and max_id; return the max_id before its new rows."""
         self._data_version = batch.data_version
         counts = self.counts
         if batch.recount is not None:
@@ -386,31 +543,14 @@ class Store:
         counts.pending += batch.new_pending + batch.requeued - len(batch.acked) - len(batch.dead)
         counts.acked += len(batch.acked) - batch.purged
         counts.dead += len(batch.dead) - batch.requeued
-        for index, op in enumerate(ops):
-            if op.future is not None and not op.future.done():
-                op.future.set_result(batch.results.get(index))
-        for message_id in batch.acked:
-            self._resolve(message_id, ("acked", None))
-        for message_id, reason in batch.dead:
-            self._resolve(message_id, ("dead", reason))
-        if batch.new_pending or batch.requeued:
-            if batch.requeued:
-                self.requeue_generation += 1
-            new_rows: list[Row] = []
-            if batch.new_pending and self._listeners:
-                for index, op in enumerate(ops):
-                    if op.kind == "insert":
-                        for (payload, _), message_id in zip(
-                            op.args, batch.results[index], strict=True
-                        ):
-                            if message_id > previous_max_id:
-                                previous_max_id = message_id  # a key repeated in the batch
-                                new_rows.append(Row(message_id, payload, 0))
-            for listener in list(self._listeners):
-                try:
-                    listener(new_rows)
-                except Exception:  # a listener's bug must not stop the commit loop
-                    logger.exception("outbox: a commit listener failed")
+        return previous_max_id
+
+    def _notify(self, new_rows: list[Row]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(new_rows)
+            except Exception:  # a listener's bug must not stop the commit loop
+                logger.exception("outbox: a commit listener failed")
 
     def _resolve(self, message_id: int, outcome: tuple[Status, str | None]) -> None:
         for future in self._waiters.pop(message_id, ()):
@@ -473,6 +613,7 @@ class Store:
 
     async def wait_status(self, message_id: int) -> tuple[Status, str | None]:
         """Wait until the message is acked or dead (returns which, with the reason)."""
+        self.check_broken()
         future: asyncio.Future[tuple[Status, str | None]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -547,11 +688,23 @@ def _count(conn: sqlite3.Connection) -> tuple[Counts, int]:
     return counts, int(row[0]) if row else 0
 
 
+def _new_rows(batch: _Batch, previous_max_id: int) -> list[Row]:
+    """The rows this batch created, in id order, for the commit listeners."""
+    new_rows: list[Row] = []
+    for write, ids in batch.inserted:
+        for (payload, _), message_id in zip(write.rows, ids, strict=True):
+            if message_id > previous_max_id:
+                previous_max_id = message_id  # a key repeated in the batch counts once
+                new_rows.append(Row(message_id, payload, 0))
+    return new_rows
+
+
 def _apply(
-    conn: sqlite3.Connection, ops: list[tuple[OpKind, Any]], now: float, data_version: int
+    conn: sqlite3.Connection, writes: Sequence[Write], now: float, data_version: int
 ) -> _Batch:
     """Apply queued writes in one transaction; runs on the writer thread."""
     batch = _Batch()
+    by_kind = _ByKind(writes)
     conn.execute("BEGIN IMMEDIATE")
     try:
         # data_version moves only when *another* connection commits: then our counts may
@@ -559,41 +712,92 @@ def _apply(
         batch.data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         if batch.data_version != data_version:
             batch.recount = _count(conn)
-        inserts = [(index, args) for index, (kind, args) in enumerate(ops) if kind == "insert"]
-        if inserts:
-            ids, batch.new_pending = _insert_rows(conn, [r for _, a in inserts for r in a], now)
-            offset = 0
-            for index, args in inserts:
-                batch.results[index] = ids[offset : offset + len(args)]
-                offset += len(args)
-            batch.max_id = max(ids, default=0)
-        # Coalesce each kind across the batch: one statement per 500 ids, not per op.
-        timeouts = [item for kind, args in ops if kind == "timeout" for item in args]
-        if timeouts:
-            conn.executemany(
-                "UPDATE outbox SET attempts = ?, last_error = ?, updated_at = ? "
-                "WHERE id = ? AND status = 'pending'",
-                [(attempts, error, now, n) for n, attempts, error in timeouts],
-            )
-        acked = [n for kind, args in ops if kind == "ack" for n in args]
-        if acked:
-            batch.acked = _mark_acked(conn, acked, now)
-        reasons = {n: reason for kind, args in ops if kind == "dead" for n, reason in args}
-        if reasons:
-            batch.dead = [(n, reasons[n]) for n in _mark_dead(conn, reasons, now)]
-        for index, (kind, args) in enumerate(ops):
-            if kind == "requeue":
-                batch.results[index] = count = _requeue(conn, args, now)
-                batch.requeued += count
-            elif kind == "purge":
-                batch.results[index] = count = _purge(conn, *args)
-                batch.purged += count
+        for step in _STEPS:
+            step(conn, by_kind, now, batch)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return batch
+
+
+class _ByKind:
+    """A batch's writes grouped by kind in one pass, each with its index in the batch."""
+
+    def __init__(self, writes: Sequence[Write]) -> None:
+        self._groups: dict[type[Write], list[tuple[int, Write]]] = {}
+        for index, write in enumerate(writes):
+            self._groups.setdefault(type(write), []).append((index, write))
+
+    def of(self, kind: type[_W]) -> list[tuple[int, _W]]:
+        # Safe: every write in the list for ``kind`` was put there because its type is kind.
+        return cast(list[tuple[int, _W]], self._groups.get(kind, []))
+
+
+# Each step coalesces one kind across the whole batch: one statement per chunk of ids, not
+# one per queued write. Requeues and purges touch disjoint rows (dead, acked), after the acks
+# and dead rows of the same batch, so their order between themselves does not matter.
+
+
+def _apply_inserts(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
+    inserts = by_kind.of(Insert)
+    if not inserts:
+        return
+    rows = [row for _, write in inserts for row in write.rows]
+    ids, batch.new_pending = _insert_rows(conn, rows, now)
+    offset = 0
+    for index, write in inserts:
+        batch.results[index] = mine = ids[offset : offset + len(write.rows)]
+        batch.inserted.append((write, mine))
+        offset += len(write.rows)
+    batch.max_id = max(ids, default=0)
+
+
+def _apply_timeouts(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
+    timeouts = [item for _, write in by_kind.of(Timeouts) for item in write.items]
+    if timeouts:
+        conn.executemany(
+            "UPDATE outbox SET attempts = ?, last_error = ?, updated_at = ? "
+            "WHERE id = ? AND status = 'pending'",
+            [(attempts, error, now, n) for n, attempts, error in timeouts],
+        )
+
+
+def _apply_acks(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
+    acked = [n for _, write in by_kind.of(Ack) for n in write.ids]
+    if acked:
+        batch.acked = _mark_acked(conn, acked, now)
+
+
+def _apply_dead(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
+    reasons = {n: reason for _, write in by_kind.of(Dead) for n, reason in write.items}
+    if reasons:
+        batch.dead = [(n, reasons[n]) for n in _mark_dead(conn, reasons, now)]
+
+
+def _apply_requeues(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
+    for index, write in by_kind.of(Requeue):
+        batch.results[index] = count = _requeue(conn, write.ids, now)
+        batch.requeued += count
+
+
+def _apply_purges(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
+    for index, write in by_kind.of(Purge):
+        batch.results[index] = count = _purge(conn, write.older_than, write.keep)
+        batch.purged += count
+
+
+_Step = Callable[[sqlite3.Connection, _ByKind, float, _Batch], None]
+_STEPS: tuple[_Step, ...] = (
+    _apply_inserts,
+    _apply_timeouts,
+    _apply_acks,
+    _apply_dead,
+    _apply_requeues,
+    _apply_purges,
+)
+"""In the order the statements have always run: timeouts before acks before dead rows."""
 
 
 def _insert_rows(
@@ -683,7 +887,7 @@ def _mark_dead(conn: sqlite3.Connection, reasons: dict[int, str], now: float) ->
     return changed
 
 
-def _requeue(conn: sqlite3.Connection, ids: list[int] | None, now: float) -> int:
+def _requeue(conn: sqlite3.Connection, ids: Sequence[int] | None, now: float) -> int:
     sql = "UPDATE outbox SET status = 'pending', attempts = 0, updated_at = ? "
     sql += "WHERE status = 'dead'"
     if ids is None:

@@ -5,6 +5,20 @@ next one (``backoff.py``), so no failure mode turns into a hot loop: a refused h
 (401/403), a bad host, a server closing with 1012/1013 (restarting / try again later). The
 delay resets only once a connection has shown it works (an ack or pong arrived), so a server
 that accepts and drops at once still gets a growing delay.
+
+What ended a session is sorted by one seam, ``process_exception(exc) -> exc | None``, as in
+websockets' ``connect``: None means a failure of the network, the server or the disk that
+retrying may cure (OSError, ConnectionClosed / SessionEnded, TimeoutError, InvalidHandshake /
+InvalidStatus, HeartbeatTimeout, ProtocolError, StoreError such as a locked or full file),
+logged as one WARNING line. Anything else is a bug, in outbox or in code it calls: it is
+logged at ERROR **with its traceback**, as unexpected and not as a connection failure, and
+the supervisor still reconnects after the backoff delay, so that the process keeps
+delivering if the bug only strikes now and then. A bug never resets the backoff, so one that
+strikes every session ends up retrying every ``reconnect_max_interval``; its traceback is
+logged at most once per ``BUG_LOG_INTERVAL`` seconds (one line in between). The exception is
+OutboxBrokenError, the store's commit loop gone: nothing can be delivered from it, so the
+supervisor stops and lets it reach the Outbox (which stops too; the store has logged it).
+Pass another ``process_exception`` to Supervisor to change what counts as retryable.
 """
 
 from __future__ import annotations
@@ -17,8 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from ..errors import OutboxBrokenError, ProtocolError, StoreError
 from ..protocol import wire
 from ..protocol.backoff import Backoff
 from ..protocol.heartbeat import HeartbeatTimeout
@@ -29,6 +44,32 @@ from .stats import Counters
 from .store import Store
 
 logger = logging.getLogger("outbox")
+
+BUG_LOG_INTERVAL = 60.0
+"""Seconds between two tracebacks of unexpected errors (reconnects can be every second)."""
+
+RETRYABLE: tuple[type[Exception], ...] = (
+    OSError,  # refused, reset, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+    ConnectionClosed,
+    SessionEnded,
+    TimeoutError,  # open_timeout
+    InvalidHandshake,  # InvalidStatus (401, 503...), InvalidMessage, bad headers
+    HeartbeatTimeout,
+    ProtocolError,
+    StoreError,  # the file is locked by another process or the disk is full: may pass
+)
+"""What a network, a server or a disk does: reconnecting after a delay may cure it."""
+
+
+def process_exception(exc: Exception) -> Exception | None:
+    """None if ``exc`` is a failure that retrying may cure; ``exc`` itself if it is a bug.
+
+    The default seam of :class:`Supervisor` (like ``process_exception`` in websockets'
+    ``connect``): see the module docstring for what the supervisor does with each.
+    """
+    if isinstance(exc, RETRYABLE):
+        return None
+    return exc
 
 
 class State(enum.Enum):
@@ -68,6 +109,11 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def describe_bug(exc: BaseException) -> str:
+    """One line for an unexpected error: its type and (cut) text, never a network story."""
+    return f"unexpected {type(exc).__name__}: {exc}"[:300]
+
+
 class Supervisor:
     """Runs sessions over fresh connections until cancelled or out of attempts."""
 
@@ -81,6 +127,7 @@ class Supervisor:
         *,
         backoff: Backoff,
         clock: Callable[[], float],
+        process_exception: Callable[[Exception], Exception | None] = process_exception,
     ) -> None:
         self.url = url
         self.store = store
@@ -89,10 +136,12 @@ class Supervisor:
         self.window = window
         self.backoff = backoff
         self.clock = clock
+        self.process_exception = process_exception
         self._state = State.CONNECTING
         self.state_changed = asyncio.Event()
         self.last_error: str | None = None
         self.ws: ClientConnection | None = None
+        self._bug_logged_at: float | None = None
 
     @property
     def state(self) -> State:
@@ -158,6 +207,7 @@ class Supervisor:
         while True:
             self.state = State.CONNECTING
             session: Session | None = None
+            bug: Exception | None = None
             try:
                 ws = await connect(self.url, **kwargs)
                 self.ws = ws
@@ -175,33 +225,61 @@ class Supervisor:
                     # After a failure, a dead or blackholed peer would make the closing
                     # handshake wait for close_timeout: drop the TCP connection at once.
                     ws.transport.abort()
+            except OutboxBrokenError:
+                raise  # the store is gone (it logged why): nothing left to deliver from
             except Exception as exc:
-                self.last_error = describe_failure(exc)
+                bug = self.process_exception(exc)
+                self.last_error = describe_failure(exc) if bug is None else describe_bug(bug)
             finally:
                 self.ws = None
-            if session is not None and session.saw_life:
+            if session is not None and session.saw_life and bug is None:
                 self.backoff.reset()
             delay = self.backoff.next_delay()
             if delay is None:
-                self.state = State.GAVE_UP
-                logger.error(
-                    "giving up on %s after %d failed connection attempt(s) in a row "
-                    "(max_reconnect_attempts);"
-                    " last error: %s; %d message(s) stay pending on disk and will be sent by "
-                    "the next Outbox opened on %s",
-                    self.url,
-                    self.backoff.attempts + 1,
-                    self.last_error,
-                    self.store.counts.pending,
-                    self.store.path,
-                )
+                self._give_up()
                 return
             self.state = State.BACKING_OFF
-            logger.warning(
-                "connection to %s failed or dropped: %s; reconnect attempt %d in %.2fs",
-                self.url,
-                self.last_error,
-                self.backoff.attempts,
-                delay,
-            )
+            if bug is None:
+                logger.warning(
+                    "connection to %s failed or dropped: %s; reconnect attempt %d in %.2fs",
+                    self.url,
+                    self.last_error,
+                    self.backoff.attempts,
+                    delay,
+                )
+            else:
+                self._log_bug(bug, delay)
             await asyncio.sleep(delay)
+
+    def _log_bug(self, bug: Exception, delay: float) -> None:
+        """ERROR with the traceback, at most once per BUG_LOG_INTERVAL (one line between)."""
+        now = self.clock()
+        with_traceback = (
+            self._bug_logged_at is None or now - self._bug_logged_at >= BUG_LOG_INTERVAL
+        )
+        if with_traceback:
+            self._bug_logged_at = now
+        logger.error(
+            "unexpected error in the session with %s, a bug (in outbox or in code it calls), "
+            "not a network failure: %s; reconnect attempt %d in %.2fs%s",
+            self.url,
+            self.last_error,
+            self.backoff.attempts,
+            delay,
+            "" if with_traceback else f" (one traceback per {BUG_LOG_INTERVAL:.0f}s: see above)",
+            exc_info=bug if with_traceback else None,
+        )
+
+    def _give_up(self) -> None:
+        self.state = State.GAVE_UP
+        logger.error(
+            "giving up on %s after %d failed connection attempt(s) in a row "
+            "(max_reconnect_attempts);"
+            " last error: %s; %d message(s) stay pending on disk and will be sent by "
+            "the next Outbox opened on %s",
+            self.url,
+            self.backoff.attempts + 1,
+            self.last_error,
+            self.store.counts.pending,
+            self.store.path,
+        )

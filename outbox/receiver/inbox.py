@@ -19,15 +19,13 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiosqlite
 
-from ..errors import StoreError
 from ..protocol import codec
-from ..storage import schema
-
-Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+from ..storage import sqlite
+from ..storage.sqlite import Synchronous as Synchronous  # re-exported for the receiver
 
 Key = tuple[str, int]
 """``(client id, message id)``: the inbox's primary key."""
@@ -76,34 +74,29 @@ def _payload_encoder() -> Callable[[Any], str]:
 encode_payload = _payload_encoder()
 
 
-translate = schema.sqlite_error
+translate = sqlite.sqlite_error
 """Turn a sqlite3 error into an outbox error that says what to do about it."""
 
 
 def _prepare(path: str, busy_timeout: float) -> int:
-    """Open synchronously once: check the file, enable WAL, migrate, probe the inbox table.
+    """Open synchronously once (``sqlite.prepare``), then probe the inbox table.
 
     Runs in a worker thread before the async connection opens. Returns how many keys fit in
     one dedup query (half of SQLite's variable limit: two variables per key).
     """
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    try:
-        conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() not in ("wal", "memory"):
-            raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
-        schema.migrate(conn, path)
-        # Walk down to the first and the last row of the inbox now: a damaged table then
-        # fails the start (DatabaseCorruptError) instead of every transaction after it. Two
-        # descents of the primary key, so the cost does not grow with the inbox.
-        for order in ("", " DESC"):
-            conn.execute(
-                f"SELECT client_id, message_id, reject_reason FROM inbox "
-                f"ORDER BY client_id{order}, message_id{order} LIMIT 1"
-            ).fetchall()
-        return max(1, min(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 2, 4000))
-    finally:
-        conn.close()
+    return sqlite.prepare(path, busy_timeout, _probe)
+
+
+def _probe(conn: sqlite3.Connection) -> int:
+    # Walk down to the first and the last row of the inbox now: a damaged table then fails
+    # the start (DatabaseCorruptError) instead of every transaction after it. Two descents
+    # of the primary key, so the cost does not grow with the inbox.
+    for order in ("", " DESC"):
+        conn.execute(
+            f"SELECT client_id, message_id, reject_reason FROM inbox "
+            f"ORDER BY client_id{order}, message_id{order} LIMIT 1"
+        ).fetchall()
+    return max(1, min(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 2, 4000))
 
 
 class Transaction:
@@ -191,9 +184,7 @@ class Inbox:
     ) -> Inbox:
         """Migrate the file (any outbox database works: the chain is shared) and connect."""
         path = str(path)
-        level = synchronous.upper()
-        if level not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        pragmas = sqlite.connection_pragmas(synchronous, busy_timeout)
         try:
             keys_per_query = await asyncio.to_thread(_prepare, path, busy_timeout)
         except sqlite3.Error as exc:
@@ -204,8 +195,8 @@ class Inbox:
             raise translate(exc, path) from exc
         ready = False
         try:
-            await db.execute(f"PRAGMA synchronous = {level}")
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            for pragma in pragmas:
+                await db.execute(pragma)
             ready = True
         finally:
             if not ready:

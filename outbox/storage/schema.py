@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 
-from ..errors import DatabaseCorruptError, SchemaTooNewError, StorageFullError, StoreError
+from ..errors import SchemaTooNewError
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -117,36 +117,3 @@ def migrate(conn: sqlite3.Connection, path: str = "the database") -> int:
     if current > latest:
         raise _too_new(path, current, latest)
     return current
-
-
-def sqlite_error(exc: sqlite3.Error, path: str) -> StoreError:
-    """Turn a sqlite3 error into an outbox error that names the problem and what to do.
-
-    Shared by the outbox and the inbox: SQLite says the same things about either file.
-    """
-    text = str(exc).lower()
-    if "full" in text:
-        return StorageFullError(
-            f"cannot write to {path}: {exc}; free disk space (or raise max_page_count) "
-            "and retry; nothing from this call was written"
-        )
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return DatabaseCorruptError(
-            f"{path} is not a usable SQLite database ({exc}); restore it from a backup "
-            "or move it aside to start afresh"
-        )
-    if "readonly" in text or "read-only" in text:
-        return StoreError(
-            f"{path} is read-only ({exc}); outbox needs write access to the file and its "
-            "directory (for the -wal and -shm files)"
-        )
-    if "locked" in text or "busy" in text:
-        return StoreError(
-            f"{path} stayed locked by another connection longer than busy_timeout ({exc}); "
-            "find the process holding a write transaction open"
-        )
-    if "unable to open" in text:
-        return StoreError(
-            f"cannot open {path} ({exc}); check that its directory exists and is writable"
-        )
-    return StoreError(f"SQLite error on {path}: {exc}")
