@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ..errors import ProtocolError
+from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, salvage
 from .api import ReceiverStats
@@ -28,6 +29,8 @@ from .api import ReceiverStats
 __all__ = ["Limits", "Peer", "Submit", "read_loop", "run", "send_loop"]
 
 logger = logging.getLogger("outbox.receiver")
+peer_log = rate_limited(PEERS)
+"""Lines a client's own behaviour causes (bad frames, not reading): rate-limited."""
 
 Submit = Callable[["Peer", Sequence[Item], int], None]
 """Hands a connection's parsed items, and the size of the frame they came in, to the writer."""
@@ -177,7 +180,7 @@ async def read_loop(
                 and sent.code in (CloseCode.MESSAGE_TOO_BIG, CloseCode.INVALID_DATA)
             ):
                 stats.protocol_errors += 1
-                logger.warning(
+                peer_log.warning(
                     "client %r: %s; closed with %s", peer.client_id, sent.reason, sent.code
                 )
             return
@@ -206,11 +209,15 @@ def _note_protocol_errors(peer: Peer, items: Sequence[Item], stats: ReceiverStat
     for item in items:
         if isinstance(item, Malformed):
             stats.protocol_errors += 1
-            logger.warning("client %r: message %s nacked: %s", peer.client_id, item.id, item.reason)
+            peer_log.warning(
+                "client %r: message %s nacked: %s", peer.client_id, item.id, item.reason
+            )
         elif isinstance(item, Close):
             stats.protocol_errors += 1
             peer.halted = True
-            logger.warning("client %r: closing with %s: %s", peer.client_id, item.code, item.reason)
+            peer_log.warning(
+                "client %r: closing with %s: %s", peer.client_id, item.code, item.reason
+            )
 
 
 async def send_loop(peer: Peer, send_timeout: float | None = None) -> None:
@@ -236,7 +243,7 @@ async def send_loop(peer: Peer, send_timeout: float | None = None) -> None:
                 async with asyncio.timeout(send_timeout):
                     await ws.send(item)
             except TimeoutError:
-                logger.warning(
+                peer_log.warning(
                     "client %r did not read its answers for %ss; dropping the connection",
                     peer.client_id,
                     send_timeout,

@@ -35,6 +35,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
+from ..logs import WEBSOCKETS, rate_limited
 from ..protocol import wire
 from . import connection
 from .api import Authenticate, Handler, ReceiverStats
@@ -182,6 +183,7 @@ class Receiver:
                 ping_timeout=opts.ping_timeout,
                 close_timeout=opts.close_timeout,
                 ssl=opts.ssl,
+                logger=rate_limited(WEBSOCKETS),  # a handshake flood logs a line each
             )
             listening = True
         finally:
