@@ -7,6 +7,7 @@ fast; tests wait on conditions with deadlines, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import sqlite3
 import time
@@ -35,15 +36,9 @@ from outbox.protocol import wire
 from outbox.protocol.feed import CommittedRows
 from outbox.testing.fault_proxy import FaultProxy
 
-from ..support import ScriptedServer, wait_until
+from ..support import MS, ScriptedServer, fast_options, wait_until
 
-FAST: dict[str, Any] = {
-    "reconnect_interval": 0.01,
-    "reconnect_max_interval": 0.05,
-    "ack_timeout": 2.0,
-    "heartbeat_interval": 5.0,
-    "acked_retention": None,
-}
+FAST = fast_options()
 
 
 def rows(db: Path) -> list[tuple[int, str, int, str | None]]:
@@ -176,10 +171,10 @@ async def test_new_outbox_sends_leftovers_of_a_closed_one(db: Path) -> None:
 
 async def test_ack_timeout_resends_then_marks_dead(server: ScriptedServer, db: Path) -> None:
     server.ack = False
-    options = {**FAST, "ack_timeout": 0.05, "max_attempts": 3}
+    options = {**FAST, "ack_timeout": 50 * MS, "max_attempts": 3}
     async with Outbox(db, server.url, **options) as box:
         message_id = await box.send({"never": "acked"})
-        with pytest.raises(MessageDeadError, match=r"no ack within 0\.05s"):
+        with pytest.raises(MessageDeadError, match=re.escape(f"no ack within {50 * MS}s")):
             await box.wait_acked(message_id, timeout=5)
         stats = box.stats()
     assert server.ids() == [message_id] * 3  # sent, resent, resent, then given up
@@ -191,7 +186,7 @@ async def test_ack_timeout_resends_then_marks_dead(server: ScriptedServer, db: P
 
 async def test_dead_rows_can_be_requeued(server: ScriptedServer, db: Path) -> None:
     server.ack = False
-    options = {**FAST, "ack_timeout": 0.03, "max_attempts": 1}
+    options = {**FAST, "ack_timeout": 30 * MS, "max_attempts": 1}
     async with Outbox(db, server.url, **options) as box:
         message_id = await box.send("x")
         with pytest.raises(MessageDeadError):
@@ -237,27 +232,27 @@ async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
 
 async def test_refused_handshake_backs_off_instead_of_hot_looping(db: Path) -> None:
     async with ScriptedServer(refuse_status=401) as server:
-        options = {**FAST, "reconnect_interval": 0.02, "reconnect_max_interval": 1.0}
+        options = {**FAST, "reconnect_interval": 20 * MS, "reconnect_max_interval": 1000 * MS}
         async with Outbox(db, server.url, **options) as box:
             await box.send("waits")
             await wait_until(lambda: len(server.handshakes) >= 5)
         gaps = [b - a for a, b in zip(server.handshakes, server.handshakes[1:], strict=False)]
-    # Delays double: attempt n waits at least half of 0.02 * 2**(n-1).
+    # Delays double: attempt n waits at least half of 20 ms * 2**(n-1).
     for n, gap in enumerate(gaps[:4], start=1):
-        assert gap >= 0.5 * 0.02 * 2 ** (n - 1)
+        assert gap >= 0.5 * 20 * MS * 2 ** (n - 1)
     assert statuses(db) == {"pending": 1}
 
 
 @pytest.mark.parametrize("code", [1012, 1013])
 async def test_server_restarting_close_codes_get_a_backoff(db: Path, code: int) -> None:
     async with ScriptedServer(close_code=code) as server:
-        options = {**FAST, "reconnect_interval": 0.05, "reconnect_max_interval": 0.05}
+        options = {**FAST, "reconnect_interval": 50 * MS, "reconnect_max_interval": 50 * MS}
         async with Outbox(db, server.url, **options) as box:
             await wait_until(lambda: len(server.handshakes) >= 3)
             server.close_code = None
             await box.wait_acked(await box.send("after restart"), timeout=5)
         gaps = [b - a for a, b in zip(server.handshakes, server.handshakes[1:], strict=False)]
-    assert all(gap >= 0.025 for gap in gaps[:2])  # jitter keeps at least half of 0.05 s
+    assert all(gap >= 25 * MS for gap in gaps[:2])  # jitter keeps at least half of 50 ms
 
 
 async def test_json_heartbeat_without_pongs_reconnects(db: Path) -> None:
@@ -265,8 +260,8 @@ async def test_json_heartbeat_without_pongs_reconnects(db: Path) -> None:
         options = {
             **FAST,
             "heartbeat": "json",
-            "heartbeat_interval": 0.02,
-            "heartbeat_timeout": 0.02,
+            "heartbeat_interval": 20 * MS,
+            "heartbeat_timeout": 20 * MS,
             "max_missed_heartbeats": 2,
         }
         async with Outbox(db, server.url, **options) as box:
@@ -279,14 +274,14 @@ async def test_json_heartbeat_with_pongs_keeps_the_connection(db: Path) -> None:
         options = {
             **FAST,
             "heartbeat": "json",
-            "heartbeat_interval": 0.01,
-            "heartbeat_timeout": 0.2,
+            "heartbeat_interval": 10 * MS,
+            "heartbeat_timeout": 200 * MS,
         }
         async with Outbox(db, server.url, **options) as box:
             pings_before = time.monotonic()
             await box.wait_acked(await box.send("x"), timeout=5)
             # Let several heartbeats happen; they all get pongs.
-            await wait_until(lambda: time.monotonic() - pings_before > 0.2)
+            await wait_until(lambda: time.monotonic() - pings_before > 200 * MS)
             assert server.connections == 1
             assert box.stats().counters.heartbeat_misses == 0
 
@@ -377,7 +372,7 @@ async def test_cancelled_send_commits_all_or_nothing(server: ScriptedServer, db:
 
 
 async def test_acked_rows_are_purged_but_ids_never_reused(server: ScriptedServer, db: Path) -> None:
-    options = {**FAST, "acked_retention": 0.0, "purge_interval": 0.01}
+    options = {**FAST, "acked_retention": 0.0, "purge_interval": 10 * MS}
     async with Outbox(db, server.url, **options) as box:
         first = await box.send_many(["a", "b", "c"])
         await box.drain(timeout=5)
@@ -395,10 +390,10 @@ async def test_blackholed_connection_is_detected_by_the_heartbeat(
     """The TCP connection stays open but nothing comes back: only pings can tell."""
     options = {
         **FAST,
-        "heartbeat_interval": 0.05,
-        "heartbeat_timeout": 0.05,
+        "heartbeat_interval": 50 * MS,
+        "heartbeat_timeout": 50 * MS,
         "max_missed_heartbeats": 2,
-        "open_timeout": 0.3,
+        "open_timeout": 300 * MS,
     }
     async with (
         FaultProxy("127.0.0.1", server.port) as proxy,
@@ -421,8 +416,8 @@ async def test_acks_count_as_signs_of_life_for_the_heartbeat(db: Path) -> None:
         options = {
             **FAST,
             "heartbeat": "json",
-            "heartbeat_interval": 0.05,
-            "heartbeat_timeout": 0.05,
+            "heartbeat_interval": 50 * MS,
+            "heartbeat_timeout": 50 * MS,
             "max_missed_heartbeats": 1,
         }
         async with Outbox(db, server.url, **options) as box:
@@ -435,8 +430,8 @@ async def test_acks_count_as_signs_of_life_for_the_heartbeat(db: Path) -> None:
 async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer, db: Path) -> None:
     options = {
         **FAST,
-        "heartbeat_interval": 0.02,
-        "heartbeat_timeout": 0.05,
+        "heartbeat_interval": 20 * MS,
+        "heartbeat_timeout": 50 * MS,
         "max_missed_heartbeats": 1,
     }
     async with Outbox(db, server.url, **options) as box:
@@ -454,7 +449,7 @@ async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer,
 async def test_retention_by_count_keeps_the_newest_acked_rows(
     server: ScriptedServer, db: Path
 ) -> None:
-    options = {**FAST, "acked_retention_count": 5, "purge_interval": 0.01}
+    options = {**FAST, "acked_retention_count": 5, "purge_interval": 10 * MS}
     async with Outbox(db, server.url, **options) as box:
         ids = await box.send_many(list(range(20)))
         await box.drain(timeout=5)
@@ -593,7 +588,7 @@ async def test_idle_sender_picks_up_rows_another_process_committed(
     monkeypatch.setattr(
         sender_module,
         "CommittedRows",
-        lambda *, limit: CommittedRows(limit=limit, max_age=0.05),
+        lambda *, limit: CommittedRows(limit=limit, max_age=50 * MS),
     )
     async with (
         Outbox(db, server.url, **FAST) as box,
