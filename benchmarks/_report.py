@@ -202,7 +202,7 @@ def code_version(root: Path) -> str:
 def machine() -> dict[str, Any]:
     from importlib.metadata import version
 
-    from outbox import codec
+    from outbox.protocol import codec
 
     return {
         "python": platform.python_version(),

@@ -12,7 +12,7 @@ Parts:
 - the **producer**: this file run as ``_producer``, an ``Outbox`` that enqueues keyed
   messages (``msg-0``, ``msg-1``, ...) at ``--msg-rate`` per second. Each life starts again
   from ``msg-0``: the idempotency keys make that a no-op for what earlier lives committed;
-- the **network**: ``outbox.fault_proxy.FaultProxy`` in this process, with a seeded
+- the **network**: ``outbox.testing.fault_proxy.FaultProxy`` in this process, with a seeded
   ``FaultPlan`` (cuts, truncated chunks, stalls, refused connections) plus blackhole
   episodes, all scaled by ``--rate``.
 

@@ -1,5 +1,11 @@
 """Test doubles with real sockets: a scriptable seed-style server, and waiting helpers.
 
+Time: every short interval the tests give an ``Outbox`` is a multiple of ``MS``, one
+millisecond of test time, as in websockets' own tests. On a slow machine set
+``OUTBOX_TEST_TIME_SCALE`` (e.g. ``3``) to stretch them all by the same factor.
+``fast_options()`` holds the intervals most client tests run with; a module or a test states
+only what it changes, as overrides.
+
 ``ScriptedServer`` is a real ``websockets`` server on 127.0.0.1 that speaks the seed
 article's protocol (and optionally the batch extension). Tests switch its behaviour with
 flags and counters, never with sleeps.
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +26,27 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from outbox.protocol import wire
+
+MS = 0.001 * float(os.environ.get("OUTBOX_TEST_TIME_SCALE", "1"))
+"""One millisecond of test time: the unit of every short interval in the tests."""
+
+
+def fast_options(**overrides: Any) -> dict[str, Any]:
+    """``Outbox`` keyword arguments scaled down for tests, with ``overrides`` applied.
+
+    Reconnects back off from 10 ms to 50 ms; resends and heartbeats are far enough away
+    (2 s, 5 s) that only a test which shortens them sees them; nothing is purged, so a test
+    can read every row afterwards.
+    """
+    options: dict[str, Any] = {
+        "reconnect_interval": 10 * MS,
+        "reconnect_max_interval": 50 * MS,
+        "ack_timeout": 2000 * MS,
+        "heartbeat_interval": 5000 * MS,
+        "acked_retention": None,
+    }
+    options.update(overrides)
+    return options
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -7,12 +7,15 @@ fast; tests wait on conditions with deadlines, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from outbox import (
     DatabaseCorruptError,
@@ -27,17 +30,15 @@ from outbox import (
     State,
     StoreError,
 )
+from outbox.client import session as sender_module
+from outbox.client.store import Row
+from outbox.protocol import wire
+from outbox.protocol.feed import CommittedRows
 from outbox.testing.fault_proxy import FaultProxy
 
-from ..support import ScriptedServer, wait_until
+from ..support import MS, ScriptedServer, fast_options, wait_until
 
-FAST: dict[str, Any] = {
-    "reconnect_interval": 0.01,
-    "reconnect_max_interval": 0.05,
-    "ack_timeout": 2.0,
-    "heartbeat_interval": 5.0,
-    "acked_retention": None,
-}
+FAST = fast_options()
 
 
 def rows(db: Path) -> list[tuple[int, str, int, str | None]]:
@@ -170,10 +171,10 @@ async def test_new_outbox_sends_leftovers_of_a_closed_one(db: Path) -> None:
 
 async def test_ack_timeout_resends_then_marks_dead(server: ScriptedServer, db: Path) -> None:
     server.ack = False
-    options = {**FAST, "ack_timeout": 0.05, "max_attempts": 3}
+    options = {**FAST, "ack_timeout": 50 * MS, "max_attempts": 3}
     async with Outbox(db, server.url, **options) as box:
         message_id = await box.send({"never": "acked"})
-        with pytest.raises(MessageDeadError, match=r"no ack within 0\.05s"):
+        with pytest.raises(MessageDeadError, match=re.escape(f"no ack within {50 * MS}s")):
             await box.wait_acked(message_id, timeout=5)
         stats = box.stats()
     assert server.ids() == [message_id] * 3  # sent, resent, resent, then given up
@@ -185,7 +186,7 @@ async def test_ack_timeout_resends_then_marks_dead(server: ScriptedServer, db: P
 
 async def test_dead_rows_can_be_requeued(server: ScriptedServer, db: Path) -> None:
     server.ack = False
-    options = {**FAST, "ack_timeout": 0.03, "max_attempts": 1}
+    options = {**FAST, "ack_timeout": 30 * MS, "max_attempts": 1}
     async with Outbox(db, server.url, **options) as box:
         message_id = await box.send("x")
         with pytest.raises(MessageDeadError):
@@ -231,27 +232,27 @@ async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
 
 async def test_refused_handshake_backs_off_instead_of_hot_looping(db: Path) -> None:
     async with ScriptedServer(refuse_status=401) as server:
-        options = {**FAST, "reconnect_interval": 0.02, "reconnect_max_interval": 1.0}
+        options = {**FAST, "reconnect_interval": 20 * MS, "reconnect_max_interval": 1000 * MS}
         async with Outbox(db, server.url, **options) as box:
             await box.send("waits")
             await wait_until(lambda: len(server.handshakes) >= 5)
         gaps = [b - a for a, b in zip(server.handshakes, server.handshakes[1:], strict=False)]
-    # Delays double: attempt n waits at least half of 0.02 * 2**(n-1).
+    # Delays double: attempt n waits at least half of 20 ms * 2**(n-1).
     for n, gap in enumerate(gaps[:4], start=1):
-        assert gap >= 0.5 * 0.02 * 2 ** (n - 1)
+        assert gap >= 0.5 * 20 * MS * 2 ** (n - 1)
     assert statuses(db) == {"pending": 1}
 
 
 @pytest.mark.parametrize("code", [1012, 1013])
 async def test_server_restarting_close_codes_get_a_backoff(db: Path, code: int) -> None:
     async with ScriptedServer(close_code=code) as server:
-        options = {**FAST, "reconnect_interval": 0.05, "reconnect_max_interval": 0.05}
+        options = {**FAST, "reconnect_interval": 50 * MS, "reconnect_max_interval": 50 * MS}
         async with Outbox(db, server.url, **options) as box:
             await wait_until(lambda: len(server.handshakes) >= 3)
             server.close_code = None
             await box.wait_acked(await box.send("after restart"), timeout=5)
         gaps = [b - a for a, b in zip(server.handshakes, server.handshakes[1:], strict=False)]
-    assert all(gap >= 0.025 for gap in gaps[:2])  # jitter keeps at least half of 0.05 s
+    assert all(gap >= 25 * MS for gap in gaps[:2])  # jitter keeps at least half of 50 ms
 
 
 async def test_json_heartbeat_without_pongs_reconnects(db: Path) -> None:
@@ -259,8 +260,8 @@ async def test_json_heartbeat_without_pongs_reconnects(db: Path) -> None:
         options = {
             **FAST,
             "heartbeat": "json",
-            "heartbeat_interval": 0.02,
-            "heartbeat_timeout": 0.02,
+            "heartbeat_interval": 20 * MS,
+            "heartbeat_timeout": 20 * MS,
             "max_missed_heartbeats": 2,
         }
         async with Outbox(db, server.url, **options) as box:
@@ -273,14 +274,14 @@ async def test_json_heartbeat_with_pongs_keeps_the_connection(db: Path) -> None:
         options = {
             **FAST,
             "heartbeat": "json",
-            "heartbeat_interval": 0.01,
-            "heartbeat_timeout": 0.2,
+            "heartbeat_interval": 10 * MS,
+            "heartbeat_timeout": 200 * MS,
         }
         async with Outbox(db, server.url, **options) as box:
             pings_before = time.monotonic()
             await box.wait_acked(await box.send("x"), timeout=5)
             # Let several heartbeats happen; they all get pongs.
-            await wait_until(lambda: time.monotonic() - pings_before > 0.2)
+            await wait_until(lambda: time.monotonic() - pings_before > 200 * MS)
             assert server.connections == 1
             assert box.stats().counters.heartbeat_misses == 0
 
@@ -371,7 +372,7 @@ async def test_cancelled_send_commits_all_or_nothing(server: ScriptedServer, db:
 
 
 async def test_acked_rows_are_purged_but_ids_never_reused(server: ScriptedServer, db: Path) -> None:
-    options = {**FAST, "acked_retention": 0.0, "purge_interval": 0.01}
+    options = {**FAST, "acked_retention": 0.0, "purge_interval": 10 * MS}
     async with Outbox(db, server.url, **options) as box:
         first = await box.send_many(["a", "b", "c"])
         await box.drain(timeout=5)
@@ -389,10 +390,10 @@ async def test_blackholed_connection_is_detected_by_the_heartbeat(
     """The TCP connection stays open but nothing comes back: only pings can tell."""
     options = {
         **FAST,
-        "heartbeat_interval": 0.05,
-        "heartbeat_timeout": 0.05,
+        "heartbeat_interval": 50 * MS,
+        "heartbeat_timeout": 50 * MS,
         "max_missed_heartbeats": 2,
-        "open_timeout": 0.3,
+        "open_timeout": 300 * MS,
     }
     async with (
         FaultProxy("127.0.0.1", server.port) as proxy,
@@ -415,8 +416,8 @@ async def test_acks_count_as_signs_of_life_for_the_heartbeat(db: Path) -> None:
         options = {
             **FAST,
             "heartbeat": "json",
-            "heartbeat_interval": 0.05,
-            "heartbeat_timeout": 0.05,
+            "heartbeat_interval": 50 * MS,
+            "heartbeat_timeout": 50 * MS,
             "max_missed_heartbeats": 1,
         }
         async with Outbox(db, server.url, **options) as box:
@@ -429,8 +430,8 @@ async def test_acks_count_as_signs_of_life_for_the_heartbeat(db: Path) -> None:
 async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer, db: Path) -> None:
     options = {
         **FAST,
-        "heartbeat_interval": 0.02,
-        "heartbeat_timeout": 0.05,
+        "heartbeat_interval": 20 * MS,
+        "heartbeat_timeout": 50 * MS,
         "max_missed_heartbeats": 1,
     }
     async with Outbox(db, server.url, **options) as box:
@@ -448,7 +449,7 @@ async def test_a_blocked_event_loop_is_not_a_missed_pong(server: ScriptedServer,
 async def test_retention_by_count_keeps_the_newest_acked_rows(
     server: ScriptedServer, db: Path
 ) -> None:
-    options = {**FAST, "acked_retention_count": 5, "purge_interval": 0.01}
+    options = {**FAST, "acked_retention_count": 5, "purge_interval": 10 * MS}
     async with Outbox(db, server.url, **options) as box:
         ids = await box.send_many(list(range(20)))
         await box.drain(timeout=5)
@@ -470,3 +471,175 @@ async def test_unusable_database_files_raise_clear_errors(tmp_path: Path) -> Non
 
     with pytest.raises(StoreError, match="directory exists"):
         await Outbox(tmp_path / "missing" / "o.db", "ws://127.0.0.1:9/").open()
+
+
+# -------------------------------------------------------------------------------------------
+# Regressions from an adversarial review of the client half: each test below proved a bug
+# (lost rows, hangs, the quota refusing a keyed retry, batch sizes in characters) before it
+# was fixed.
+# -------------------------------------------------------------------------------------------
+
+
+def closed_port_url() -> str:
+    """A ws:// URL nobody listens on: an Outbox there stays offline (another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"ws://127.0.0.1:{port}/"
+
+
+# -------------------------------------------------------------------------------------------
+# A committed message never sent: CommittedRows marked complete after a stale query
+# -------------------------------------------------------------------------------------------
+
+
+async def test_rows_committed_during_a_query_that_overflow_the_feed_are_sent(
+    server: ScriptedServer, db: Path
+) -> None:
+    box = Outbox(db, server.url, page_size=5, **FAST)
+    await box.open()
+    try:
+        store = box._store
+        assert store is not None
+        real_fetch = store.fetch_pending
+        armed = True
+        committed: list[int] = []
+
+        async def fetch_then_commit(after: int, limit: int) -> list[Row]:
+            # The SELECT's snapshot is taken first; a bigger-than-page_size send_many then
+            # commits and is published before the query's result reaches the sender. The
+            # reader and writer are two threads, so this order happens on its own; here it
+            # is forced, once, to make the test deterministic.
+            nonlocal armed
+            rows = await real_fetch(after, limit)
+            if armed:
+                armed = False
+                committed.extend(await box.send_many([{"n": i} for i in range(12)]))
+            return rows
+
+        store.fetch_pending = fetch_then_commit  # type: ignore[method-assign]
+        await wait_until(lambda: len(committed) == 12, timeout=2)
+        # Nothing else is ever committed: the application just waits for its 12 messages.
+        await box.drain(timeout=1.0)
+        assert server.unique_ids() == set(committed)
+    finally:
+        await box.close()
+
+
+# -------------------------------------------------------------------------------------------
+# close() hangs when the server stops reading
+# -------------------------------------------------------------------------------------------
+
+
+async def test_close_returns_when_the_server_stops_reading(db: Path) -> None:
+    peers: list[ServerConnection] = []
+
+    async def never_reads(ws: ServerConnection) -> None:
+        peers.append(ws)
+        await ws.wait_closed()  # accept, then never read (a stuck or overloaded peer)
+
+    async with serve(
+        never_reads, "127.0.0.1", 0, max_queue=1, compression=None, close_timeout=0.1
+    ) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        box = Outbox(db, f"ws://127.0.0.1:{port}/", close_timeout=0.2, **FAST)
+        await box.open()
+        supervisor = box._supervisor
+        assert supervisor is not None
+        await box.send_many([{"pad": "x" * 65536} for _ in range(400)])  # ~26 MB to write
+        await wait_until(lambda: supervisor.ws is not None and supervisor.ws.paused, timeout=5)
+        ws = supervisor.ws
+        assert ws is not None
+        closing = asyncio.create_task(box.close())
+        done, _ = await asyncio.wait({closing}, timeout=1.0)
+        if not done:
+            ws.transport.abort()  # clean up the hung close so the test can end
+            await closing
+        for peer in peers:
+            peer.transport.abort()
+        assert done, "Outbox.close() did not return within 1 s (close_timeout=0.2)"
+
+
+# -------------------------------------------------------------------------------------------
+# Two processes on one outbox file
+# -------------------------------------------------------------------------------------------
+
+
+async def test_drain_returns_when_another_process_shares_the_file(
+    server: ScriptedServer, db: Path
+) -> None:
+    async with (
+        Outbox(db, server.url, **FAST) as box,
+        Outbox(db, closed_port_url(), **FAST) as other,  # another process, offline
+    ):
+        await wait_until(lambda: box.state is State.CONNECTED)
+        theirs = await other.send({"from": "other"})
+        mine = await box.send({"from": "me"})  # the id gap sends our sender to the store
+        await wait_until(lambda: server.unique_ids() == {theirs, mine}, timeout=2)
+        await box.wait_acked(mine, timeout=1)
+        await box.drain(timeout=1.0)
+        assert box.stats().pending == 0
+
+
+async def test_idle_sender_picks_up_rows_another_process_committed(
+    server: ScriptedServer, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # max_age scaled down from 1 s, as the other tests scale every interval.
+    monkeypatch.setattr(
+        sender_module,
+        "CommittedRows",
+        lambda *, limit: CommittedRows(limit=limit, max_age=50 * MS),
+    )
+    async with (
+        Outbox(db, server.url, **FAST) as box,
+        Outbox(db, closed_port_url(), **FAST) as other,  # another process, offline
+    ):
+        await box.wait_acked(await box.send("warm up"), timeout=2)  # feed now complete, idle
+        theirs = await other.send({"from": "other"})
+        await wait_until(lambda: theirs in server.unique_ids(), timeout=1.0)
+
+
+# -------------------------------------------------------------------------------------------
+# An idempotent retry at the max_pending quota
+# -------------------------------------------------------------------------------------------
+
+
+async def test_retry_with_the_same_key_at_quota_returns_the_id(db: Path) -> None:
+    async with Outbox(db, closed_port_url(), max_pending=1, **FAST) as box:
+        first = await box.send({"order": 42}, key="order-42")
+        try:
+            again = await box.send({"order": 42}, key="order-42")
+        except QueueFullError as exc:
+            pytest.fail(f"an idempotent retry that adds no row was refused: {exc}")
+        assert again == first
+
+
+# -------------------------------------------------------------------------------------------
+# max_batch_bytes counts characters, not bytes
+# -------------------------------------------------------------------------------------------
+
+
+async def test_batch_frames_respect_max_batch_bytes_in_bytes(db: Path) -> None:
+    sizes: list[int] = []
+
+    async def record(ws: ServerConnection) -> None:
+        async for frame in ws:
+            assert isinstance(frame, str)
+            sizes.append(len(frame.encode()))
+            items = wire.parse_client_frame(frame)
+            assert isinstance(items, list)
+            await ws.send(wire.encode_acks([m.id for m in items]))
+
+    def announce_batch(connection: Any, request: Any, response: Any) -> None:
+        response.headers[wire.FEATURES_HEADER] = wire.FEATURE_BATCH
+
+    limit = 16 * 1024
+    async with serve(
+        record, "127.0.0.1", 0, process_response=announce_batch, compression=None
+    ) as srv:
+        port = srv.sockets[0].getsockname()[1]
+        async with Outbox(db, f"ws://127.0.0.1:{port}/", max_batch_bytes=limit, **FAST) as box:
+            await box.send_many(["\U0001f600" * 1000 for _ in range(40)])  # 4 bytes a char
+            await box.drain(timeout=2)
+    envelope = 100 + 40 * 20  # {"type":"batch","messages":[...]} and {"id":N,"data":...}
+    assert max(sizes) <= limit + envelope, f"frames of {sizes} bytes, limit {limit}"

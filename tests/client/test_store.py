@@ -7,6 +7,7 @@ sqlite3 shell would see it while the application runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
@@ -492,3 +493,25 @@ async def test_wait_commit_wakes_on_a_failed_attempt(store: Store) -> None:
         await store.insert([('"' + "x" * 200_000 + '"', None)])
     assert store.queued_rows == 0
     await asyncio.wait_for(waiter, 0.5)
+
+
+# -------------------------------------------------------------------------------------------
+# Regression (adversarial review): Store.counts drift, an id acked twice in one commit,
+# 500 ids apart
+# -------------------------------------------------------------------------------------------
+
+
+async def test_an_id_acked_twice_in_one_commit_is_counted_once(tmp_path: Path) -> None:
+    # Reachable from a session: a commit fails (file locked past busy_timeout), its acks are
+    # kept for retry; the connection drops; the next session's flush fails too, so it
+    # rescans the still-pending rows, resends them and reads their acks again. When the
+    # lock goes, one transaction carries every id twice.
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        ids = await store.insert([(json.dumps(i), None) for i in range(600)])
+        store.mark_acked(ids)  # acks read on the first connection, not yet committed
+        store.mark_acked(ids)  # the same ids acked again after the resend
+        await store.flush()
+        assert (store.counts.pending, store.counts.acked) == (0, 600)
+    finally:
+        await store.close()

@@ -48,21 +48,21 @@ from ..chaos_support import (
     reaped,
     report,
 )
-from ..support import wait_until
+from ..support import MS, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 SEED = int(os.environ.get("OUTBOX_FAULT_SEED", "20261127"))
 
 PRODUCER_OPTIONS: dict[str, Any] = {
-    "reconnect_interval": 0.01,
-    "reconnect_max_interval": 0.05,
-    "ack_timeout": 1.0,
+    "reconnect_interval": 10 * MS,
+    "reconnect_max_interval": 50 * MS,
+    "ack_timeout": 1000 * MS,
     "max_attempts": None,
-    "heartbeat_interval": 0.5,
-    "heartbeat_timeout": 0.5,
-    "open_timeout": 1.0,
-    "close_timeout": 0.1,
+    "heartbeat_interval": 500 * MS,
+    "heartbeat_timeout": 500 * MS,
+    "open_timeout": 1000 * MS,
+    "close_timeout": 100 * MS,
     "acked_retention": None,
 }
 
@@ -366,8 +366,8 @@ async def test_receiver_killed_between_inbox_commit_and_ack(
     options = {
         **PRODUCER_OPTIONS,
         "synchronous": "NORMAL",
-        "heartbeat_interval": 0.1,
-        "heartbeat_timeout": 0.1,
+        "heartbeat_interval": 100 * MS,
+        "heartbeat_timeout": 100 * MS,
     }
     in_window: list[int] = []
     async with reaped(procs):

@@ -29,24 +29,21 @@ from outbox import Outbox, Receiver, State
 from outbox.testing.fault_proxy import Fault, FaultPlan, FaultProxy
 
 from ..chaos_support import check_end_state, report
-from ..support import wait_until
+from ..support import MS, fast_options, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 SEED = int(os.environ.get("OUTBOX_FAULT_SEED", "20261127"))
 
-FAST: dict[str, Any] = {
-    "reconnect_interval": 0.01,
-    "reconnect_max_interval": 0.05,
-    "ack_timeout": 1.0,
-    "max_attempts": None,  # no scenario here means to dead-letter anything
-    "heartbeat_interval": 0.5,
-    "heartbeat_timeout": 0.5,
-    "open_timeout": 2.0,
-    "max_inflight": 16,
-    "acked_retention": None,
-    "synchronous": "NORMAL",  # survives a process crash; the crash tests use FULL
-}
+FAST = fast_options(
+    ack_timeout=1000 * MS,
+    max_attempts=None,  # no scenario here means to dead-letter anything
+    heartbeat_interval=500 * MS,
+    heartbeat_timeout=500 * MS,
+    open_timeout=2000 * MS,
+    max_inflight=16,
+    synchronous="NORMAL",  # survives a process crash; the crash tests use FULL
+)
 
 
 class Producer:
@@ -209,12 +206,12 @@ async def test_a_path_slower_than_the_ack_timeout_is_waited_for_not_resent(
     message is handled once. (Until issue 9 this resent every late message.)"""
     seed = SEED + 4
     count = 120
-    options = {**FAST, "ack_timeout": 0.03, "max_attempts": 1}
+    options = {**FAST, "ack_timeout": 30 * MS, "max_attempts": 1}
     async with (
         FaultProxy("127.0.0.1", receiver.port, seed=seed) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,
     ):
-        proxy.set_delay(0.03)
+        proxy.set_delay(30 * MS)
         for i in range(count):
             await box.send({"i": i}, key=f"msg-{i}")
             await asyncio.sleep(0.004)  # traffic shaping: a message every 4 ms
@@ -242,12 +239,12 @@ async def test_a_slow_path_with_nothing_heard_is_not_a_failed_attempt(
     """One burst over a 60 ms round trip with ack_timeout 40 ms: the deadlines pass before
     anything has come back, so nothing is counted against the messages and nothing dies."""
     seed = SEED + 9
-    options = {**FAST, "ack_timeout": 0.04, "max_attempts": 1}
+    options = {**FAST, "ack_timeout": 40 * MS, "max_attempts": 1}
     async with (
         FaultProxy("127.0.0.1", receiver.port, seed=seed) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,
     ):
-        proxy.set_delay(0.03)
+        proxy.set_delay(30 * MS)
         ids = await box.send_many([{"i": i} for i in range(50)], keys=keys(50))
         await box.drain(timeout=15)
         assert box.stats().dead == 0, f"a slow path dead-lettered messages (seed {seed})"
@@ -258,12 +255,12 @@ async def test_a_slow_path_with_nothing_heard_is_not_a_failed_attempt(
 
 BLACKHOLE = {
     **FAST,
-    "heartbeat_interval": 0.05,
-    "heartbeat_timeout": 0.05,
+    "heartbeat_interval": 50 * MS,
+    "heartbeat_timeout": 50 * MS,
     "max_missed_heartbeats": 2,
-    "ack_timeout": 2.0,  # longer than the heartbeat needs to notice: nothing times out
-    "open_timeout": 0.2,
-    "close_timeout": 0.1,
+    "ack_timeout": 2000 * MS,  # longer than the heartbeat needs to notice: nothing times out
+    "open_timeout": 200 * MS,
+    "close_timeout": 100 * MS,
 }
 
 
@@ -309,7 +306,7 @@ async def test_a_blackhole_is_noticed_by_the_heartbeat_and_nothing_is_lost(
 async def test_a_connection_the_heartbeat_declared_dead_is_dropped_at_once(
     receiver: Receiver, outbox_db: Path
 ) -> None:
-    options = {**BLACKHOLE, "close_timeout": 1.5}
+    options = {**BLACKHOLE, "close_timeout": 1500 * MS}
     async with (
         FaultProxy("127.0.0.1", receiver.port, seed=SEED) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,
@@ -324,7 +321,9 @@ async def test_a_connection_the_heartbeat_declared_dead_is_dropped_at_once(
         waited = time.monotonic() - ended
         report(f"[heartbeat declared the connection dead] next attempt after {waited:.3f}s")
         proxy.blackhole(False)
-    assert waited < 0.75, f"reconnected {waited:.2f}s after the session ended (close_timeout 1.5)"
+    assert waited < 750 * MS, (
+        f"reconnected {waited:.2f}s after the session ended (close_timeout {1500 * MS})"
+    )
 
 
 async def test_refused_reconnects_back_off_and_then_deliver(
@@ -332,7 +331,7 @@ async def test_refused_reconnects_back_off_and_then_deliver(
 ) -> None:
     seed = SEED + 6
     count = 200
-    options = {**FAST, "reconnect_interval": 0.01, "reconnect_max_interval": 0.08}
+    options = {**FAST, "reconnect_interval": 10 * MS, "reconnect_max_interval": 80 * MS}
     async with (
         FaultProxy("127.0.0.1", receiver.port, seed=seed) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,
@@ -371,7 +370,7 @@ async def test_seeded_chaos_of_every_kind(
         cut_rate=0.1,
         truncate_rate=0.1,
         stall_rate=0.1,
-        stall_seconds=0.05,
+        stall_seconds=50 * MS,
         refuse_rate=0.15,
         grace_chunks=1,
         max_faults=60,
@@ -405,13 +404,13 @@ async def test_seeded_chaos_of_every_kind(
 # 5 s, 3 missed), scaled down a hundredfold.
 DEFAULT_PROPORTIONS = {
     **FAST,
-    "ack_timeout": 0.05,
+    "ack_timeout": 50 * MS,
     "max_attempts": 3,
-    "heartbeat_interval": 0.3,
-    "heartbeat_timeout": 0.05,
+    "heartbeat_interval": 300 * MS,
+    "heartbeat_timeout": 50 * MS,
     "max_missed_heartbeats": 3,
-    "open_timeout": 0.1,
-    "close_timeout": 0.02,
+    "open_timeout": 100 * MS,
+    "close_timeout": 20 * MS,
 }
 
 

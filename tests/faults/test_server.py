@@ -28,7 +28,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,20 +39,15 @@ from outbox.protocol import wire
 from outbox.testing.fault_proxy import FaultProxy
 
 from ..chaos_support import outbox_statuses, read_outbox, report
-from ..support import ScriptedServer, wait_until
+from ..support import MS, ScriptedServer, fast_options, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
-FAST: dict[str, Any] = {
-    "reconnect_interval": 0.01,
-    "reconnect_max_interval": 0.05,
-    "ack_timeout": 2.0,
-    "max_attempts": None,
-    "heartbeat_interval": 5.0,
-    "open_timeout": 2.0,
-    "close_timeout": 0.1,
-    "acked_retention": None,
-}
+FAST = fast_options(
+    max_attempts=None,
+    open_timeout=2000 * MS,
+    close_timeout=100 * MS,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +278,7 @@ async def silent_tcp_server(upgrade: bool) -> AsyncIterator[int]:
 async def test_a_server_that_never_answers_the_upgrade(
     db: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    options = {**FAST, "open_timeout": 0.1}
+    options = {**FAST, "open_timeout": 100 * MS}
     async with (
         silent_tcp_server(upgrade=False) as silent_port,
         ScriptedServer() as good,
@@ -307,10 +301,10 @@ async def test_a_server_that_upgrades_then_never_sends_a_byte(
     heartbeat needs, so nothing is counted as an attempt and nothing goes dead."""
     options = {
         **FAST,
-        "heartbeat_interval": 0.05,
-        "heartbeat_timeout": 0.05,
+        "heartbeat_interval": 50 * MS,
+        "heartbeat_timeout": 50 * MS,
         "max_missed_heartbeats": 2,
-        "ack_timeout": 2.0,
+        "ack_timeout": 2000 * MS,
         "max_attempts": 1,
     }
     async with (
@@ -340,12 +334,12 @@ async def test_a_server_that_answers_pings_but_never_acks(db: Path) -> None:
         if acking:
             await ws.send(wire.encode_ack(message_id))
 
-    options = {**FAST, "ack_timeout": 0.05, "max_attempts": 2, "heartbeat_interval": 0.02}
+    options = {**FAST, "ack_timeout": 50 * MS, "max_attempts": 2, "heartbeat_interval": 20 * MS}
     async with Misbehaving(answer=answer) as server, Outbox(db, server.url, **options) as box:
         ids = await box.send_many([{"i": i} for i in range(5)])
         await wait_until(lambda: box.stats().dead == 5, timeout=5)
         reasons = {row.last_error for row in read_outbox(db)[1]}
-        assert reasons == {"no ack within 0.05s, 2 times"}
+        assert reasons == {f"no ack within {50 * MS}s, 2 times"}
         assert server.connections == 1  # alive all along: pongs kept coming
         acking = True
         assert await box.requeue_dead() == 5
@@ -395,7 +389,7 @@ async def test_handshake_refused_with_an_http_status(
 async def test_close_returns_while_the_server_keeps_closing_connections(db: Path) -> None:
     """Open, wait for a connection (which the server closes at once with 1013), yield to
     the loop k times, close: k sweeps the moment of the close across the session's end."""
-    options = {**FAST, "reconnect_max_interval": 0.02}
+    options = {**FAST, "reconnect_max_interval": 20 * MS}
     hung_at: int | None = None
     async with ScriptedServer(close_code=1013) as server:
         for k in range(300):
@@ -477,9 +471,9 @@ async def run_against_model(script: list[str], sizes: list[int], batch_window: i
     server = ModelServer(list(script))
     options = {
         **FAST,
-        "ack_timeout": 0.05,
-        "reconnect_interval": 0.005,
-        "reconnect_max_interval": 0.01,
+        "ack_timeout": 50 * MS,
+        "reconnect_interval": 5 * MS,
+        "reconnect_max_interval": 10 * MS,
         "max_inflight": batch_window,
     }
     started = time.monotonic()

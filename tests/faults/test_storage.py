@@ -48,20 +48,17 @@ from ..chaos_support import (
     record_effect,
     report,
 )
-from ..support import wait_until
+from ..support import MS, fast_options, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
-FAST: dict[str, Any] = {
-    "reconnect_interval": 0.01,
-    "reconnect_max_interval": 0.05,
-    "ack_timeout": 1.0,
-    "max_attempts": None,
-    "heartbeat_interval": 0.5,
-    "open_timeout": 2.0,
-    "close_timeout": 0.1,
-    "acked_retention": None,
-}
+FAST = fast_options(
+    ack_timeout=1000 * MS,
+    max_attempts=None,
+    heartbeat_interval=500 * MS,
+    open_timeout=2000 * MS,
+    close_timeout=100 * MS,
+)
 
 BIG = "x" * 300_000  # more than any free space left in a "full" file
 
@@ -122,7 +119,7 @@ async def test_outbox_locked_by_another_process(
     """Past busy_timeout, send() raises a StoreError naming the lock and writes nothing; rows
     committed before still go out (WAL readers are not blocked) and their acks, which cannot
     be committed meanwhile, are kept and committed after the lock is gone."""
-    options = {**FAST, "busy_timeout": 0.1}
+    options = {**FAST, "busy_timeout": 100 * MS}
     async with (
         FaultProxy("127.0.0.1", receiver.port) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,
@@ -157,7 +154,7 @@ async def test_outbox_locked_by_another_process(
 async def test_a_reconnect_needs_no_write_lock(
     receiver: Receiver, outbox_db: Path, inbox_db: Path
 ) -> None:
-    options = {**FAST, "busy_timeout": 0.1}
+    options = {**FAST, "busy_timeout": 100 * MS}
     async with (
         FaultProxy("127.0.0.1", receiver.port) as proxy,
         Outbox(outbox_db, proxy.url(), **options) as box,

@@ -51,7 +51,7 @@ async def no_loop_errors(caplog: pytest.LogCaptureFixture) -> AsyncIterator[None
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    caplog.set_level(logging.DEBUG, logger="outbox.fault_proxy")
+    caplog.set_level(logging.DEBUG, logger="outbox.testing.fault_proxy")
     try:
         yield
         gc.collect()
