@@ -21,15 +21,16 @@ refused on both backends, though orjson alone would encode some of them.
 Decoding follows the same rule: :func:`loads` refuses NaN and Infinity on both backends,
 and raises ``ValueError``, never ``RecursionError``, for a document too deep to decode;
 ``check`` then refuses what decoded but breaks the rule (too deep, lone surrogates,
-integers beyond 64 bits: a digit run long enough to hold one sends the text to the exact
-standard-library decoder, since orjson would read it as a float).
+integers beyond 64 bits). orjson reads an integer beyond 64 bits as a float, so a decoded
+float that large may have been one: ``check(value, inexact=True)`` raises
+:class:`InexactNumber` for it, and the caller decodes the text again with
+:func:`loads_exact`, which reads every integer exactly, before judging it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -48,6 +49,13 @@ _TEXT_LIMIT = 60  # characters of a refused value quoted in an error
 
 class NotJSONError(TypeError):
     """The value breaks the payload rule; the message says where and why."""
+
+
+class InexactNumber(Exception):
+    """A float decoded by orjson is large enough to have been an integer beyond 64 bits."""
+
+
+_INEXACT_FROM = float(2**63)
 
 
 def _show(value: Any) -> str:
@@ -73,7 +81,7 @@ def _check_text(text: str) -> None:
             ) from None
 
 
-def _check(value: Any, depth: int) -> None:
+def _check(value: Any, depth: int, inexact: bool) -> None:
     kind = type(value)
     if kind is str:
         _check_text(value)
@@ -83,6 +91,8 @@ def _check(value: Any, depth: int) -> None:
     elif kind is float:
         if not math.isfinite(value):
             raise _Refused(f"is {value!r}, which JSON cannot represent")
+        if inexact and abs(value) >= _INEXACT_FROM:
+            raise InexactNumber
     elif value is None or kind is bool:
         return
     elif kind is dict:
@@ -95,7 +105,7 @@ def _check(value: Any, depth: int) -> None:
                 key = str.__str__(key)
             try:
                 _check_text(key)
-                _check(item, depth + 1)
+                _check(item, depth + 1, inexact)
             except _Refused as refused:
                 refused.path.append(f"[{_show(key)}]")
                 raise
@@ -104,15 +114,15 @@ def _check(value: Any, depth: int) -> None:
             raise _Refused(f"nests deeper than {MAX_DEPTH} levels")
         for index, item in enumerate(value):
             try:
-                _check(item, depth + 1)
+                _check(item, depth + 1, inexact)
             except _Refused as refused:
                 refused.path.append(f"[{index}]")
                 raise
     else:
-        _check_subclass(value, depth)
+        _check_subclass(value, depth, inexact)
 
 
-def _check_subclass(value: Any, depth: int) -> None:
+def _check_subclass(value: Any, depth: int, inexact: bool) -> None:
     """Subclasses of the JSON types are their base value (an IntEnum is its int)."""
     # The exact value the encoders write: str.__str__ of a str enum is its value, not
     # "Name.ADA"; int.__int__ of an IntEnum its number.
@@ -130,16 +140,20 @@ def _check_subclass(value: Any, depth: int) -> None:
     else:
         plain = None
     if plain is not None:
-        _check(plain, depth)
+        _check(plain, depth, inexact)
         return
     what = "a plain Enum member" if isinstance(value, Enum) else type(value).__name__
     raise _Refused(f"is {what} ({_show(value)}), not a JSON value")
 
 
-def check(value: Any) -> None:
-    """Raise NotJSONError (a TypeError) unless ``value`` follows the payload rule above."""
+def check(value: Any, *, inexact: bool = False) -> None:
+    """Raise NotJSONError (a TypeError) unless ``value`` follows the payload rule above.
+
+    ``inexact``: the value came from :func:`loads` with orjson (``LOADS_IS_INEXACT``), so a
+    float of 2**63 or more raises InexactNumber: decode again with :func:`loads_exact`.
+    """
     try:
-        _check(value, 0)
+        _check(value, 0, inexact)
     except _Refused as refused:
         path = "".join(reversed(refused.path))
         if len(path) > _TEXT_LIMIT:
@@ -158,9 +172,6 @@ def _refuse_constant(name: str) -> Any:
 
 _decode_stdlib: Callable[[str], Any] = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
-# A run of 19 digits: the shortest text that can hold an integer beyond 64 bits (-2**63-1).
-_LONG_DIGITS = re.compile(r"\d{19}")
-_LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
 
 
 def _loads_stdlib(text: str | bytes) -> Any:
@@ -171,6 +182,12 @@ def _loads_stdlib(text: str | bytes) -> Any:
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
+
+loads_exact: Callable[[str | bytes], Any] = _loads_stdlib
+"""Decode JSON text reading every integer exactly (the standard library), NaN refused."""
+
+LOADS_IS_INEXACT: bool
+"""True where :func:`loads` may read an integer beyond 64 bits as a float (orjson)."""
 
 dumps_checked: Callable[[Any], str]
 """Encode a value that already passed :func:`check` (the receiver's parsed messages)."""
@@ -193,11 +210,6 @@ try:  # pragma: no cover - depends on the environment
         return _encode_orjson(value)
 
     def _loads_orjson(text: str | bytes) -> Any:
-        pattern = _LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_BYTES
-        if pattern.search(text) is not None:  # type: ignore[arg-type]
-            # orjson reads an integer beyond 64 bits as a float: read it exactly instead,
-            # so check() can refuse it rather than let a changed number through.
-            return _loads_stdlib(text)
         try:
             return orjson.loads(text)
         except RecursionError:
@@ -206,10 +218,12 @@ try:  # pragma: no cover - depends on the environment
     dumps_checked = _encode_orjson
     loads = _loads_orjson
     BACKEND = "orjson"
+    LOADS_IS_INEXACT = True
 except ImportError:  # pragma: no cover - depends on the environment
     dumps_checked = _encode_stdlib
     loads = _loads_stdlib
     BACKEND = "json"
+    LOADS_IS_INEXACT = False
 
 
 def dumps(value: Any) -> str:
@@ -228,11 +242,14 @@ __all__ = [
     "BACKEND",
     "INT_MAX",
     "INT_MIN",
+    "LOADS_IS_INEXACT",
     "MAX_DEPTH",
     "MAX_FRAME_DEPTH",
+    "InexactNumber",
     "NotJSONError",
     "check",
     "dumps",
     "dumps_checked",
     "loads",
+    "loads_exact",
 ]

@@ -12,7 +12,7 @@ announced them in the handshake headers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,7 @@ def _message_id(value: Any, where: str, name: str = "id") -> int:
     return value
 
 
-def _message(obj: Any, where: str) -> Message:
+def _message(obj: Any, where: str, inexact: bool = False) -> Message:
     if not isinstance(obj, dict):
         raise ProtocolError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
@@ -127,7 +127,7 @@ def _message(obj: Any, where: str) -> Message:
     message_id = _message_id(obj["id"], where)
     data = obj["data"]
     try:
-        codec.check(data)  # what the inbox can store as the client sent it
+        codec.check(data, inexact=inexact)  # what the inbox can store as the client sent it
     except codec.NotJSONError as exc:
         raise ProtocolError(f"{where}: 'data' breaks the payload rule: {exc}") from None
     return Message(message_id, data)
@@ -142,21 +142,32 @@ def parse_client_frame(frame: str | bytes) -> list[Message] | Ping:
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not part of the protocol; send JSON text frames")
     try:
-        obj = codec.loads(frame)
+        return _client_frame(_decode(frame, codec.loads), codec.LOADS_IS_INEXACT)
+    except codec.InexactNumber:
+        # A float that may have been an integer beyond 64 bits: read the text exactly.
+        return _client_frame(_decode(frame, codec.loads_exact), False)
+
+
+def _decode(frame: str, loads: Callable[[str], Any]) -> Any:
+    try:
+        return loads(frame)
     except ValueError as exc:
         raise ProtocolError(f"frame is not JSON: {clip(str(exc))}") from None
+
+
+def _client_frame(obj: Any, inexact: bool) -> list[Message] | Ping:
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")
     if kind is None:
-        return [_message(obj, "message")]
+        return [_message(obj, "message", inexact)]
     if kind == "ping":
         return Ping()
     if kind == "batch":
         messages = obj.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ProtocolError("batch: 'messages' must be a non-empty list")
-        return [_message(item, f"batch item {i}") for i, item in enumerate(messages)]
+        return [_message(item, f"batch item {i}", inexact) for i, item in enumerate(messages)]
     raise ProtocolError(f"unknown frame type {show(kind)}")
 
 
@@ -276,7 +287,7 @@ def salvage(frame: str | bytes, error: ProtocolError) -> list[Item]:
         return [Close(CloseCode.UNSUPPORTED_DATA, close_reason(str(error)))]
     fatal: list[Item] = [Close(CloseCode.INVALID_DATA, close_reason(str(error)))]
     try:
-        obj = codec.loads(frame)
+        obj = codec.loads_exact(frame)  # the slow path: read every integer exactly
     except ValueError:
         return fatal
     if not isinstance(obj, dict):

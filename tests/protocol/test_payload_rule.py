@@ -119,13 +119,25 @@ def test_a_very_deep_document_is_refused_not_a_crash(as_bytes: bool) -> None:
 
 
 @pytest.mark.parametrize("number", [2**64, 2**70, -(2**63) - 1])
-def test_decoded_integers_beyond_64_bits_stay_exact_so_check_refuses_them(number: int) -> None:
-    """orjson alone would read them as floats: a changed number, silently."""
+def test_decoded_integers_beyond_64_bits_are_refused_not_changed(number: int) -> None:
+    """orjson alone would read them as floats: a changed number, silently. A float that
+    large sends the text to the exact decoder, which reads the integer, which is refused."""
     for text in (f'{{"n": {number}}}', f'{{"n": {number}}}'.encode()):
-        value = codec.loads(text)
-        assert value == {"n": number} and type(value["n"]) is int
+        decoded = codec.loads(text)
+        if codec.LOADS_IS_INEXACT:
+            with pytest.raises(codec.InexactNumber):
+                codec.check(decoded, inexact=True)
+        exact = codec.loads_exact(text)
+        assert exact == {"n": number} and type(exact["n"]) is int
         with pytest.raises(codec.NotJSONError, match="beyond 64 bits"):
-            codec.check(value)
+            codec.check(exact)
+
+
+def test_large_floats_are_still_floats() -> None:
+    """1e19 is a float, not an integer in disguise: it passes, after the exact decoder."""
+    assert codec.loads_exact('{"x": 1e19}') == {"x": 1e19}
+    codec.check({"x": 1e19})
+    codec.check(codec.loads_exact('{"x": 1e19}'))
 
 
 def test_decoded_lone_surrogates_are_refused_by_check() -> None:

@@ -92,3 +92,9 @@ def test_a_very_deep_frame_from_the_server_is_a_protocol_error() -> None:
     """Not a RecursionError: that used to put the client in a reconnect loop."""
     with pytest.raises(ProtocolError):
         wire.parse_server_frame("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_large_float_is_accepted_as_sent() -> None:
+    """Only an integer beyond 64 bits is refused: 1e19 and -2.5e30 are plain floats."""
+    [message] = wire.parse_client_frame('{"id": 1, "data": {"a": 1e19, "b": -2.5e30}}')
+    assert message.data == {"a": 1e19, "b": -2.5e30}

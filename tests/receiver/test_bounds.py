@@ -4,7 +4,9 @@ receiver keeps its promise to everyone else, and its memory bounded in bytes (is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,9 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from outbox import Incoming, Outbox, Receiver, serve
 from outbox.protocol import wire
 
-from ..support import wait_until
-
-MS = 0.001
+from ..support import MS, wait_until
 
 
 def slow_recorder(delay: float) -> tuple[Callable[[Incoming], Awaitable[None]], list[Any]]:
@@ -142,15 +142,27 @@ async def test_pongs_to_a_client_that_never_reads_are_bounded_then_it_is_dropped
             return rx.stats.open_connections == 0 and rx.stats.connections == 1
 
         # max_queue=1 and never calling recv(): the client stops reading from the socket.
-        async with connect(rx.url, max_queue=1) as ws:
-            try:
-                async with asyncio.timeout(10):
+        # Small socket buffers on both ends, so they fill after a few kB of pongs instead of
+        # megabytes (accepted sockets inherit the listening socket's send buffer size).
+        for listening in rx._server.sockets if rx._server else ():
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", rx.port))
+        async with connect(rx.url, max_queue=1, sock=sock) as ws:
+
+            async def flood() -> None:
+                with contextlib.suppress(ConnectionClosed):
                     while True:
                         await ws.send(wire.PING_FRAME)
-                        watch()
-            except (ConnectionClosed, TimeoutError):
-                pass
-        await wait_until(watch, timeout=5)
+
+            flooding = asyncio.ensure_future(flood())
+            try:
+                await wait_until(watch, timeout=10)  # the receiver dropped it
+            finally:
+                flooding.cancel()
+                ws.transport.abort()  # it never reads: a closing handshake would wait it out
     assert peak <= limit + 64, peak
 
 
@@ -177,6 +189,7 @@ async def test_large_messages_behind_a_slow_handler_are_bounded_in_bytes(tmp_pat
             )
             await wait_until(watch, timeout=20)
             await sender
+            ws.transport.abort()  # it read no ack: a closing handshake would wait it out
     assert peak <= limit + len(big) + 100, peak
 
 
@@ -190,3 +203,28 @@ async def test_receiver_options_bound_rounds(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=name):
             Receiver(None, tmp_path / "inbox.db", **{name: bad})
+
+
+async def test_nacks_to_a_client_that_never_reads_do_not_echo_its_frames(tmp_path: Path) -> None:
+    """A 4 MB ``type`` field, nacked as malformed, to a client that never reads: the nack's
+    reason is clipped, so the receiver's memory does not grow with what the client sends.
+    (Before, each nack repeated the 4 MB field: 3 GB in 37 s.)"""
+    import psutil
+
+    process = psutil.Process()
+    huge = "x" * 4_000_000
+    async with serve(None, tmp_path / "inbox.db") as rx:
+        before = process.memory_info().rss
+        peak = before
+        async with connect(rx.url, max_queue=1) as ws:  # never calls recv()
+            for n in range(1, 21):  # 80 MB sent
+                await ws.send(json.dumps({"id": n, "type": huge, "data": 1}))
+                peak = max(peak, process.memory_info().rss)
+            await wait_until(lambda: rx.stats.protocol_errors >= 20, timeout=30)
+            peak = max(peak, process.memory_info().rss)
+            held = sum(peer.outgoing_bytes for peer in rx._peers)
+            ws.transport.abort()  # it never reads: a closing handshake would wait it out
+    growth_mb = (peak - before) / 1e6
+    print(f"\nRSS growth {growth_mb:.1f} MB after 80 MB of bad frames; answers held {held} B")
+    assert held <= 20 * 400  # 20 nacks of a few hundred bytes, not 20 x 4 MB
+    assert growth_mb < 60  # the 20 echoes alone would be 80 MB
