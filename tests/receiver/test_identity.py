@@ -291,3 +291,6 @@ async def test_a_restored_backup_loses_no_new_message(
     assert all(everything.count(p) == 1 for p in new)  # each new one handled, once
     assert len(everything) == 60
     assert statuses(db).get("dead", 0) == 0
+    # Offline, ids 11..40 were given out before the receiver could say its high-water mark
+    # (30): 11..30 conflict and are renumbered. Online, new ids start past 30 at once.
+    assert receiver.stats.conflicts == (20 if offline else 0)
