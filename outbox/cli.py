@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -27,7 +28,8 @@ import urllib.parse
 from collections.abc import Callable
 
 from .errors import StoreError
-from .receiver import DEFAULT_MAX_SIZE, Receiver, serve
+from .receiver import DEFAULT_MAX_SIZE, ConnectRequest, Receiver, serve
+from .receiver.api import Authenticate
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -61,6 +63,11 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=int,
         default=None,
         help="largest frame in bytes; larger ones close the connection with 1009",
+    )
+    parser.add_argument(
+        "--token-file",
+        help="require 'Authorization: Bearer TOKEN': one 'TOKEN PRINCIPAL' per line (# comments "
+        "and blank lines ignored); without it, claimed client ids are trusted",
     )
     parser.set_defaults(run=_serve)
 
@@ -110,7 +117,69 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+class TokenFileError(ValueError):
+    """A token file that cannot be read as ``TOKEN PRINCIPAL`` lines."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def read_token_file(path: str) -> dict[bytes, str]:
+    """SHA-256 of each token -> its principal. Raises TokenFileError naming the bad line.
+
+    Lookups go by the token's digest, so the time a lookup takes says nothing about how
+    much of a guessed token was right.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read token file {path}: {exc}") from None
+    tokens: dict[bytes, str] = {}
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = text.split()
+        if len(fields) != 2:
+            raise TokenFileError(
+                f"{path} line {number}: expected 'TOKEN PRINCIPAL' (two fields separated by "
+                f"spaces), got {len(fields)} field(s)"
+            )
+        token, principal = fields
+        if _digest(token) in tokens:
+            raise TokenFileError(f"{path} line {number}: this token is already listed above")
+        tokens[_digest(token)] = principal
+    if not tokens:
+        raise TokenFileError(f"{path} lists no tokens: every client would be refused")
+    return tokens
+
+
+def bearer_authenticate(tokens: dict[bytes, str]) -> Authenticate:
+    """An ``authenticate`` hook: the principal of the ``Authorization: Bearer`` token, or
+    None (401) for a missing, repeated or unknown one."""
+
+    def authenticate(request: ConnectRequest) -> str | None:
+        values = request.headers.get_all("Authorization")
+        if len(values) != 1:
+            return None
+        scheme, _, token = values[0].strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return tokens.get(_digest(token.strip()))
+
+    return authenticate
+
+
 def _serve(args: argparse.Namespace) -> int:
+    authenticate = None
+    if args.token_file:
+        try:
+            authenticate = bearer_authenticate(read_token_file(args.token_file))
+        except TokenFileError as exc:
+            print(f"outbox serve: {exc}", file=sys.stderr)
+            return 2
     context = None
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -121,6 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         ssl=context,
+        authenticate=authenticate,
         synchronous=args.synchronous,
         max_size=args.max_size or DEFAULT_MAX_SIZE,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from outbox import Outbox
 from outbox.cli import build_parser, main
@@ -30,7 +31,7 @@ def test_a_command_is_required() -> None:
         main([])
 
 
-async def start_serve(db: Path) -> asyncio.subprocess.Process:
+async def start_serve(db: Path, *extra: str) -> asyncio.subprocess.Process:
     """``python -m outbox serve`` on a free port, its output piped for the test to read."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -41,6 +42,7 @@ async def start_serve(db: Path) -> asyncio.subprocess.Process:
         str(db),
         "--port",
         "0",
+        *extra,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -67,6 +69,7 @@ async def test_serve_prints_its_url_stores_messages_and_stops_on_a_signal(
         async with asyncio.timeout(10):
             _, stderr = await process.communicate()
         assert process.returncode == 0, stderr.decode()
+        assert b"trusted without authentication" in stderr  # no --token-file
     finally:
         if process.returncode is None:
             process.kill()
@@ -74,6 +77,72 @@ async def test_serve_prints_its_url_stores_messages_and_stops_on_a_signal(
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT client_id, message_id, payload FROM inbox").fetchall()
     assert rows == [("cli-test", 1, '{"n":1}'), ("cli-test", 2, '{"n":2}')]
+
+
+async def stop(process: asyncio.subprocess.Process) -> bytes:
+    """SIGTERM, wait, return stderr."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        _, stderr = await process.communicate()
+    return stderr
+
+
+async def test_serve_with_a_token_file_requires_a_known_bearer_token(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# token principal\n\ns3cret-a alice\n  s3cret-b   bob  \n")
+    db = tmp_path / "inbox.db"
+    process = await start_serve(db, "--token-file", str(tokens))
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(10):
+            url = (await process.stdout.readline()).decode().strip()
+        for auth in (None, "Bearer wrong", "Bearer s3cret-a extra", "Basic s3cret-a"):
+            extra = {wire.CLIENT_ID_HEADER: "laptop"}
+            if auth is not None:
+                extra["Authorization"] = auth
+            with pytest.raises(InvalidStatus) as info:
+                await connect(url, additional_headers=extra)
+            assert info.value.response.status_code == 401
+        outbox_db = tmp_path / "outbox.db"
+        headers = {"Authorization": "Bearer s3cret-b"}
+        async with Outbox(outbox_db, url, additional_headers=headers) as box:
+            await box.send({"from": "bob"})
+            await box.drain(timeout=10)
+            client = box.client_id
+        stderr = await stop(process)
+        assert process.returncode == 0, stderr.decode()
+        assert b"trusted without authentication" not in stderr
+        assert b"s3cret" not in stderr  # tokens are never logged
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT client_id, payload FROM inbox").fetchall()
+    assert rows == [(f"bob/{client}", '{"from":"bob"}')]
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        ("# ok\ngood alice\njust-a-token\n", b"line 3: expected 'TOKEN PRINCIPAL'"),
+        ("a alice\nb bob carol\n", b"line 2: expected 'TOKEN PRINCIPAL'"),
+        ("a alice\na bob\n", b"line 2: this token is already listed"),
+        ("# nothing\n\n", b"lists no tokens"),
+    ],
+)
+async def test_serve_refuses_a_malformed_token_file(
+    tmp_path: Path, content: str, complaint: bytes
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(content)
+    process = await start_serve(tmp_path / "inbox.db", "--token-file", str(tokens))
+    async with asyncio.timeout(10):
+        stdout, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert stdout == b""
+    assert complaint in stderr, stderr.decode()
 
 
 async def test_serve_reports_an_unusable_database(tmp_path: Path) -> None:

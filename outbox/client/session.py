@@ -63,6 +63,13 @@ class Session:
         self.clock = clock
         features = wire.parse_features(_response_header(ws, wire.FEATURES_HEADER))
         self.batch = options.batch and wire.FEATURE_BATCH in features
+        self.renumbers = wire.FEATURE_ID_CONFLICT in features
+        """The receiver flags id conflicts: renumber such a message rather than let it die."""
+        self.high_water = (
+            wire.parse_high_water(_response_header(ws, wire.HIGH_WATER_HEADER))
+            if self.renumbers
+            else 0
+        )
         self.heartbeat = HeartbeatMonitor(
             interval=options.heartbeat_interval,
             timeout=options.heartbeat_timeout,
@@ -89,6 +96,8 @@ class Session:
             # The file is locked or full: resending acked rows is harmless (the receiver
             # deduplicates), waiting for the disk is not.
             logger.warning("could not commit acks before resending (%s); going on", exc)
+        if self.high_water > self.store.max_id:
+            await self._skip_used_ids()
         # Everything un-acked on the last connection goes out again, in id order.
         self._unacked_before = set(self.window.clear())
         unsubscribe = self.store.subscribe(self._on_commit)
@@ -149,7 +158,9 @@ class Session:
                     self._feed.scanned(rows[-1].id if rows else cursor, reached_end, now)
                 if rows:
                     cursor = rows[-1].id
-                    fresh = [row for row in rows if row.id not in self.window]
+                    # (A read that raced with a renumbering may still hold the old id.)
+                    retired = self.store.renumbered
+                    fresh = [r for r in rows if r.id not in self.window and r.id not in retired]
                     if self._unacked_before:
                         again = self._unacked_before.intersection(row.id for row in fresh)
                         self.counters.resends += len(again)
@@ -247,7 +258,9 @@ class Session:
                     self.store.mark_acked(known)
                     self._wake.set()
             elif isinstance(event, wire.Nack):
-                if self.window.discard(event.id):
+                if event.conflict and self.renumbers and event.id in self.window:
+                    await self._renumber(event)
+                elif self.window.discard(event.id):
                     self.counters.nacks += 1
                     logger.warning("message %d refused by the server: %s", event.id, event.reason)
                     self.store.mark_dead([(event.id, f"nack: {event.reason}")])
@@ -256,6 +269,47 @@ class Session:
                     logger.debug("nack for id %d, which is not in flight; ignored", event.id)
             elif self._json_pong is not None and not self._json_pong.done():
                 self._json_pong.set_result(None)
+
+    # -- reused ids (docs/protocol.md, "Reused ids") -------------------------------------------
+
+    async def _skip_used_ids(self) -> None:
+        """The receiver has seen higher ids from this client than this file ever gave out:
+        the file was restored from a backup or a snapshot. New messages start past them."""
+        previous = await self.store.raise_sequence(self.high_water)
+        logger.warning(
+            "the receiver has recorded message ids up to %d from client %s, but this outbox "
+            "has only given out ids up to %d: was %s restored from a backup or a snapshot? "
+            "New messages get ids from %d on; pending ones the receiver refuses as conflicts "
+            "are renumbered",
+            self.high_water,
+            self.store.client_id,
+            previous,
+            self.store.path,
+            self.high_water + 1,
+        )
+
+    async def _renumber(self, nack: wire.Nack) -> None:
+        """The receiver holds this id with other content, so it has never seen this message:
+        give it a fresh id and send it again, rather than lose it."""
+        self.counters.nacks += 1
+        note = f"renumbered from {nack.id} after an id conflict: {nack.reason}"
+        try:
+            # The id stays in the window meanwhile, so the sender cannot resend it as it is.
+            new_id = await self.store.renumber(nack.id, note)
+        except OutboxError as exc:
+            logger.error("could not renumber message %d (%s); marking it dead", nack.id, exc)
+            self.window.discard(nack.id)
+            self.store.mark_dead([(nack.id, f"nack: {nack.reason}")])
+            return
+        self.window.discard(nack.id)
+        logger.warning(
+            "message %d refused by the server as an id conflict (it holds id %d from this "
+            "client with other content); renumbered to %s and sent again",
+            nack.id,
+            nack.id,
+            new_id if new_id is not None else "nothing (no longer pending)",
+        )
+        self._wake.set()
 
     async def _ping(self) -> Awaitable[object]:
         if self.options.heartbeat == "protocol":

@@ -214,7 +214,10 @@ class Store:
         self._waiters: dict[int, list[asyncio.Future[tuple[Status, str | None]]]] = {}
         self._listeners: list[Callable[[list[Row]], None]] = []
         self.requeue_generation = 0
-        """Bumped when dead rows return to pending, so a sender rescans from the start."""
+        """Bumped when dead rows return to pending (or a row is renumbered), so a sender
+        rescans from the start."""
+        self.renumbered: dict[int, int] = {}
+        """Old id -> new id of rows renumbered after an id conflict (this process only)."""
         self.commits = 0
         self._data_version = 0
         self._last_now = 0.0
@@ -600,6 +603,8 @@ class Store:
 
     async def status(self, message_id: int) -> tuple[Status, str | None]:
         """The status of one message; an acked row that retention purged reads as acked."""
+        while message_id in self.renumbered:
+            message_id = self.renumbered[message_id]
         found = list(
             await self._reader.execute_fetchall(
                 "SELECT status, last_error FROM outbox WHERE id = ?", (message_id,)
@@ -630,6 +635,34 @@ class Store:
                 waiters.remove(future)
                 if not waiters:
                     del self._waiters[message_id]
+
+    # -- id conflicts (docs/protocol.md, "Reused ids") ----------------------------------------
+
+    async def raise_sequence(self, floor: int) -> int:
+        """Make every new id greater than ``floor`` (the receiver's high-water mark for this
+        client); returns the previous highest id. A no-op when the sequence is past it."""
+        previous: int = await self._run_on_writer(_raise_sequence, floor)
+        self.max_id = max(self.max_id, floor)
+        return previous
+
+    async def renumber(self, message_id: int, note: str) -> int | None:
+        """Give a pending row the next fresh id, keeping its payload, key and creation time,
+        in one transaction; None if it is no longer pending. Waiters follow it."""
+        try:
+            new_id: int | None = await self._run_on_writer(
+                _renumber, message_id, note, self._clock()
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+        if new_id is None:
+            return None
+        self.renumbered[message_id] = new_id
+        self.max_id = max(self.max_id, new_id)
+        moved = self._waiters.pop(message_id, None)
+        if moved:
+            self._waiters.setdefault(new_id, []).extend(moved)
+        self.requeue_generation += 1
+        return new_id
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -919,3 +952,49 @@ def _purge(conn: sqlite3.Connection, older_than: float | None, keep: int | None)
                 (found[0], PURGE_CHUNK),
             ).rowcount
     return total
+
+
+def _raise_sequence(conn: sqlite3.Connection, floor: int) -> int:
+    """Move the outbox's AUTOINCREMENT sequence up to ``floor``; return where it was."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        previous = int(row[0]) if row else 0
+        if floor > previous:
+            if row:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (floor,))
+            else:
+                conn.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (floor,)
+                )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return previous
+
+
+def _renumber(conn: sqlite3.Connection, message_id: int, note: str, now: float) -> int | None:
+    """Move a pending row to a fresh AUTOINCREMENT id: delete and re-insert, one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute(
+            "SELECT payload, key, created_at FROM outbox WHERE id = ? AND status = 'pending'",
+            (message_id,),
+        ).fetchone()
+        new_id: int | None = None
+        if row is not None:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+            conn.execute(
+                "INSERT INTO outbox (payload, key, created_at, updated_at, last_error) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (row[0], row[1], row[2], now, note),
+            )
+            new_id = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return new_id

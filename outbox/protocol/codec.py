@@ -173,7 +173,6 @@ def _refuse_constant(name: str) -> Any:
 _decode_stdlib: Callable[[str], Any] = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
 
-
 def _loads_stdlib(text: str | bytes) -> Any:
     if isinstance(text, bytes):
         text = text.decode("utf-8")

@@ -34,7 +34,15 @@ FEATURE_BATCH = "batch"
 FEATURE_BATCH_ACK = "batch-ack"
 """The client accepts ``{"type": "ack", "messageIds": [...]}`` frames."""
 
-CLIENT_FEATURES = (FEATURE_BATCH, FEATURE_BATCH_ACK)
+FEATURE_ID_CONFLICT = "id-conflict"
+"""The client renumbers a message the receiver refused as an id conflict (``"conflict":
+true`` in the nack), and reads the ``Outbox-High-Water`` response header."""
+
+HIGH_WATER_HEADER = "Outbox-High-Water"
+"""Response header, only for clients that announced ``id-conflict``: the highest message id
+the receiver has recorded for this client's identity (0 for none)."""
+
+CLIENT_FEATURES = (FEATURE_BATCH, FEATURE_BATCH_ACK, FEATURE_ID_CONFLICT)
 
 PING_FRAME = '{"type":"ping"}'
 PONG_FRAME = '{"type":"pong"}'
@@ -67,6 +75,15 @@ def show(value: Any) -> str:
     if isinstance(value, str) and len(value) > MAX_ECHO_BYTES:
         value = value[:MAX_ECHO_BYTES]  # no need to repr megabytes to keep 200 bytes
     return clip(repr(value))
+
+
+def parse_high_water(value: str | None) -> int:
+    """Read an ``Outbox-High-Water`` header value; anything but a message id counts as 0."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit()):
+        return 0
+    number = int(text)
+    return number if number <= MAX_MESSAGE_ID else 0
 
 
 def parse_features(value: str | None) -> frozenset[str]:
@@ -186,9 +203,16 @@ def encode_acks(message_ids: Sequence[int]) -> str:
     return f'{{"type":"ack","messageIds":[{",".join(map(str, message_ids))}]}}'
 
 
-def encode_nack(message_id: int, reason: str) -> str:
-    """Refuse a message for good: the client marks it dead with this reason (clipped)."""
-    return codec.dumps({"type": "nack", "messageId": message_id, "reason": clip(reason)})
+def encode_nack(message_id: int, reason: str, *, conflict: bool = False) -> str:
+    """Refuse a message for good: the client marks it dead with this reason (clipped).
+
+    ``conflict``: the receiver holds this id with other content (only for clients that
+    announced ``id-conflict``; they renumber the message instead of marking it dead).
+    """
+    frame: dict[str, object] = {"type": "nack", "messageId": message_id, "reason": clip(reason)}
+    if conflict:
+        frame["conflict"] = True
+    return codec.dumps(frame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +224,8 @@ class Ack:
 class Nack:
     id: int
     reason: str
+    conflict: bool = False
+    """The receiver already holds this id with other content (the ``id-conflict`` feature)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +259,7 @@ def parse_server_frame(frame: str | bytes) -> ServerEvent:
         return Nack(
             _message_id(obj.get("messageId"), "nack", "messageId"),
             clip(reason) if isinstance(reason, str) else "refused by the server (no reason given)",
+            obj.get("conflict") is True,
         )
     if kind == "pong":
         return Pong()

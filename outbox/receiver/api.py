@@ -77,8 +77,11 @@ class ConnectRequest:
 
 
 Authenticate = Callable[[ConnectRequest], str | Awaitable[str | None] | None]
-"""Returns the client id to accept the connection under (the key messages are deduplicated
-by); None refuses with 401; raising :class:`Refuse` refuses with its status."""
+"""Returns the authenticated principal (who the peer proved to be, e.g. a user id); None
+refuses with 401; raising :class:`Refuse` refuses with its status. Messages are then
+deduplicated under the principal *and* the id the client claims (see
+:func:`~outbox.receiver.handshake.dedup_key`), so a principal reaches only its own records
+and two devices of one user never collide."""
 
 
 class Incoming:
@@ -136,6 +139,9 @@ class ReceiverStats:
     """First deliveries the handler rejected (recorded and nacked)."""
     duplicates: int = 0
     """Resends answered again from the inbox, without calling the handler."""
+    conflicts: int = 0
+    """Repeats of a recorded (client, message id) with other content: refused with a nack
+    (a reused id, e.g. from a restored outbox file, or a peer using another's client id)."""
     nacks: int = 0
     """Nacks queued: rejections, resends of rejected messages, malformed messages."""
     handler_errors: int = 0

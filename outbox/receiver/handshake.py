@@ -1,9 +1,11 @@
 """Who the client is, decided from the HTTP upgrade request before any frame is exchanged.
 
-The client id is the deduplication key, so it is settled here once per connection: the
+The deduplication key is settled here once per connection. The client *claims* an id: the
 ``Outbox-Client-Id`` header, else the ``client_id`` query parameter (browsers cannot set
-headers), else an anonymous id unique to the connection. An ``authenticate`` hook, if given,
-decides instead. A refusal is an HTTP response (400, 401, 403, 500...), never a WebSocket.
+headers), else it gets an anonymous id unique to the connection. An ``authenticate`` hook, if
+given, returns who the peer *proved* to be (the principal), and the key is the claim scoped
+under the principal (:func:`dedup_key`), so no principal can reach another's records. A
+refusal is an HTTP response (400, 401, 403, 500...), never a WebSocket.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import inspect
 import logging
 import urllib.parse
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from ..protocol import wire
@@ -29,6 +31,8 @@ __all__ = [
     "Handshake",
     "anonymous_id",
     "claimed_client_id",
+    "dedup_key",
+    "describe_peer",
     "parse_target",
     "refusal_response",
     "run_hook",
@@ -51,7 +55,36 @@ class _Connection(ServerConnection):
     """A websockets connection carrying what the handshake decided about its client."""
 
     outbox_client_id: str = ""
+    """The deduplication key (see :func:`dedup_key`)."""
+    outbox_principal: str | None = None
+    """Who the ``authenticate`` hook said the peer is; None without a hook."""
+    outbox_claimed: str = ""
+    """The id the client claimed (or the anonymous id it was given)."""
     outbox_features: frozenset[str] = frozenset()
+    outbox_high_water: int | None = None
+    """The highest message id recorded under this key, for clients that asked."""
+
+
+def dedup_key(principal: str | None, claimed: str) -> str:
+    """The inbox's ``client_id`` for a claimed id, scoped under the authenticated principal.
+
+    Without authentication (``principal`` None) it is the claim itself, as it always was.
+    With it, ``principal + "/" + claimed`` with every ``%`` and ``/`` of the principal
+    percent-escaped: the first ``/`` always ends the principal, so no principal and claim
+    can produce the key of another principal, whatever either contains.
+    """
+    if principal is None:
+        return claimed
+    return principal.replace("%", "%25").replace("/", "%2F") + "/" + claimed
+
+
+def describe_peer(connection: ServerConnection) -> str:
+    """Both identities of a connection, clipped, for a log line."""
+    principal = getattr(connection, "outbox_principal", None)
+    claimed = wire.clip(getattr(connection, "outbox_claimed", "") or "?")
+    if principal is None:
+        return f"unauthenticated peer claiming client id {claimed!r}"
+    return f"principal {wire.clip(principal)!r} claiming client id {claimed!r}"
 
 
 def anonymous_id() -> str:
@@ -69,8 +102,15 @@ def parse_target(target: str) -> tuple[str, dict[str, str]]:
 
 
 def claimed_client_id(headers: Headers, query: Mapping[str, str]) -> str | None:
-    """The id the client claims: the header, else the query parameter; empty counts as none."""
-    return headers.get(wire.CLIENT_ID_HEADER) or query.get(CLIENT_ID_PARAM) or None
+    """The id the client claims: the header, else the query parameter; empty counts as none.
+
+    Raises ValueError if the header is given more than once: which one would be the claim?
+    """
+    try:
+        header = headers.get(wire.CLIENT_ID_HEADER)
+    except MultipleValuesError:
+        raise ValueError(f"send one {wire.CLIENT_ID_HEADER} header, not several") from None
+    return header or query.get(CLIENT_ID_PARAM) or None
 
 
 def usable_client_id(claimed: str | None) -> bool:
@@ -79,7 +119,7 @@ def usable_client_id(claimed: str | None) -> bool:
 
 
 async def run_hook(authenticate: Authenticate, request: ConnectRequest) -> str | Refuse:
-    """The client id the hook accepts, or the refusal it decided (None/empty means 401).
+    """The principal the hook accepts, or the refusal it decided (None/empty means 401).
 
     Any other exception from the hook propagates: that is a fault on the server, not a no.
     """
@@ -107,24 +147,29 @@ class Handshake:
     def __init__(self, authenticate: Authenticate | None, stats: ReceiverStats) -> None:
         self._authenticate = authenticate
         self._stats = stats
+        self.high_water: Callable[[str], Awaitable[int]] | None = None
+        """Reads the highest recorded message id of a key (set once the inbox is open)."""
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         """Decide who the client is, or refuse it before the upgrade: 400 for an unusable
-        claimed id, 401/403/... from ``authenticate``, 500 if ``authenticate`` fails."""
+        or repeated claimed id, 401/403/... from ``authenticate``, 500 if it fails."""
         assert isinstance(connection, _Connection)
         path, query = parse_target(request.path)
-        claimed = claimed_client_id(request.headers, query)
+        try:
+            claimed = claimed_client_id(request.headers, query)
+        except ValueError as exc:
+            self._stats.refused += 1
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
         if not usable_client_id(claimed):
             self._stats.refused += 1
             return connection.respond(
                 HTTPStatus.BAD_REQUEST,
                 f"the client id must be 1 to {MAX_CLIENT_ID} printable characters\n",
             )
-        if self._authenticate is None:
-            client_id = claimed or anonymous_id()
-        else:
+        principal: str | None = None
+        if self._authenticate is not None:
             connect = ConnectRequest(
                 path=path,
                 query=query,
@@ -135,9 +180,20 @@ class Handshake:
             decided = await self._ask_hook(self._authenticate, connection, connect)
             if isinstance(decided, Response):
                 return decided
-            client_id = decided
-        connection.outbox_client_id = client_id
-        connection.outbox_features = wire.parse_features(request.headers.get(wire.FEATURES_HEADER))
+            principal = decided
+        connection.outbox_principal = principal
+        connection.outbox_claimed = claimed = claimed or anonymous_id()
+        connection.outbox_client_id = key = dedup_key(principal, claimed)
+        try:
+            features = wire.parse_features(request.headers.get(wire.FEATURES_HEADER))
+        except MultipleValuesError:
+            features = frozenset()
+        connection.outbox_features = features
+        if wire.FEATURE_ID_CONFLICT in features and self.high_water is not None:
+            try:
+                connection.outbox_high_water = await self.high_water(key)
+            except Exception as exc:  # the inbox is locked or broken: go on without it
+                logger.warning("could not read the high-water mark of %r: %s", key, exc)
         return None
 
     async def _ask_hook(
@@ -146,7 +202,7 @@ class Handshake:
         connection: ServerConnection,
         connect: ConnectRequest,
     ) -> str | Response:
-        """The client id ``authenticate`` accepts, or the response that refuses the client."""
+        """The principal ``authenticate`` accepts, or the response that refuses the client."""
         try:
             decided = await run_hook(authenticate, connect)
         except Exception:
@@ -173,5 +229,8 @@ class Handshake:
             accepted = {wire.FEATURE_BATCH}
             if wire.FEATURE_BATCH_ACK in connection.outbox_features:
                 accepted.add(wire.FEATURE_BATCH_ACK)
+            if connection.outbox_high_water is not None:
+                accepted.add(wire.FEATURE_ID_CONFLICT)
+                response.headers[wire.HIGH_WATER_HEADER] = str(connection.outbox_high_water)
             response.headers[wire.FEATURES_HEADER] = wire.format_features(accepted)
         return None

@@ -16,6 +16,7 @@ limit), one ``executemany`` of the new rows, ``COMMIT``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,15 +31,23 @@ from ..storage.sqlite import Synchronous as Synchronous  # re-exported for the r
 Key = tuple[str, int]
 """``(client id, message id)``: the inbox's primary key."""
 
-InboxRow = tuple[str, int, str, float, str | None]
-"""``(client id, message id, payload JSON, received_at, reject reason or None)``."""
+InboxRow = tuple[str, int, str, float, str | None, str]
+"""``(client id, message id, payload JSON, received_at, reject reason or None, digest)``."""
+
+Recorded = tuple[str | None, str]
+"""What the inbox holds for a key: ``(reject reason or None, payload digest)``."""
 
 _SAVEPOINT = "outbox_handler"
 
 _INSERT = (
-    "INSERT INTO inbox (client_id, message_id, payload, received_at, reject_reason) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO inbox (client_id, message_id, payload, received_at, reject_reason, "
+    "payload_sha256) VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+
+def payload_digest(payload_json: str) -> str:
+    """SHA-256 (hex) of the payload JSON text the inbox stores: what a repeat must match."""
+    return hashlib.sha256(payload_json.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _dedup_sql(count: int) -> str:
@@ -47,7 +56,9 @@ def _dedup_sql(count: int) -> str:
     values = ",".join(["(?,?)"] * count)
     return (
         f"WITH k(c, m) AS (VALUES {values}) "
-        "SELECT i.client_id, i.message_id, i.reject_reason "
+        # Rows from before migration 0003 have no digest: their payload is read instead.
+        "SELECT i.client_id, i.message_id, i.reject_reason, i.payload_sha256, "
+        "CASE WHEN i.payload_sha256 IS NULL THEN i.payload END "
         "FROM k CROSS JOIN inbox AS i ON i.client_id = k.c AND i.message_id = k.m"
     )
 
@@ -215,18 +226,28 @@ class Inbox:
         """Take the write lock now, not at the first write, so busy_timeout applies here."""
         await self._db.execute("BEGIN IMMEDIATE")
 
-    async def seen(self, keys: Sequence[Key]) -> dict[Key, str | None]:
-        """Which of ``keys`` are already recorded, each with its reject reason (None = acked)."""
-        found: dict[Key, str | None] = {}
+    async def seen(self, keys: Sequence[Key]) -> dict[Key, Recorded]:
+        """Which of ``keys`` are already recorded, each with its reject reason (None = acked)
+        and the digest of its payload."""
+        found: dict[Key, Recorded] = {}
         step = self._keys_per_query
         for start in range(0, len(keys), step):
             chunk = keys[start : start + step]
             params = [part for key in chunk for part in key]
-            for client_id, message_id, reason in await self._db.execute_fetchall(
+            for client_id, message_id, reason, digest, legacy in await self._db.execute_fetchall(
                 _dedup_sql(len(chunk)), params
             ):
-                found[(client_id, message_id)] = reason
+                found[(client_id, message_id)] = (reason, digest or payload_digest(legacy))
         return found
+
+    async def high_water(self, client_id: str) -> int:
+        """The highest message id recorded for ``client_id`` (0 for none): one index descent."""
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT max(message_id) FROM inbox WHERE client_id = ?", (client_id,)
+            )
+        )
+        return int(rows[0][0] or 0) if rows else 0
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._db.executemany(_INSERT, rows)

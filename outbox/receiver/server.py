@@ -79,11 +79,15 @@ class Receiver:
     when the inbox itself fails (locked past ``busy_timeout``, disk full), 1001 when the
     receiver shuts down. None of them affects other connections.
 
-    Who the client is (the deduplication key): the ``Outbox-Client-Id`` header; else the
-    ``client_id`` query parameter, for clients that cannot set headers (browsers); else an
-    anonymous id unique to the connection, so deduplication holds only within it. An
-    ``authenticate`` hook, if given, decides instead: it returns the client id. See
-    docs/protocol.md, "Receiver", for what this means for seed-style clients.
+    Who the client is (the deduplication key): the id it claims, i.e. the
+    ``Outbox-Client-Id`` header; else the ``client_id`` query parameter, for clients that
+    cannot set headers (browsers); else an anonymous id unique to the connection, so
+    deduplication holds only within it. An ``authenticate`` hook, if given, returns the
+    principal the peer proved to be, and the key becomes the claim scoped under it
+    (``principal/claimed``, see :func:`~outbox.receiver.handshake.dedup_key`). Without a
+    hook claimed ids are trusted (a warning is logged at start). A repeat of a recorded id
+    with other content is refused as a conflict, never acked as a duplicate. See
+    docs/protocol.md, "Receiver".
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class Receiver:
         self._inbox = await Inbox.open(
             self._db_path, synchronous=opts.synchronous, busy_timeout=opts.busy_timeout
         )
+        self._handshake.high_water = self._inbox.high_water
         self._writer = Writer(
             self._inbox,
             self._handler,
@@ -191,6 +196,12 @@ class Receiver:
                 await self._stop_writer()
                 await self._inbox.close()
         logger.info("receiving on %s (inbox %s)", self.url, self._db_path)
+        if self._authenticate is None:
+            logger.warning(
+                "no authenticate hook: claimed client ids are trusted without authentication, "
+                "so any peer can send under any client id (python -m outbox serve: use "
+                "--token-file)"
+            )
 
     async def close(self) -> None:
         """Stop listening, close connections with 1001, finish the transaction in progress

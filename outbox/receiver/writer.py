@@ -40,7 +40,8 @@ from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
 from .api import Handler, Incoming, ReceiverStats, Reject
 from .connection import Peer
-from .inbox import Inbox, InboxRow, Key, encode_payload, translate
+from .handshake import describe_peer
+from .inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest, translate
 
 __all__ = ["Writer"]
 
@@ -65,6 +66,7 @@ class _Outcome:
     handled: int = 0
     rejected: int = 0
     duplicates: int = 0
+    conflicts: list[tuple[int, str]] = field(default_factory=list)
     handler_failed: bool = False
     unreached: int = 0
     """Items at the end of this connection's share that the round's time ran out before."""
@@ -235,10 +237,16 @@ class Writer:
         stats.messages += out.handled
         stats.rejected += out.rejected
         stats.duplicates += out.duplicates
-        stats.nacks += len(out.nacks)
+        stats.conflicts += len(out.conflicts)
+        stats.nacks += len(out.nacks) + len(out.conflicts)
         stats.handler_errors += int(out.handler_failed)
         for frame in ack_frames(out.acks, out.nacks, peer.batch_ack):
             peer.send(frame)
+        if out.conflicts:
+            _log_conflicts(peer, out.conflicts)
+        flag = wire.FEATURE_ID_CONFLICT in getattr(peer.ws, "outbox_features", ())
+        for message_id, reason in out.conflicts:
+            peer.send(wire.encode_nack(message_id, reason, conflict=flag))
         if out.close is not None:
             peer.fail(out.close)
 
@@ -250,7 +258,7 @@ class Writer:
             for item in items
             if isinstance(item, wire.Message)
         ]
-        known: dict[Key, str | None] = {}
+        known: dict[Key, Recorded] = {}
         if keys:
             await inbox.begin()
             known = await inbox.seen(keys)
@@ -273,14 +281,15 @@ class Writer:
         self,
         peer: Peer,
         items: list[Item],
-        known: dict[Key, str | None],
+        known: dict[Key, Recorded],
         rows: list[InboxRow],
         now: float,
     ) -> _Outcome:
         """Handle one connection's share of the transaction, in order.
 
         ``known`` maps every key already recorded, including by earlier messages of this
-        same transaction, to its reject reason (None = acked); new rows go to ``rows``.
+        same transaction, to its reject reason (None = acked) and payload digest; new rows
+        go to ``rows``. A repeat is a duplicate only if its payload has the same digest.
         """
         out = _Outcome()
         client_id = peer.client_id
@@ -296,13 +305,18 @@ class Writer:
                 out.close = item
                 break
             key = (client_id, item.id)
-            if key in known:
-                out.answer_again(item.id, known[key])
-                continue
             try:
                 payload = encode_payload(item.data)
             except (TypeError, ValueError) as exc:  # the parse-time checks make this rare
                 out.nacks.append((item.id, f"cannot be stored: {clip(str(exc))}"))
+                continue
+            digest = payload_digest(payload)
+            if key in known:
+                reason, recorded = known[key]
+                if recorded == digest:
+                    out.answer_again(item.id, reason)
+                else:
+                    out.conflicts.append((item.id, _conflict_reason(item.id)))
                 continue
             verdict = await self._handle(client_id, item)
             if isinstance(verdict, Close):
@@ -310,8 +324,8 @@ class Writer:
                 out.handler_failed = True
                 out.close = verdict
                 break
-            rows.append((client_id, item.id, payload, now, verdict))
-            known[key] = verdict
+            rows.append((client_id, item.id, payload, now, verdict, digest))
+            known[key] = (verdict, digest)
             out.decided(item.id, verdict)
         return out
 
@@ -348,3 +362,25 @@ class Writer:
                 "committed or rolled back through message.tx, or SQLite rolled back after an "
                 "error"
             )
+
+
+def _conflict_reason(message_id: int) -> str:
+    """The nack for a repeat of a recorded id with other content: never a duplicate ack,
+    which would tell the client "handled" for a message nobody handled."""
+    return (
+        f"conflict: message id {message_id} was already received from this client with "
+        "other content; an id must never be reused (was the outbox restored from a backup?)"
+    )
+
+
+def _log_conflicts(peer: Peer, conflicts: list[tuple[int, str]]) -> None:
+    """One WARNING per connection and transaction, however many ids conflicted."""
+    ids = [message_id for message_id, _ in conflicts]
+    logger.warning(
+        "conflict: %s sent %d message id(s) already recorded under the same identity with "
+        "other content (%s); refused with a nack, not acked as duplicates. A reused id: an "
+        "outbox restored from a backup, or a peer sending under another's client id",
+        describe_peer(peer.ws),
+        len(ids),
+        ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else ""),
+    )

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from outbox.receiver.inbox import Inbox, InboxRow, encode_payload
+from outbox.receiver.inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest
 
 
 def row(client_id: str, message_id: int, reason: str | None = None) -> InboxRow:
-    return (client_id, message_id, encode_payload({"n": message_id}), 1.0, reason)
+    payload = encode_payload({"n": message_id})
+    return (client_id, message_id, payload, 1.0, reason, payload_digest(payload))
+
+
+def reasons(found: dict[Key, Recorded]) -> dict[Key, str | None]:
+    """What ``seen`` found, without the digests: each key's reject reason."""
+    return {key: reason for key, (reason, _) in found.items()}
 
 
 def effects(path: Path) -> list[str]:
@@ -43,14 +49,14 @@ async def test_recorded_rows_are_seen_after_commit_even_from_a_new_connection(
     assert not inbox.in_transaction
     await inbox.begin()
     assert inbox.in_transaction
-    assert await inbox.seen([("a", 1), ("a", 2)]) == {}
+    assert reasons(await inbox.seen([("a", 1), ("a", 2)])) == {}
     await inbox.record([row("a", 1), row("a", 2)])
     await inbox.commit()
     assert not inbox.in_transaction
 
     again = await Inbox.open(path)
     try:
-        assert await again.seen([("a", 1), ("a", 2), ("a", 3), ("b", 1)]) == {
+        assert reasons(await again.seen([("a", 1), ("a", 2), ("a", 3), ("b", 1)])) == {
             ("a", 1): None,
             ("a", 2): None,
         }
@@ -62,7 +68,7 @@ async def test_seen_returns_each_keys_reject_reason(inbox: Inbox) -> None:
     await inbox.begin()
     await inbox.record([row("a", 1), row("a", 2, "bad order"), row("b", 2, "no stock")])
     await inbox.commit()
-    assert await inbox.seen([("a", 2), ("b", 2), ("a", 1)]) == {
+    assert reasons(await inbox.seen([("a", 2), ("b", 2), ("a", 1)])) == {
         ("a", 2): "bad order",
         ("b", 2): "no stock",
         ("a", 1): None,
@@ -75,16 +81,18 @@ async def test_seen_splits_many_keys_over_several_queries(inbox: Inbox) -> None:
     await inbox.commit()
     inbox._keys_per_query = 3  # force chunks of 3, 3, 3, 2 over SQLite's variable limit
     keys = [("a", i) for i in range(0, 20, 2)]
-    assert await inbox.seen(keys) == {("a", i): None for i in range(0, 10, 2)}
+    assert reasons(await inbox.seen(keys)) == {("a", i): None for i in range(0, 10, 2)}
 
 
 async def test_rollback_undoes_the_recorded_rows(inbox: Inbox) -> None:
     await inbox.begin()
     await inbox.record([row("a", 1)])
-    assert await inbox.seen([("a", 1)]) == {("a", 1): None}  # visible inside the transaction
+    assert reasons(await inbox.seen([("a", 1)])) == {
+        ("a", 1): None
+    }  # visible inside the transaction
     await inbox.rollback()
     assert not inbox.in_transaction
-    assert await inbox.seen([("a", 1)]) == {}
+    assert reasons(await inbox.seen([("a", 1)])) == {}
     await inbox.rollback()  # nothing open: a no-op, not an error
 
 
@@ -106,7 +114,7 @@ async def test_a_savepoint_kept_commits_and_one_rolled_back_undoes_only_its_writ
     await inbox.record([row("a", 1)])
     await inbox.commit()
     assert effects(path) == ["kept"]
-    assert await inbox.seen([("a", 1)]) == {("a", 1): None}
+    assert reasons(await inbox.seen([("a", 1)])) == {("a", 1): None}
 
 
 async def test_savepoints_are_undone_by_the_groups_rollback(inbox: Inbox, path: Path) -> None:
@@ -133,3 +141,25 @@ async def test_a_transaction_used_after_its_handler_finished_raises(inbox: Inbox
     with pytest.raises(RuntimeError, match="transaction is over"):
         await unused.executemany("INSERT INTO effects VALUES (?)", [("late",)])
     await inbox.commit()
+
+
+async def test_rows_from_before_the_digest_column_are_checked_by_their_payload(
+    inbox: Inbox, path: Path
+) -> None:
+    # A row as migration 0002 wrote it: no payload_sha256.
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO inbox (client_id, message_id, payload, received_at) VALUES (?, ?, ?, ?)",
+            ("old", 1, encode_payload({"n": 1}), 1.0),
+        )
+    found = await inbox.seen([("old", 1)])
+    assert found == {("old", 1): (None, payload_digest(encode_payload({"n": 1})))}
+    assert found[("old", 1)][1] != payload_digest(encode_payload({"n": 2}))
+
+
+async def test_high_water_is_the_highest_recorded_id_of_one_client(inbox: Inbox) -> None:
+    assert await inbox.high_water("a") == 0
+    await inbox.begin()
+    await inbox.record([row("a", 3), row("a", 7), row("b", 9)])
+    await inbox.commit()
+    assert await inbox.high_water("a") == 7

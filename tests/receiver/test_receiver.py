@@ -247,6 +247,7 @@ async def test_batch_frame_is_one_transaction_and_one_batched_ack(
         assert wire.parse_features(features(ws)) == {
             "batch",
             "batch-ack",
+            "id-conflict",
         }
         await ws.send(batch(range(1, 301)))
         frame = await recv(ws)
@@ -282,7 +283,8 @@ async def test_same_id_twice_is_acked_twice_and_handled_once(
         assert await acks(ws, 1) == [1]
         await ws.send(message(1, "a"))
         assert await acks(ws, 1) == [1]
-        await ws.send(batch([1, 2, 2]))  # duplicates inside one frame too
+        # Duplicates inside one frame too (the same content: another would be a conflict).
+        await ws.send(wire.encode_batch([(1, '"a"'), (2, '"b"'), (2, '"b"')]))
         assert await acks(ws, 3) == [1, 2, 2]
     assert recorder.ids() == [1, 2]
     assert receiver.stats.duplicates == 3
@@ -620,7 +622,7 @@ async def authenticate(request: ConnectRequest) -> str | None:
         return None  # 401
     if token != "Bearer good":
         raise Refuse(403, "this token may not send here")
-    return f"alice/{request.client_id}"
+    return "alice"  # the principal; the claimed id is scoped under it
 
 
 async def test_authenticate_names_the_client(db: Path) -> None:
