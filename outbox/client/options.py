@@ -43,6 +43,11 @@ class Options:
     """Quota of rows not yet acked; send() raises QueueFullError beyond it. None = no quota."""
     max_message_size: int = 1 << 20
     """Largest payload, in bytes of its JSON text; send() refuses larger ones."""
+    max_server_frame: int = 1 << 20
+    """Largest frame read from the server, in bytes (after decompression: websockets'
+    ``max_size`` bounds the inflated size too). Acks are small; a larger frame closes the
+    connection with 1009 and counts as a failed attempt (the backoff grows, it is not reset
+    by acks that came before it)."""
     synchronous: Synchronous = "FULL"
     """SQLite durability: FULL survives power loss, NORMAL survives a process crash."""
     busy_timeout: float = 5.0
@@ -81,6 +86,7 @@ class Options:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         at_least_one = "max_missed_heartbeats max_inflight max_message_size max_batch_messages"
+        at_least_one += " max_server_frame"
         for name in (*at_least_one.split(), "page_size", "max_batch_bytes"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
