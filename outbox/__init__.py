@@ -9,6 +9,7 @@ from __future__ import annotations
 from .client import Outbox, State, Stats
 from .errors import (
     DatabaseCorruptError,
+    DatabaseMissingError,
     MessageDeadError,
     OutboxBrokenError,
     OutboxClosedError,
@@ -31,6 +32,7 @@ __all__ = [
     "Backoff",
     "ConnectRequest",
     "DatabaseCorruptError",
+    "DatabaseMissingError",
     "Incoming",
     "MessageDeadError",
     "Outbox",

@@ -12,6 +12,7 @@
     ├── StoreError               the SQLite file cannot be used
     │   ├── SchemaTooNewError    written by a newer outbox than this one
     │   ├── DatabaseCorruptError unreadable, not a database, or damaged
+    │   ├── DatabaseMissingError the open file was deleted or replaced: nothing is durable
     │   └── StorageFullError     the disk (or max_page_count) is full
     └── ProtocolError            a peer broke the wire protocol (docs/protocol.md)
 
@@ -80,6 +81,15 @@ class SchemaTooNewError(StoreError):
 
 class DatabaseCorruptError(StoreError):
     """The file is not a readable SQLite database."""
+
+
+class DatabaseMissingError(StoreError):
+    """The outbox file (or its -wal) was deleted or replaced while the Outbox had it open.
+
+    Commits since then went into a file no restart will find, so send() refuses from the
+    commit that noticed it on (no id is returned for a row that is not on disk). Restore the
+    file or restart the application.
+    """
 
 
 class StorageFullError(StoreError):

@@ -43,6 +43,11 @@ class Options:
     """Quota of rows not yet acked; send() raises QueueFullError beyond it. None = no quota."""
     max_message_size: int = 1 << 20
     """Largest payload, in bytes of its JSON text; send() refuses larger ones."""
+    max_server_frame: int = 1 << 20
+    """Largest frame read from the server, in bytes (after decompression: websockets'
+    ``max_size`` bounds the inflated size too). Acks are small; a larger frame closes the
+    connection with 1009 and counts as a failed attempt (the backoff grows, it is not reset
+    by acks that came before it)."""
     synchronous: Synchronous = "FULL"
     """SQLite durability: FULL survives power loss, NORMAL survives a process crash."""
     busy_timeout: float = 5.0
@@ -62,9 +67,18 @@ class Options:
     close_timeout: float = 2.0
     """Seconds to wait for the closing handshake when the Outbox closes."""
     acked_retention: float | None = 3600.0
-    """Seconds acked rows are kept before the background purge deletes them; None = forever."""
+    """Seconds acked rows are kept before the background purge deletes them; None = forever.
+
+    Measured by the monotonic clock, so a step of the wall clock neither purges early nor
+    stops the purge: never purge a row younger than its retention by any clock it has seen.
+    Rows acked before the process started count as old once it has run for the retention
+    (earlier if ``updated_at`` says so by the wall clock now and at open). A row that stays
+    pending holds back rows with higher ids, which are purged once it is acked or dead."""
     acked_retention_count: int | None = None
     """Keep at most this many acked rows (newest); None = no count limit."""
+    wal_warn_bytes: int = 64 << 20
+    """Warn (once per doubling) when the -wal file grows past this many bytes: a reader
+    holding a transaction open (a sqlite3 shell after BEGIN) stops every checkpoint."""
     purge_interval: float = 60.0
     """Seconds between background purges of acked rows."""
     additional_headers: dict[str, str] | None = None
@@ -81,6 +95,7 @@ class Options:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         at_least_one = "max_missed_heartbeats max_inflight max_message_size max_batch_messages"
+        at_least_one += " max_server_frame wal_warn_bytes"
         for name in (*at_least_one.split(), "page_size", "max_batch_bytes"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")

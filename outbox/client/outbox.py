@@ -47,8 +47,9 @@ class Outbox:
     ...     await box.wait_acked(msg_id, timeout=10)
 
     Every keyword of ``Options`` (see ``outbox/config.py`` and the README) is accepted here.
-    ``clock`` (monotonic seconds) and ``rand`` (uniform in [0, 1), for backoff jitter) are
-    injectable for tests.
+    ``clock`` (monotonic seconds: deadlines, ages, retention), ``wall_clock`` (unix seconds:
+    only the ``created_at`` / ``updated_at`` stamps people read) and ``rand`` (uniform in
+    [0, 1), for backoff jitter) are injectable for tests.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class Outbox:
         url: str,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         **options: Any,
     ) -> None:
@@ -68,6 +70,7 @@ class Outbox:
         self.url = url
         self.options = Options.from_kwargs(options)
         self._clock = clock
+        self._wall_clock = wall_clock
         self._rand = rand
         self._store: Store | None = None
         self._supervisor: Supervisor | None = None
@@ -92,7 +95,12 @@ class Outbox:
             raise OutboxClosedError("an Outbox can be opened once; create a new one")
         options = self.options
         self._store = store = await Store.open(
-            self.path, synchronous=options.synchronous, busy_timeout=options.busy_timeout
+            self.path,
+            synchronous=options.synchronous,
+            busy_timeout=options.busy_timeout,
+            clock=self._wall_clock,
+            monotonic=self._clock,
+            wal_warn_bytes=options.wal_warn_bytes,
         )
         backoff = Backoff(
             options.reconnect_interval,
@@ -141,11 +149,12 @@ class Outbox:
                 # The supervisor may give up (GAVE_UP): the group then stays open, sends still
                 # commit, until close() or a crash of the store.
         except Exception:
-            if store.broken:  # the store logged the traceback: say only what happens now
+            if store.broken:  # the store logged why: say only what happens now
                 logger.error(
                     "outbox %s: the store can no longer write; stopped sending and closed "
-                    "(messages committed before stay on disk for the next Outbox)",
+                    "(send() now raises %s)",
                     self.path,
+                    type(store.failure()).__name__,
                 )
             else:
                 logger.exception("outbox: a background task crashed; messages stay on disk")
@@ -316,6 +325,9 @@ class Outbox:
         store = self._open_store()
 
         async def drained() -> None:
+            # Counts as of now, also what another connection changed (a requeue in the
+            # sqlite3 shell): an idle store would notice only at its next check.
+            await store.refresh()
             while store.counts.pending or store.queued_rows:
                 await store.wait_commit()
 
@@ -334,12 +346,10 @@ class Outbox:
         store = self._store
         assert store is not None
         while True:
-            older_than = (
-                None if options.acked_retention is None else time.time() - options.acked_retention
-            )
+            # Ages by the monotonic clock (store.ack_ages): no clock step purges early.
             try:
-                purged = await store.purge_acked(
-                    older_than=older_than, keep=options.acked_retention_count
+                purged = await store.purge_expired(
+                    options.acked_retention, options.acked_retention_count
                 )
             except Exception as exc:
                 logger.warning("purge of acked rows failed (will retry): %s", exc)

@@ -42,6 +42,22 @@ class SessionEnded(Exception):
         self.reason = reason
 
 
+class FrameTooLarge(SessionEnded):
+    """The server sent a frame over ``max_server_frame``: we closed the connection with 1009.
+
+    A failed attempt for the supervisor: acks read before it do not reset the backoff.
+    """
+
+    def __init__(self, limit: int, reason: str) -> None:
+        Exception.__init__(
+            self,
+            f"the server sent a frame larger than max_server_frame={limit} bytes "
+            f"({reason[:200]}); closed the connection with 1009",
+        )
+        self.code = 1009
+        self.reason = reason
+
+
 class Session:
     """Drives one open connection until it ends."""
 
@@ -111,7 +127,18 @@ class Session:
                 )
         except BaseExceptionGroup as group_error:
             # Surface the first real cause to the supervisor, not a group of cancellations.
-            raise _first_cause(group_error) from None
+            cause = _first_cause(group_error)
+            if isinstance(cause, ConnectionClosed | SessionEnded):
+                # The send or the read loop may see the close first; either way, if it was
+                # our 1009 (websockets refused an oversized frame), say so.
+                sent = self.ws.protocol.close_sent
+                if (
+                    sent is not None
+                    and sent.code == 1009
+                    and not self.ws.protocol.close_rcvd_then_sent
+                ):
+                    raise FrameTooLarge(self.options.max_server_frame, sent.reason) from cause
+            raise cause from None
         finally:
             unsubscribe()
             self.counters.heartbeat_misses += self.heartbeat.total_missed

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -29,10 +31,11 @@ from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
-from ..errors import OutboxBrokenError, OutboxClosedError
+from ..errors import DatabaseMissingError, OutboxBrokenError, OutboxClosedError
 from ..protocol.feed import Row
 from ..storage import sqlite
 from ..storage.sqlite import Synchronous as Synchronous  # re-exported for Options
+from .retention import AckAges
 
 logger = logging.getLogger("outbox")
 
@@ -43,6 +46,12 @@ _V = TypeVar("_V")
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 PURGE_CHUNK = 5000  # acked rows deleted per transaction by the retention purge
 _INSERT_CHUNK = 200  # rows per multi-row INSERT (4 variables each, under the old limit of 999)
+WAL_CHECK_INTERVAL = 0.5
+"""Seconds (monotonic) between two looks at the -wal file's size after commits."""
+WAL_TRUNCATE_BYTES = 4 << 20
+"""A -wal file past this is checkpointed and truncated (``wal_checkpoint(TRUNCATE)``)."""
+POLL_INTERVAL = 1.0
+"""Seconds an idle store waits before checking whether another connection wrote."""
 
 
 def _in_lists(items: Sequence[_V]) -> Iterator[tuple[list[_V], str]]:
@@ -99,10 +108,18 @@ class Requeue:
 
 @dataclass(frozen=True, slots=True)
 class Purge:
-    """Delete acked rows older than ``older_than`` or beyond the newest ``keep``: a count."""
+    """Delete acked rows by age or beyond the newest ``keep``: the result is a count.
+
+    ``retention`` (seconds) is turned into ``through`` and ``older_than`` by the store just
+    before the transaction (``AckAges``: monotonic ages). ``older_than`` alone compares
+    ``updated_at`` (wall clock) for rows with ``id <= older_than_through``.
+    """
 
     older_than: float | None
     keep: int | None
+    retention: float | None = None
+    through: int | None = None
+    older_than_through: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,28 +166,47 @@ class _Batch:
     """Counts and max id read at BEGIN, when another connection had written since our last
     commit (another process, the sqlite3 shell): memory starts again from the table."""
     data_version: int = 0
+    low_water: int | None = None
+    """Below the lowest pending row at COMMIT (read when rows were acked or came back)."""
+    clamp: int | None = None
+    """Rows above this may be acked again later (requeued here or by another connection)."""
+    missing: str | None = None
+    """Why the path no longer names the file this store opened (checked after COMMIT)."""
+    wal_bytes: int | None = None
+    """The -wal file's size after the commit, when it was looked at."""
+
+
+@dataclass(frozen=True, slots=True)
+class _AfterCommit:
+    """What the writer thread checks after a COMMIT, before anyone is told it committed."""
+
+    path: str
+    identity: tuple[tuple[int, int], tuple[int, int] | None]
+    check_wal: bool
+    truncate_bytes: int
+    busy_timeout_ms: int
 
 
 _translate = sqlite.translate
 
 
-def _prepare(path: str, busy_timeout: float) -> tuple[str, Counts, int]:
+def _prepare(path: str, busy_timeout: float) -> tuple[str, Counts, int, int]:
     """Open synchronously once (``sqlite.prepare``), then read what memory needs.
 
     Runs in a worker thread before the async connections open. Returns the client id, the
-    row counts by status, and the highest id ever assigned.
+    row counts by status, the highest id ever assigned and the low-water mark of acks.
     """
     return sqlite.prepare(path, busy_timeout, _read_identity)
 
 
-def _read_identity(conn: sqlite3.Connection) -> tuple[str, Counts, int]:
+def _read_identity(conn: sqlite3.Connection) -> tuple[str, Counts, int, int]:
     conn.execute(
         "INSERT OR IGNORE INTO outbox_meta (name, value) VALUES ('client_id', ?)",
         (str(uuid.uuid4()),),
     )
     client_id = conn.execute("SELECT value FROM outbox_meta WHERE name = 'client_id'").fetchone()
     counts, max_id = _count(conn)
-    return str(client_id[0]), counts, max_id
+    return str(client_id[0]), counts, max_id, _low_water(conn)
 
 
 class Store:
@@ -192,6 +228,14 @@ class Store:
         counts: Counts,
         max_id: int,
         clock: Callable[[], float],
+        monotonic: Callable[[], float] = time.monotonic,
+        low_water: int = 0,
+        identity: tuple[tuple[int, int], tuple[int, int] | None] = ((0, 0), None),
+        busy_timeout: float = 5.0,
+        wal_warn_bytes: int = 64 << 20,
+        wal_truncate_bytes: int = WAL_TRUNCATE_BYTES,
+        wal_check_interval: float = WAL_CHECK_INTERVAL,
+        poll_interval: float = POLL_INTERVAL,
     ) -> None:
         self.path = path
         self.client_id = client_id
@@ -202,6 +246,20 @@ class Store:
         self._writer_thread = writer_thread
         self._reader = reader
         self._clock = clock
+        """Wall clock: stamps created_at/updated_at (for people), never decides a purge."""
+        self._monotonic = monotonic
+        self.ack_ages = AckAges(opened_at=monotonic(), opened_wall=clock(), through=low_water)
+        """Monotonic ages of acked rows: what retention may purge (see retention.py)."""
+        self._identity = identity
+        """(st_dev, st_ino) of the file and of its -wal as opened: a path that names another
+        file now (deleted, replaced) fails the commit before any caller hears of it."""
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        self.wal_warn_bytes = wal_warn_bytes
+        self._wal_warn_at = wal_warn_bytes
+        self._wal_truncate_bytes = wal_truncate_bytes
+        self._wal_check_interval = wal_check_interval
+        self._wal_checked_at = float("-inf")
+        self._poll_interval = poll_interval
         self._ops: list[_Queued] = []
         self._in_commit: list[_Queued] = []
         """The writes of the transaction under way (failed too if the loop crashes)."""
@@ -222,6 +280,8 @@ class Store:
         self._data_version = 0
         self._last_now = 0.0
         self._committed = asyncio.Event()
+        self._poll_requested = False
+        self._polled = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(
             self._run_writer(), name=f"outbox-store:{path}"
         )
@@ -234,11 +294,26 @@ class Store:
         synchronous: Synchronous = "FULL",
         busy_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        wal_warn_bytes: int = 64 << 20,
+        wal_truncate_bytes: int = WAL_TRUNCATE_BYTES,
+        wal_check_interval: float = WAL_CHECK_INTERVAL,
+        poll_interval: float = POLL_INTERVAL,
     ) -> Store:
+        """Open (creating and migrating) the outbox file.
+
+        ``clock`` is the wall clock that stamps rows; ``monotonic`` measures the ages that
+        decide purges and checks. ``wal_warn_bytes``: warn (once per doubling) when the -wal
+        file grows past it; ``wal_truncate_bytes``: checkpoint and truncate it past this,
+        looked at most every ``wal_check_interval`` seconds. An idle store checks every
+        ``poll_interval`` seconds whether another connection wrote (e.g. a requeue).
+        """
         path = str(path)
         pragmas = sqlite.connection_pragmas(synchronous, busy_timeout)
         try:
-            client_id, counts, max_id = await asyncio.to_thread(_prepare, path, busy_timeout)
+            client_id, counts, max_id, low_water = await asyncio.to_thread(
+                _prepare, path, busy_timeout
+            )
         except sqlite3.Error as exc:
             raise _translate(exc, path) from exc
         thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
@@ -251,10 +326,13 @@ class Store:
             reader = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
             for pragma in pragmas:
                 await reader.execute(pragma)
-        except sqlite3.Error as exc:
+            identity = _file_identity(path)
+        except (sqlite3.Error, OSError) as exc:
             if reader is not None:
                 await reader.close()
             thread.shutdown(wait=False)
+            if isinstance(exc, OSError):
+                raise DatabaseMissingError(f"{path} vanished while opening it: {exc}") from exc
             raise _translate(exc, path) from exc
         store = cls(
             path,
@@ -265,6 +343,14 @@ class Store:
             counts=counts,
             max_id=max_id,
             clock=clock,
+            monotonic=monotonic,
+            low_water=low_water,
+            identity=identity,
+            busy_timeout=busy_timeout,
+            wal_warn_bytes=wal_warn_bytes,
+            wal_truncate_bytes=wal_truncate_bytes,
+            wal_check_interval=wal_check_interval,
+            poll_interval=poll_interval,
         )
         store._data_version = data_version
         return store
@@ -342,10 +428,37 @@ class Store:
         return count
 
     async def purge_acked(self, *, older_than: float | None, keep: int | None) -> int:
-        """Delete acked rows last changed before ``older_than`` or beyond the newest ``keep``."""
+        """Delete acked rows stamped before wall ``older_than`` or beyond the newest ``keep``.
+
+        A low-level tool (tests, the command line): the Outbox's retention uses
+        ``purge_expired``, which no clock step can make delete early.
+        """
         count = await self._call(Purge(older_than, keep))
         assert isinstance(count, int)
         return count
+
+    async def purge_expired(self, retention: float | None, keep: int | None) -> int:
+        """Delete acked rows older than ``retention`` seconds, or beyond the newest ``keep``.
+
+        Ages are monotonic (``retention.py``): never purge a row younger than its retention
+        by any clock it has seen. Returns how many rows were deleted.
+        """
+        count = await self._call(Purge(None, keep, retention=retention))
+        assert isinstance(count, int)
+        return count
+
+    async def refresh(self) -> None:
+        """Re-read the counts now if another connection wrote (e.g. a requeue in the shell).
+
+        The check runs in the commit loop, between two commits, so that a recount never
+        overlaps a transaction whose changes memory has yet to apply.
+        """
+        self._check_open()
+        polled = self._polled
+        self._poll_requested = True
+        self._wakeup.set()
+        await polled.wait()
+        self.check_broken()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed."""
@@ -378,6 +491,10 @@ class Store:
         """
         try:
             await self._commit_loop()
+        except DatabaseMissingError as exc:
+            self._crash = exc
+            logger.error("outbox: %s", exc)
+            self._fail_everything()
         except Exception as exc:
             self._crash = exc
             logger.exception(
@@ -388,9 +505,11 @@ class Store:
             )
             self._fail_everything()
 
-    def _broken_error(self) -> OutboxBrokenError:
+    def _broken_error(self) -> OutboxBrokenError | DatabaseMissingError:
         """A fresh error for each caller, chained to the crash (not re-raised: one traceback)."""
         crash = self._crash
+        if isinstance(crash, DatabaseMissingError):
+            return DatabaseMissingError(str(crash))
         what = f"{type(crash).__name__}: {crash}"[:300]
         error = OutboxBrokenError(
             f"the outbox store {self.path} can no longer write: its commit loop crashed "
@@ -415,6 +534,7 @@ class Store:
                     future.set_exception(self._broken_error())
         self._waiters.clear()
         self._commit_done()
+        self._poll_done()
 
     async def watch(self) -> None:
         """For the store's owner: wait while the commit loop runs, raise if it crashed.
@@ -427,19 +547,34 @@ class Store:
 
     @property
     def broken(self) -> bool:
-        """True once the commit loop has crashed (see OutboxBrokenError)."""
+        """True once the commit loop has ended for good: a crash (OutboxBrokenError) or a
+        file that was deleted or replaced (DatabaseMissingError)."""
         return self._crash is not None
 
+    def failure(self) -> Exception | None:
+        """What ended the commit loop for good (a fresh error to raise), or None."""
+        return None if self._crash is None else self._broken_error()
+
     def check_broken(self) -> None:
-        """Raise OutboxBrokenError if the commit loop has crashed."""
+        """Raise OutboxBrokenError (or DatabaseMissingError) if the commit loop has ended."""
         if self._crash is not None:
             raise self._broken_error()
 
     async def _commit_loop(self) -> None:
         failures = 0
         while self._ops or self._acks or not self._closed:
+            if not (self._ops or self._acks) and self._poll_requested:
+                await self._poll()
+                continue
             if not (self._ops or self._acks):
-                await self._wakeup.wait()
+                try:
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    # Idle: did another connection write (a requeue in the sqlite3 shell)?
+                    # Is the file still ours, is the WAL still growing? One cheap hop.
+                    await self._poll()
+                    continue
                 self._wakeup.clear()
                 # One turn of the loop lets every producer that is ready to send (e.g. all
                 # those the last commit just woke) queue its rows: they share this commit.
@@ -477,11 +612,14 @@ class Store:
         try:
             # Strictly increasing per transaction, even with a coarse clock: _mark_acked
             # tells this transaction's changes apart by their timestamp.
-            self._last_now = now = max(self._clock(), self._last_now + 1e-6)
+            self._last_now = now = self._stamp()
+            writes = [self._resolve_purge(write) for write in writes]
             # A flush with nothing queued before it needs no transaction, and so no write
             # lock: a reconnect must not wait for another process to let go of the file.
             batch = (
-                await self._run_on_writer(_apply, writes, now, self._data_version)
+                await self._run_on_writer(
+                    _apply, writes, now, self._data_version, self._after_commit()
+                )
                 if any(not isinstance(write, Flush) for write in writes)
                 else _Batch(data_version=self._data_version)
             )
@@ -490,13 +628,100 @@ class Store:
             self._in_commit = []
             self._fail_commit(queued, _translate(exc, self.path))
             return False
+        if batch.missing is not None:
+            # Committed into a file nobody will find again: nobody may hear "committed".
+            raise DatabaseMissingError(batch.missing)
         if queued:
             self.commits += 1
         self._publish(queued, batch)
+        self._wal_seen(batch.wal_bytes)
         self._queued_rows -= taken_rows
         self._in_commit = []
         self._commit_done()
         return True
+
+    def _stamp(self) -> float:
+        """The wall-clock stamp of the next transaction, for updated_at / created_at.
+
+        It follows the wall clock, also backwards after a real step (it is only for people
+        to read), but stays strictly increasing across a coarse clock's ticks or a jitter of
+        under a second: ``_mark_acked`` tells its own changes apart by their stamp.
+        """
+        wall = self._clock()
+        last = self._last_now
+        if last - 1.0 < wall <= last:
+            return last + 1e-6
+        return wall
+
+    def _resolve_purge(self, write: Write) -> Write:
+        """A retention purge gets its cutoffs now, after every earlier commit's clamps."""
+        if not isinstance(write, Purge) or write.retention is None:
+            return write
+        cut = self.ack_ages.cutoff(write.retention, self._monotonic(), self._clock())
+        return dataclasses.replace(
+            write,
+            through=cut.through,
+            older_than=cut.older_than,
+            older_than_through=cut.older_than_through,
+        )
+
+    def _after_commit(self) -> _AfterCommit:
+        now = self._monotonic()
+        check_wal = now - self._wal_checked_at >= self._wal_check_interval
+        if check_wal:
+            self._wal_checked_at = now
+        return _AfterCommit(
+            self.path,
+            self._identity,
+            check_wal,
+            self._wal_truncate_bytes,
+            self._busy_timeout_ms,
+        )
+
+    async def _poll(self) -> None:
+        """Without writing: re-read counts if another connection wrote; check the file."""
+        self._poll_requested = False
+        try:
+            batch = await self._run_on_writer(
+                _poll_writer, self._data_version, self._after_commit()
+            )
+        except sqlite3.Error as exc:
+            logger.debug("outbox: idle check of %s failed: %s", self.path, exc)
+            self._poll_done()
+            return
+        if batch.missing is not None:
+            raise DatabaseMissingError(batch.missing)  # _run_writer wakes everyone
+        if batch.recount is not None:
+            self._publish([], batch)
+            self._commit_done()  # drain() looks at the counts again
+        self._wal_seen(batch.wal_bytes)
+        self._poll_done()
+
+    def _poll_done(self) -> None:
+        self._polled.set()
+        self._polled = asyncio.Event()
+
+    def _wal_seen(self, size: int | None) -> None:
+        """Warn once per doubling of the -wal file past wal_warn_bytes (it cannot shrink
+        while a reader holds a snapshot: typically a sqlite3 shell inside BEGIN)."""
+        if size is None:
+            return
+        if size < self.wal_warn_bytes:
+            if self._wal_warn_at > self.wal_warn_bytes:
+                logger.info("outbox: the -wal file of %s is back to %d bytes", self.path, size)
+            self._wal_warn_at = self.wal_warn_bytes
+            return
+        if size < self._wal_warn_at:
+            return
+        while self._wal_warn_at <= size:
+            self._wal_warn_at *= 2
+        logger.warning(
+            "outbox: the -wal file of %s is %.1f MiB and cannot be checkpointed: another "
+            "connection holds a read transaction open (a sqlite3 shell after BEGIN, or a "
+            "long query in another process); end it (COMMIT or quit) and the file shrinks",
+            self.path,
+            size / (1 << 20),
+        )
 
     def _fail_commit(self, queued: list[_Queued], error: Exception) -> None:
         """The transaction rolled back: waiting callers get the error, the rest is retried."""
@@ -517,6 +742,9 @@ class Store:
 
     def _publish(self, queued: list[_Queued], batch: _Batch) -> None:
         """Bring memory in line with what just committed, then wake whoever waits."""
+        came_back = self._came_back(batch)
+        if batch.clamp is not None:
+            self.ack_ages.clamp(batch.clamp)
         previous_max_id = self._update_counts(batch)
         for index, item in enumerate(queued):
             if item.future is not None and not item.future.done():
@@ -525,13 +753,27 @@ class Store:
             self._resolve(message_id, ("acked", None))
         for message_id, reason in batch.dead:
             self._resolve(message_id, ("dead", reason))
-        if batch.new_pending or batch.requeued:
-            if batch.requeued:
+        if batch.acked and batch.low_water is not None:
+            self.ack_ages.acked(self._monotonic(), batch.low_water)
+        if batch.new_pending or batch.requeued or came_back:
+            if batch.requeued or came_back:
                 self.requeue_generation += 1
             new_rows = (
                 _new_rows(batch, previous_max_id) if batch.new_pending and self._listeners else []
             )
             self._notify(new_rows)
+
+    def _came_back(self, batch: _Batch) -> bool:
+        """Did another connection put rows back to pending (dead rows requeued in the shell)?
+
+        More pending rows than the new ids explain, or fewer dead ones: the sender must
+        rescan from the start, as after our own requeue_dead().
+        """
+        if batch.recount is None:
+            return False
+        fresh, max_id = batch.recount
+        new_ids = max(0, max_id - self.max_id)
+        return fresh.dead < self.counts.dead or fresh.pending - self.counts.pending > new_ids
 
     def _update_counts(self, batch: _Batch) -> int:
         """Apply the batch to the counts and max_id; return the max_id before its new rows."""
@@ -694,6 +936,7 @@ class Store:
                 if not future.done():
                     future.set_exception(OutboxClosedError("the outbox was closed"))
         self._waiters.clear()
+        self._poll_done()
         with contextlib.suppress(Exception):
             await self._reader.close()
         with contextlib.suppress(Exception):
@@ -732,12 +975,110 @@ def _new_rows(batch: _Batch, previous_max_id: int) -> list[Row]:
     return new_rows
 
 
+def _low_water(conn: sqlite3.Connection) -> int:
+    """The id below the lowest pending row (every row up to it is acked, dead or gone)."""
+    row = conn.execute("SELECT min(id) FROM outbox WHERE status = 'pending'").fetchone()
+    if row[0] is not None:
+        return int(row[0]) - 1
+    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+    return int(seq[0]) if seq else 0
+
+
+def _stat_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _file_identity(path: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(st_dev, st_ino) of the database and of its -wal (None if there is none yet)."""
+    try:
+        wal: tuple[int, int] | None = _stat_id(path + "-wal")
+    except FileNotFoundError:
+        wal = None
+    return _stat_id(path), wal
+
+
+def _check_identity(after: _AfterCommit) -> str | None:
+    """Why the path no longer names the file the store opened, or None if it still does.
+
+    Two stat() calls (microseconds): sqlite3 gives no fstat of its file, so the path is
+    compared with what it named at open. The -wal holds the latest commits until a
+    checkpoint: deleting it loses them just as surely.
+    """
+    main, wal = after.identity
+    for path, expected in ((after.path, main), (after.path + "-wal", wal)):
+        if expected is None:
+            continue
+        try:
+            found = _stat_id(path)
+        except FileNotFoundError:
+            return _missing_text(after.path, f"{path} was deleted")
+        except OSError as exc:
+            return _missing_text(after.path, f"{path} cannot be checked ({exc})")
+        if found != expected:
+            return _missing_text(after.path, f"{path} was replaced by another file")
+    return None
+
+
+def _missing_text(path: str, what: str) -> str:
+    return (
+        f"{what} while the Outbox had it open: messages committed since then are not "
+        f"durable and are not in any file that a restart will find. Nothing more is "
+        f"accepted. Restore the file (with its -wal) if you have it, or close and restart "
+        f"the application to open {path} anew."
+    )
+
+
+def _wal_after(conn: sqlite3.Connection, after: _AfterCommit) -> int | None:
+    """The -wal size; past truncate_bytes, first try a checkpoint that truncates it.
+
+    With busy_timeout at 0 for the attempt: while a reader holds an old snapshot it returns
+    busy at once (the WAL cannot shrink), and the next check tries again.
+    """
+    if not after.check_wal:
+        return None
+    try:
+        size = os.stat(after.path + "-wal").st_size
+    except OSError:
+        return None
+    if size <= after.truncate_bytes:
+        return size
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    except sqlite3.Error as exc:
+        logger.debug("outbox: checkpoint of %s failed: %s", after.path, exc)
+        busy = 1
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {after.busy_timeout_ms}")
+    if busy:
+        return size
+    try:
+        return os.stat(after.path + "-wal").st_size
+    except OSError:
+        return None
+
+
 def _apply(
-    conn: sqlite3.Connection, writes: Sequence[Write], now: float, data_version: int
+    conn: sqlite3.Connection,
+    writes: Sequence[Write],
+    now: float,
+    data_version: int,
+    after: _AfterCommit | None = None,
 ) -> _Batch:
-    """Apply queued writes in one transaction; runs on the writer thread."""
+    """Apply queued writes in one transaction; runs on the writer thread.
+
+    After COMMIT and before returning (so before any caller hears of it), the path is
+    checked to still name the file this store opened, and the -wal is looked at.
+    """
     batch = _Batch()
     by_kind = _ByKind(writes)
+    if after is not None:
+        # Before writing too: a main file replaced under its -wal would pair our new frames
+        # with somebody else's database, where a reader would find them.
+        batch.missing = _check_identity(after)
+        if batch.missing is not None:
+            return batch
     conn.execute("BEGIN IMMEDIATE")
     try:
         # data_version moves only when *another* connection commits: then our counts may
@@ -745,13 +1086,39 @@ def _apply(
         batch.data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         if batch.data_version != data_version:
             batch.recount = _count(conn)
+            batch.clamp = _low_water(conn)  # rows may have come back to pending
         for step in _STEPS:
             step(conn, by_kind, now, batch)
+        if batch.acked or batch.requeued or batch.recount is not None:
+            batch.low_water = _low_water(conn)
+            if batch.requeued:
+                clamp = batch.clamp
+                batch.clamp = batch.low_water if clamp is None else min(clamp, batch.low_water)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    if after is not None:
+        batch.missing = _check_identity(after)
+        if batch.missing is None:
+            batch.wal_bytes = _wal_after(conn, after)
+    return batch
+
+
+def _poll_writer(conn: sqlite3.Connection, data_version: int, after: _AfterCommit) -> _Batch:
+    """An idle store's check, without a write lock: did another connection write?"""
+    batch = _Batch(data_version=int(conn.execute("PRAGMA data_version").fetchone()[0]))
+    if batch.data_version != data_version:
+        conn.execute("BEGIN")  # one snapshot for the counts and the low-water mark
+        try:
+            batch.recount = _count(conn)
+            batch.clamp = batch.low_water = _low_water(conn)
+        finally:
+            conn.execute("COMMIT")
+    batch.missing = _check_identity(after)
+    if batch.missing is None:
+        batch.wal_bytes = _wal_after(conn, after)
     return batch
 
 
@@ -817,7 +1184,7 @@ def _apply_requeues(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batc
 
 def _apply_purges(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
     for index, write in by_kind.of(Purge):
-        batch.results[index] = count = _purge(conn, write.older_than, write.keep)
+        batch.results[index] = count = _purge(conn, write)
         batch.purged += count
 
 
@@ -931,14 +1298,22 @@ def _requeue(conn: sqlite3.Connection, ids: Sequence[int] | None, now: float) ->
     return total
 
 
-def _purge(conn: sqlite3.Connection, older_than: float | None, keep: int | None) -> int:
+def _purge(conn: sqlite3.Connection, purge: Purge) -> int:
     """Delete at most PURGE_CHUNK acked rows per rule, so no transaction grows long."""
     total = 0
-    if older_than is not None:
+    older_than, keep = purge.older_than, purge.keep
+    if purge.through is not None:
         total += conn.execute(
             "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
-            "WHERE status = 'acked' AND updated_at < ? LIMIT ?)",
-            (older_than, PURGE_CHUNK),
+            "WHERE status = 'acked' AND id <= ? LIMIT ?)",
+            (purge.through, PURGE_CHUNK),
+        ).rowcount
+    if older_than is not None:
+        through = purge.older_than_through
+        total += conn.execute(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+            "WHERE status = 'acked' AND updated_at < ? AND id <= ? LIMIT ?)",
+            (older_than, (1 << 63) - 1 if through is None else through, PURGE_CHUNK),
         ).rowcount
     if keep is not None:
         found = conn.execute(

@@ -39,7 +39,7 @@ from ..protocol.backoff import Backoff
 from ..protocol.heartbeat import HeartbeatTimeout
 from ..protocol.window import SendWindow
 from .options import Options
-from .session import Session, SessionEnded
+from .session import FrameTooLarge, Session, SessionEnded
 from .stats import Counters
 from .store import Store
 
@@ -169,7 +169,9 @@ class Supervisor:
             "close_timeout": options.close_timeout,
             "ping_interval": None,  # our heartbeat, with our rules, replaces the built-in one
             "ping_timeout": None,
-            "max_size": None,  # a huge frame from the server is read and ignored, not fatal
+            # Acks are small. Unbounded, one frame of a server (or a ~1 MB deflated one that
+            # inflates) could take gigabytes; websockets closes with 1009 beyond this.
+            "max_size": options.max_server_frame,
             "proxy": None,
         }
         if options.ssl is not None:
@@ -208,6 +210,7 @@ class Supervisor:
             self.state = State.CONNECTING
             session: Session | None = None
             bug: Exception | None = None
+            too_large = False
             try:
                 ws = await connect(self.url, **kwargs)
                 self.ws = ws
@@ -230,9 +233,12 @@ class Supervisor:
             except Exception as exc:
                 bug = self.process_exception(exc)
                 self.last_error = describe_failure(exc) if bug is None else describe_bug(bug)
+                too_large = isinstance(exc, FrameTooLarge)
             finally:
                 self.ws = None
-            if session is not None and session.saw_life and bug is None:
+            # A server that sends an oversized frame on every connection would otherwise be
+            # retried at once after each ack that came before it: it counts as a failure.
+            if session is not None and session.saw_life and bug is None and not too_large:
                 self.backoff.reset()
             delay = self.backoff.next_delay()
             if delay is None:

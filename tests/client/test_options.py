@@ -23,6 +23,7 @@ AT_LEAST_ONE = [
     "max_missed_heartbeats",
     "max_inflight",
     "max_message_size",
+    "max_server_frame",
     "max_batch_messages",
     "page_size",
     "max_batch_bytes",

@@ -7,6 +7,7 @@ fast; tests wait on conditions with deadlines, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from outbox import (
     DatabaseCorruptError,
+    DatabaseMissingError,
     MessageDeadError,
     Outbox,
     OutboxClosedError,
@@ -643,3 +645,109 @@ async def test_batch_frames_respect_max_batch_bytes_in_bytes(db: Path) -> None:
             await box.drain(timeout=2)
     envelope = 100 + 40 * 20  # {"type":"batch","messages":[...]} and {"id":N,"data":...}
     assert max(sizes) <= limit + envelope, f"frames of {sizes} bytes, limit {limit}"
+
+
+async def test_a_requeue_from_the_sqlite3_shell_is_delivered_without_a_reconnect(
+    server: ScriptedServer, db: Path
+) -> None:
+    """Dead rows put back to pending by another connection (as the shell would): the
+    running sender notices, sends them on the same connection, and drain() waits for them."""
+    server.nack = {1: "not now"}
+    async with Outbox(db, server.url, **FAST) as box:
+        first = await box.send("refused once")
+        with pytest.raises(MessageDeadError):
+            await box.wait_acked(first, timeout=5)
+        await box.wait_acked(await box.send("after it"), timeout=5)
+        server.nack = {}
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE outbox SET status = 'pending', attempts = 0 WHERE status = 'dead'")
+        await box.drain(timeout=5)  # must not return before the requeued row is acked
+        assert statuses(db) == {"acked": 2}
+        assert box.stats().pending == 0 and box.stats().dead == 0
+    assert server.ids() == [1, 2, 1] and server.connections == 1
+
+
+async def test_an_idle_outbox_notices_a_requeue_from_the_shell(
+    server: ScriptedServer, db: Path
+) -> None:
+    server.nack = {1: "not now"}
+    async with Outbox(db, server.url, **FAST) as box:
+        with pytest.raises(MessageDeadError):
+            await box.wait_acked(await box.send("refused once"), timeout=5)
+        server.nack = {}
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE outbox SET status = 'pending', attempts = 0 WHERE status = 'dead'")
+        await wait_until(lambda: statuses(db) == {"acked": 1}, timeout=5)  # nobody calls drain
+    assert server.ids() == [1, 1] and server.connections == 1
+
+
+def remove_database(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+async def test_deleting_the_outbox_file_while_open_makes_send_fail(db: Path) -> None:
+    async with Outbox(db, "ws://127.0.0.1:9/", **FAST) as box:
+        assert await box.send_many(["a", "b"]) == [1, 2]
+        remove_database(db)
+        with pytest.raises(DatabaseMissingError, match="deleted while the Outbox had it open"):
+            await box.send("c")
+        for _ in range(3):  # and every later one: no id for a row that is in no file
+            with pytest.raises(DatabaseMissingError, match="not durable"):
+                await box.send("d")
+
+
+async def test_concurrent_sends_get_no_id_once_the_file_is_deleted(db: Path) -> None:
+    returned_after: list[int] = []
+    deleted = False
+
+    async def producer() -> None:
+        while True:
+            message_id = await box.send("x")
+            if deleted:
+                returned_after.append(message_id)
+
+    async with Outbox(db, "ws://127.0.0.1:9/", **FAST) as box:
+        tasks = [asyncio.create_task(producer()) for _ in range(20)]
+        await wait_until(lambda: box.stats().pending >= 100)
+        await box.send("a commit that starts after the deletion is not acknowledged")
+        remove_database(db)
+        deleted = True
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, DatabaseMissingError) for r in results), results
+    # A send that was already committed when the file went may still return (it was on
+    # disk then); any commit that began after the deletion was refused.
+    assert len(returned_after) <= 20, returned_after
+
+
+async def test_replacing_the_outbox_file_while_open_makes_send_fail(
+    db: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.db"
+    async with Outbox(other, "ws://127.0.0.1:9/", **FAST) as box:
+        await box.send("belongs to the other file")
+    async with Outbox(db, "ws://127.0.0.1:9/", **FAST) as box:
+        await box.send("first")
+        os.replace(other, db)
+        with pytest.raises(DatabaseMissingError, match="replaced by another file"):
+            await box.send("second")
+    with sqlite3.connect(db) as conn:
+        payloads = [p for (p,) in conn.execute("SELECT payload FROM outbox")]
+    assert '"second"' not in payloads, payloads  # refused before it was written anywhere
+
+
+async def test_retention_ignores_a_wall_clock_step(server: ScriptedServer, db: Path) -> None:
+    """+2 h on the wall clock: rows acked a second ago stay (and so does their key)."""
+    wall = [time.time()]
+    options = {**FAST, "acked_retention": 3600.0, "purge_interval": 0.01}
+    async with Outbox(db, server.url, wall_clock=lambda: wall[0], **options) as box:
+        first = await box.send("a", key="k")
+        await box.drain(timeout=5)
+        wall[0] += 7200.0
+        store = box._store
+        assert store is not None
+        commits = store.commits
+        await wait_until(lambda: store.commits >= commits + 5)  # several purges ran
+        assert [r[0] for r in rows(db)] == [first]
+        assert await box.send("a", key="k") == first  # the retry finds the same id
+    assert server.ids() == [first]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import closing
@@ -19,6 +21,7 @@ import pytest
 from outbox.client.store import Counts, Row, Store
 from outbox.errors import (
     DatabaseCorruptError,
+    DatabaseMissingError,
     OutboxClosedError,
     SchemaTooNewError,
     StorageFullError,
@@ -513,5 +516,170 @@ async def test_an_id_acked_twice_in_one_commit_is_counted_once(tmp_path: Path) -
         store.mark_acked(ids)  # the same ids acked again after the resend
         await store.flush()
         assert (store.counts.pending, store.counts.acked) == (0, 600)
+    finally:
+        await store.close()
+
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def mono() -> Clock:
+    return Clock(50.0)
+
+
+async def open_with(db: Path, wall: Clock, mono: Clock) -> Store:
+    return await Store.open(db, clock=wall, monotonic=mono)
+
+
+async def test_a_wall_clock_step_forward_does_not_purge_rows_acked_a_second_ago(
+    db: Path, clock: Clock, mono: Clock
+) -> None:
+    store = await open_with(db, clock, mono)
+    try:
+        await insert_many(store, 3)
+        store.mark_acked([1, 2, 3])
+        await store.flush()
+        mono.now += 1.0
+        clock.now += 1.0 + 2 * HOUR  # the wall clock jumps two hours ahead
+        assert await store.purge_expired(HOUR, None) == 0
+        assert statuses(db) == {1: "acked", 2: "acked", 3: "acked"}
+        clock.now -= 2 * HOUR  # ...and is set right again: stamps follow it, not the future
+        await insert_many(store, 1)
+        assert shell(db, "SELECT created_at FROM outbox WHERE id = 4") == [(clock.now,)]
+        mono.now += HOUR  # now they really are an hour old
+        assert await store.purge_expired(HOUR, None) == 3
+        assert statuses(db) == {4: "pending"}
+    finally:
+        await store.close()
+
+
+async def test_a_wall_clock_step_back_does_not_stop_the_purge(
+    db: Path, clock: Clock, mono: Clock
+) -> None:
+    store = await open_with(db, clock, mono)
+    try:
+        await insert_many(store, 3)
+        store.mark_acked([1, 2])
+        await store.flush()
+        clock.now -= 86_400.0  # a day back
+        mono.now += HOUR + 1.0
+        assert await store.purge_expired(HOUR, None) == 2
+        assert statuses(db) == {3: "pending"}
+    finally:
+        await store.close()
+
+
+async def test_rows_acked_before_this_process_age_by_both_clocks(
+    db: Path, clock: Clock, mono: Clock
+) -> None:
+    first = await open_with(db, clock, mono)
+    await insert_many(first, 2)
+    first.mark_acked([1, 2])
+    await first.flush()
+    await first.close()
+    # Reopened with the wall clock a day *behind* the stamps: never purged by updated_at...
+    clock.now -= 86_400.0
+    store = await open_with(db, clock, mono)
+    try:
+        assert await store.purge_expired(HOUR, None) == 0
+        mono.now += HOUR - 1.0
+        assert await store.purge_expired(HOUR, None) == 0
+        mono.now += 1.0  # ...but they are older than this process, which ran for an hour
+        assert await store.purge_expired(HOUR, None) == 2
+    finally:
+        await store.close()
+
+
+async def test_rows_acked_before_this_process_go_by_updated_at_when_the_clocks_agree(
+    db: Path, clock: Clock, mono: Clock
+) -> None:
+    first = await open_with(db, clock, mono)
+    await insert_many(first, 2)
+    first.mark_acked([1, 2])
+    await first.flush()
+    await first.close()
+    clock.now += 2 * HOUR
+    store = await open_with(db, clock, mono)
+    try:
+        assert await store.purge_expired(HOUR, None) == 2
+    finally:
+        await store.close()
+
+
+async def test_a_requeued_row_acked_again_keeps_its_new_age(
+    db: Path, clock: Clock, mono: Clock
+) -> None:
+    store = await open_with(db, clock, mono)
+    try:
+        await insert_many(store, 3)
+        store.mark_dead([(1, "nack")])
+        store.mark_acked([2, 3])
+        await store.flush()
+        mono.now += HOUR / 2
+        assert await store.requeue_dead() == 1
+        store.mark_acked([1])
+        await store.flush()
+        mono.now += HOUR / 2 + 1.0  # rows 2 and 3 are an hour old, row 1 half an hour
+        await store.purge_expired(HOUR, None)
+        assert 1 in statuses(db)
+        mono.now += HOUR / 2
+        await store.purge_expired(HOUR, None)
+        assert statuses(db) == {}
+    finally:
+        await store.close()
+
+
+def remove_database(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+async def test_a_deleted_file_fails_the_next_commit_and_every_later_one(
+    store: Store, db: Path
+) -> None:
+    assert await insert_many(store, 2) == [1, 2]
+    remove_database(db)
+    with pytest.raises(DatabaseMissingError, match=r"was deleted while the Outbox had it open"):
+        await insert_many(store, 1)
+    with pytest.raises(DatabaseMissingError, match="not durable"):
+        await insert_many(store, 1)
+    assert store.broken
+
+
+async def test_a_replaced_file_fails_the_next_commit(
+    store: Store, db: Path, tmp_path: Path
+) -> None:
+    await insert_many(store, 2)
+    other = tmp_path / "other.db"
+    with closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE unrelated (x)")
+    os.replace(other, db)
+    with pytest.raises(DatabaseMissingError, match="was replaced by another file"):
+        await insert_many(store, 1)
+    assert shell(db, "SELECT name FROM sqlite_master") == [("unrelated",)]
+
+
+async def test_a_reader_holding_a_snapshot_grows_the_wal_warns_then_it_shrinks(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="outbox")
+    store = await Store.open(
+        db, wal_warn_bytes=1 << 20, wal_truncate_bytes=256 << 10, wal_check_interval=0.0
+    )
+    payload = '"' + "x" * 1000 + '"'
+    try:
+        with closing(sqlite3.connect(db, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM outbox").fetchone()  # holds a snapshot
+            while os.stat(f"{db}-wal").st_size < 3 << 20:
+                await store.insert([(payload, None)] * 200)
+            warnings = [r.getMessage() for r in caplog.records if "-wal file" in r.getMessage()]
+            assert len(warnings) == 2, warnings  # at 1 MiB and at 2 MiB, not every commit
+            assert "holds a read transaction open (a sqlite3 shell after BEGIN" in warnings[0]
+            reader.execute("COMMIT")
+        await store.insert([(payload, None)])
+        assert os.stat(f"{db}-wal").st_size < 64 << 10
+        assert "is back to" in caplog.text
     finally:
         await store.close()

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -70,6 +71,7 @@ class Misbehaving:
 
     answer: Answer | None = None
     on_connect: Callable[[ServerConnection, int], Awaitable[bool]] | None = None
+    compression: str | None = None
     received: list[tuple[int, int]] = field(default_factory=list)
     connections: int = 0
     port: int = 0
@@ -83,7 +85,9 @@ class Misbehaving:
         return list(dict.fromkeys(message_id for _, message_id in self.received))
 
     async def __aenter__(self) -> Misbehaving:
-        self._server = await serve(self._handle, "127.0.0.1", self.port, compression=None)
+        self._server = await serve(
+            self._handle, "127.0.0.1", self.port, compression=self.compression, max_size=None
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -164,7 +168,9 @@ async def test_repeated_and_unknown_acks_and_garbage_mid_stream(
 
 async def test_huge_frames_from_the_server(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An 8 MiB text frame that is not JSON, an 8 MiB binary frame, and a 1.6 MB ack naming
-    200,000 ids nobody sent: logged, ignored, survived on the same connection."""
+    200,000 ids nobody sent, under a max_server_frame raised to 16 MiB: logged, ignored,
+    survived on the same connection. (Under the default 1 MiB cap each would close the
+    connection with 1009: see the tests below.)"""
     huge_text = "x" * (8 << 20)
     huge_binary = b"\xff" * (8 << 20)
     huge_ack = wire.encode_acks(list(range(10**6, 10**6 + 200_000)))
@@ -176,7 +182,7 @@ async def test_huge_frames_from_the_server(db: Path, caplog: pytest.LogCaptureFi
 
     async with (
         Misbehaving(on_connect=on_connect) as server,
-        Outbox(db, server.url, **FAST) as box,
+        Outbox(db, server.url, **FAST, max_server_frame=16 << 20) as box,
     ):
         ids = await box.send_many([{"i": i} for i in range(10)])
         await box.drain(timeout=20)
@@ -186,6 +192,100 @@ async def test_huge_frames_from_the_server(db: Path, caplog: pytest.LogCaptureFi
     assert counters.protocol_errors == 2 and counters.unknown_acks == 200_000
     assert "ignoring a bad frame from the server" in caplog.text
     assert "8388608 bytes" in caplog.text  # the binary frame's size, not its content
+
+
+async def test_a_frame_over_max_server_frame_closes_with_1009_then_delivery_goes_on(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first two connections get a 2 MiB frame: the client closes each with 1009, says
+    why, backs off and reconnects; once the server's frames fit, everything is delivered."""
+    close_codes: list[int | None] = []
+
+    async def on_connect(ws: ServerConnection, number: int) -> bool:
+        if number <= 2:
+            await ws.send("x" * (2 << 20))
+            await ws.wait_closed()
+            close_codes.append(ws.close_code)
+            return False
+        return True
+
+    async with Misbehaving(on_connect=on_connect) as server, Outbox(db, server.url, **FAST) as box:
+        ids = await box.send_many([{"i": i} for i in range(10)])
+        await box.drain(timeout=10)
+    assert_delivered(db, server, ids)
+    assert server.connections == 3 and close_codes == [1009, 1009]
+    drops = [r.getMessage() for r in caplog.records if "failed or dropped" in r.getMessage()]
+    assert len(drops) == 2, drops
+    assert "larger than max_server_frame=1048576 bytes" in drops[0], drops[0]
+    assert "closed the connection with 1009" in drops[0]
+
+
+def assert_backoff_grows(times: list[float], first: float) -> None:
+    """The gaps between connection attempts follow the doubling delay (no jitter)."""
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    for n, gap in enumerate(gaps):
+        assert gap >= 0.9 * first * 2**n, gaps
+
+
+@pytest.mark.parametrize("ack_first", [False, True], ids=["at-once", "after-an-ack"])
+async def test_an_oversized_frame_on_every_connection_gets_a_growing_backoff(
+    db: Path, ack_first: bool
+) -> None:
+    """Every connection gets a 2 MiB frame, at once or right after an ack (a sign of life
+    that would otherwise reset the backoff): the delay doubles, no hot loop, and what the
+    server never acked stays pending."""
+    times: list[float] = []
+
+    async def on_connect(ws: ServerConnection, number: int) -> bool:
+        times.append(time.monotonic())
+        if not ack_first:
+            await ws.send("x" * (2 << 20))
+        return True
+
+    async def answer(ws: ServerConnection, number: int, message_id: int) -> None:
+        await ws.send(wire.encode_ack(message_id))
+        await ws.send("x" * (2 << 20))
+
+    options = {**FAST, "reconnect_interval": 0.02, "reconnect_max_interval": 10.0}
+    async with (
+        Misbehaving(on_connect=on_connect, answer=answer) as server,
+        Outbox(db, server.url, **options, reconnect_jitter=0.0) as box,
+    ):
+        await box.send_many([{"i": i} for i in range(50)])
+        await wait_until(lambda: len(times) >= 6, timeout=10)
+        pending = box.stats().pending
+    assert_backoff_grows(times[:6], 0.02)
+    if ack_first:
+        assert 0 < pending < 50  # at most a few acks per connection got through
+    else:
+        assert pending == 50 and outbox_statuses(db) == {"pending": 50}
+
+
+async def test_a_compressed_frame_that_inflates_past_the_cap_is_refused(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """permessage-deflate: 4 MiB of "x" is a few kilobytes on the wire; websockets' max_size
+    bounds the inflated size, so the client refuses it (1009) instead of inflating it."""
+    close_codes: list[int | None] = []
+
+    async def on_connect(ws: ServerConnection, number: int) -> bool:
+        if number == 1:
+            assert ws.protocol.extensions, "the test needs permessage-deflate negotiated"
+            await ws.send("x" * (4 << 20))
+            await ws.wait_closed()
+            close_codes.append(ws.close_code)
+            return False
+        return True
+
+    async with (
+        Misbehaving(on_connect=on_connect, compression="deflate") as server,
+        Outbox(db, server.url, **FAST, compression=True) as box,
+    ):
+        ids = await box.send_many([{"i": i} for i in range(5)])
+        await box.drain(timeout=10)
+    assert_delivered(db, server, ids)
+    assert close_codes == [1009]
+    assert "larger than max_server_frame=1048576 bytes" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
