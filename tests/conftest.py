@@ -8,12 +8,13 @@ records an effect per message through the inbox transaction, and the two SQLite 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from outbox import Receiver, serve
+from outbox import Receiver, logs, serve
 
 from .chaos_support import create_effects_table, record_effect
 from .support import ScriptedServer
@@ -46,3 +47,14 @@ def outbox_db(tmp_path: Path) -> Path:
 async def receiver(inbox_db: Path) -> AsyncIterator[Receiver]:
     async with serve(record_effect, inbox_db) as rx:
         yield rx
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_limits() -> None:
+    """Each test starts with fresh rate limits on the peer-caused log lines (outbox.logs):
+    what earlier tests logged must not hide the lines a later test looks for."""
+    for name in (logs.PEERS, logs.WEBSOCKETS):
+        logger = logging.getLogger(name)
+        logger.filters = [
+            logs.RateLimit() if isinstance(f, logs.RateLimit) else f for f in logger.filters
+        ]

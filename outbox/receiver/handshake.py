@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
+from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from .api import Authenticate, ConnectRequest, ReceiverStats, Refuse
 
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("outbox.receiver")
+peer_log = rate_limited(PEERS)
+"""Lines a client's own behaviour causes (refused handshakes): rate-limited."""
 
 CLIENT_ID_PARAM = "client_id"
 """Query parameter naming the client, for clients that cannot set the header (browsers)."""
@@ -214,7 +217,7 @@ class Handshake:
         if isinstance(decided, str):
             return decided
         self._stats.refused += 1
-        logger.info(
+        peer_log.info(
             "refused %s: %s %s", connection.remote_address, int(decided.status), decided.reason
         )
         return refusal_response(connection, decided)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from websockets.frames import CloseCode
 
 from ..errors import StoreError
+from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
 from .api import Handler, Incoming, ReceiverStats, Reject
@@ -46,6 +47,7 @@ from .inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_diges
 __all__ = ["Writer"]
 
 logger = logging.getLogger("outbox.receiver")
+peer_log = rate_limited(PEERS)
 
 Batch = list[tuple[Peer, list[Item], list[int]]]
 """One round of work: each connection with the items it queued (in arrival order) and the
@@ -376,7 +378,7 @@ def _conflict_reason(message_id: int) -> str:
 def _log_conflicts(peer: Peer, conflicts: list[tuple[int, str]]) -> None:
     """One WARNING per connection and transaction, however many ids conflicted."""
     ids = [message_id for message_id, _ in conflicts]
-    logger.warning(
+    peer_log.warning(
         "conflict: %s sent %d message id(s) already recorded under the same identity with "
         "other content (%s); refused with a nack, not acked as duplicates. A reused id: an "
         "outbox restored from a backup, or a peer sending under another's client id",
