@@ -29,6 +29,11 @@ from .store import Store
 
 logger = logging.getLogger("outbox")
 
+MAX_TRUSTED_HIGH_WATER = 2**53 - 1
+"""The highest Outbox-High-Water a client moves its ids to (JavaScript's largest exact
+integer). A spoofer who records id 2**63-1 under a victim's client id must not make the
+victim's next id overflow SQLite's integers: higher marks are logged and ignored."""
+
 
 _WRITE_CHUNK = 256 * 1024  # bytes of frames written between two drains
 
@@ -112,7 +117,14 @@ class Session:
             # The file is locked or full: resending acked rows is harmless (the receiver
             # deduplicates), waiting for the disk is not.
             logger.warning("could not commit acks before resending (%s); going on", exc)
-        if self.high_water > self.store.max_id:
+        if self.high_water > MAX_TRUSTED_HIGH_WATER:
+            logger.warning(
+                "the receiver reports message ids up to %d from this client, beyond any id an "
+                "outbox gives out in practice (2**53); ignoring it rather than jumping there "
+                "(a peer may have sent a huge id under this client id: authenticate clients)",
+                self.high_water,
+            )
+        elif self.high_water > self.store.max_id:
             await self._skip_used_ids()
         # Everything un-acked on the last connection goes out again, in id order.
         self._unacked_before = set(self.window.clear())

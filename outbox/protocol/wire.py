@@ -209,10 +209,13 @@ def encode_nack(message_id: int, reason: str, *, conflict: bool = False) -> str:
     ``conflict``: the receiver holds this id with other content (only for clients that
     announced ``id-conflict``; they renumber the message instead of marking it dead).
     """
-    frame: dict[str, object] = {"type": "nack", "messageId": message_id, "reason": clip(reason)}
-    if conflict:
-        frame["conflict"] = True
-    return codec.dumps(frame)
+    # The id is formatted, not encoded: a nack may answer an id too large for the payload
+    # rule (a peer's 2**64), and that must not fail the answer.
+    flag = ',"conflict":true' if conflict else ""
+    return (
+        f'{{"type":"nack","messageId":{int(message_id)},'
+        f'"reason":{codec.dumps(clip(reason))}{flag}}}'
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from websockets.frames import CloseCode
 from ..errors import ProtocolError
 from ..logs import PEERS, rate_limited
 from ..protocol import wire
-from ..protocol.wire import Close, Item, Malformed, salvage
+from ..protocol.wire import Close, Item, Malformed, close_reason, salvage
 from .api import ReceiverStats
 
 __all__ = ["Limits", "Peer", "Submit", "read_loop", "run", "send_loop"]
@@ -43,6 +43,13 @@ class Limits:
     messages: int
     bytes: int
     send_timeout: float | None
+    frame_messages: int = 1000
+    """Most messages one batch frame may carry."""
+
+
+ITEM_OVERHEAD = 256
+"""Bytes counted for each queued message on top of its share of the frame: its parsed form
+(dicts, strings, a Message) costs several times its JSON text when messages are tiny."""
 
 
 class Peer:
@@ -99,7 +106,7 @@ class Peer:
         """Queue items read from one frame of ``size`` bytes, in order."""
         if not items:
             return
-        share = size // len(items) + 1
+        share = size // len(items) + ITEM_OVERHEAD
         self.pending.extend(items)
         self.pending_sizes.extend([share] * len(items))
         self.pending_bytes += share * len(items)
@@ -198,11 +205,21 @@ async def read_loop(
                 peer.send(wire.PONG_FRAME)  # counted in the backlog like any answer
                 parsed = []
             items = parsed
+            if len(items) > limits.frame_messages:
+                items = [_too_many(len(items), limits.frame_messages)]
+                _note_protocol_errors(peer, items, stats)
         if items:
             submit(peer, items, len(frame))
         while peer.backlog_full(limits) and not (peer.failed or closing()):
             peer.room.clear()
             await peer.room.wait()
+
+
+def _too_many(count: int, limit: int) -> Close:
+    return Close(
+        CloseCode.MESSAGE_TOO_BIG,
+        close_reason(f"a batch of {count} messages; at most {limit} per frame"),
+    )
 
 
 def _note_protocol_errors(peer: Peer, items: Sequence[Item], stats: ReceiverStats) -> None:

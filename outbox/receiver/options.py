@@ -43,6 +43,9 @@ class ReceiverOptions:
     max_backlog_bytes: int = 16 * 1024 * 1024
     """The same bound in bytes of frames (messages read, answers not yet sent): reading stops
     at whichever comes first, so a connection holds at most about this plus one frame."""
+    max_frame_messages: int = 1000
+    """Most messages one batch frame may carry (ours sends at most 500); a larger batch
+    closes the connection with 1009, so one frame cannot queue more than this."""
     max_transaction_messages: int = 1000
     """Most messages one group commit takes; with several clients ready, each gets an equal
     share, so one client's backlog cannot hold another's acks behind it."""
@@ -72,7 +75,13 @@ class ReceiverOptions:
         port = _integer("port", self.port)
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {port!r}")
-        for name in ("max_size", "max_backlog", "max_backlog_bytes", "max_transaction_messages"):
+        for name in (
+            "max_size",
+            "max_backlog",
+            "max_backlog_bytes",
+            "max_frame_messages",
+            "max_transaction_messages",
+        ):
             count = _integer(name, getattr(self, name))
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count!r}")

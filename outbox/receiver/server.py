@@ -104,6 +104,7 @@ class Receiver:
         max_size: int = DEFAULT_MAX_SIZE,
         max_backlog: int = 10_000,
         max_backlog_bytes: int = 16 * 1024 * 1024,
+        max_frame_messages: int = 1000,
         max_transaction_messages: int = 1000,
         max_transaction_time: float = 0.1,
         send_timeout: float | None = 30.0,
@@ -130,6 +131,7 @@ class Receiver:
             max_size=max_size,
             max_backlog=max_backlog,
             max_backlog_bytes=max_backlog_bytes,
+            max_frame_messages=max_frame_messages,
             max_transaction_messages=max_transaction_messages,
             max_transaction_time=max_transaction_time,
             send_timeout=send_timeout,
@@ -281,6 +283,7 @@ class Receiver:
                     messages=self._options.max_backlog,
                     bytes=self._options.max_backlog_bytes,
                     send_timeout=self._options.send_timeout,
+                    frame_messages=self._options.max_frame_messages,
                 ),
                 closing=lambda: self._closing,
             )

@@ -222,7 +222,14 @@ class Writer:
                     logger.exception("rollback failed on %s", inbox.path)
         skipped = []
         for (peer, out), (_, items, sizes) in zip(results, batch, strict=True):
-            self._deliver(peer, out)
+            try:
+                self._deliver(peer, out)
+            except Exception:  # a bug answering one connection is that connection's alone
+                logger.exception(
+                    "could not answer client %r; closing its connection", peer.client_id
+                )
+                peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
+                continue
             if out.unreached:
                 peer.put_back(items[-out.unreached :], sizes[-out.unreached :])
                 if out.unreached == len(items):

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from outbox import Incoming, Outbox, Receiver, serve
 from outbox.protocol import wire
+from outbox.receiver.connection import ITEM_OVERHEAD
 
 from ..support import MS, wait_until
 
@@ -193,7 +194,7 @@ async def test_large_messages_behind_a_slow_handler_are_bounded_in_bytes(tmp_pat
             await wait_until(watch, timeout=20)
             await sender
             ws.transport.abort()  # it read no ack: a closing handshake would wait it out
-    assert peak <= limit + len(big) + 100, peak
+    assert peak <= limit + len(big) + 100 + ITEM_OVERHEAD, peak
 
 
 async def test_receiver_options_bound_rounds(tmp_path: Path) -> None:
@@ -231,3 +232,20 @@ async def test_nacks_to_a_client_that_never_reads_do_not_echo_its_frames(tmp_pat
     print(f"\nRSS growth {growth_mb:.1f} MB after 80 MB of bad frames; answers held {held} B")
     assert held <= 20 * 400  # 20 nacks of a few hundred bytes, not 20 x 4 MB
     assert growth_mb < 60  # the 20 echoes alone would be 80 MB
+
+
+async def test_one_batch_frame_cannot_queue_more_than_max_frame_messages(tmp_path: Path) -> None:
+    """A 4 MB batch of tiny messages was 178,744 messages in one connection's backlog (18x
+    max_backlog, about 8 bytes of memory per byte of frame). Now it is refused whole."""
+    tiny = [(n, "1") for n in range(1, 100_001)]
+    async with (
+        serve(None, tmp_path / "inbox.db", max_frame_messages=1000) as rx,
+        connect(rx.url, max_size=None) as ws,
+    ):
+        await ws.send(wire.encode_batch(tiny))
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(10):
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert "at most 1000 per frame" in closed.value.rcvd.reason
+    assert rx.stats.messages == 0
