@@ -22,6 +22,7 @@ from .api import (
     ReceiverStats,
     Refuse,
     Reject,
+    Setup,
 )
 from .handshake import ANONYMOUS_PREFIX, CLIENT_ID_PARAM
 from .options import DEFAULT_MAX_SIZE, ReceiverOptions
@@ -42,6 +43,7 @@ __all__ = [
     "ReceiverStats",
     "Refuse",
     "Reject",
+    "Setup",
     "ack_frames",
     "close_reason",
     "salvage",
