@@ -25,6 +25,7 @@ from .api import (
     Setup,
 )
 from .handshake import ANONYMOUS_PREFIX, CLIENT_ID_PARAM
+from .inbox import Transaction
 from .options import DEFAULT_MAX_SIZE, ReceiverOptions
 from .server import Receiver, serve
 
@@ -44,6 +45,7 @@ __all__ = [
     "Refuse",
     "Reject",
     "Setup",
+    "Transaction",
     "ack_frames",
     "close_reason",
     "salvage",
