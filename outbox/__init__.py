@@ -6,6 +6,8 @@ server acks it; see README.md and docs/protocol.md.
 
 from __future__ import annotations
 
+import logging
+
 from .client import Outbox, State, Stats
 from .errors import (
     DatabaseCorruptError,
@@ -27,6 +29,11 @@ from .errors import (
 from .protocol.backoff import Backoff
 from .protocol.window import SendWindow
 from .receiver import ConnectRequest, Incoming, Receiver, ReceiverStats, Refuse, Reject, serve
+
+# A library installs no handler of its own: without logging configured, nothing reaches
+# stderr through Python's last-resort handler (which prints bare messages, no logger name,
+# level or time). Configure logging (logging.basicConfig) to see outbox's lines.
+logging.getLogger("outbox").addHandler(logging.NullHandler())
 
 __all__ = [
     "Backoff",

@@ -36,7 +36,9 @@ def fast_options(**overrides: Any) -> dict[str, Any]:
 
     Reconnects back off from 10 ms to 50 ms; resends and heartbeats are far enough away
     (2 s, 5 s) that only a test which shortens them sees them; nothing is purged, so a test
-    can read every row afterwards.
+    can read every row afterwards; ``close()`` does not wait for acks (``close_flush_timeout``
+    0), so a test whose server never acks still closes at once (the flush has tests of its
+    own, which set it).
     """
     options: dict[str, Any] = {
         "reconnect_interval": 10 * MS,
@@ -44,6 +46,7 @@ def fast_options(**overrides: Any) -> dict[str, Any]:
         "ack_timeout": 2000 * MS,
         "heartbeat_interval": 5000 * MS,
         "acked_retention": None,
+        "close_flush_timeout": 0,
     }
     options.update(overrides)
     return options

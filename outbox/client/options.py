@@ -66,6 +66,8 @@ class Options:
     """Seconds for the TCP + TLS + WebSocket handshake."""
     close_timeout: float = 2.0
     """Seconds to wait for the closing handshake when the Outbox closes."""
+    close_flush_timeout: float = 5.0
+    """Seconds close() waits for pending rows to be acked while connected; 0 = no wait."""
     acked_retention: float | None = 3600.0
     """Seconds acked rows are kept before the background purge deletes them; None = forever.
 
@@ -87,6 +89,7 @@ class Options:
     """TLS context for wss:// URLs (None = the default context for wss)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         positive = (
             "heartbeat_interval heartbeat_timeout ack_timeout open_timeout "
             "purge_interval reconnect_max_interval"
@@ -113,6 +116,39 @@ class Options:
             raise ValueError("max_reconnect_attempts must be >= 0 or None")
         if self.acked_retention is not None and self.acked_retention < 0:
             raise ValueError("acked_retention must be >= 0 or None")
+        for name in ("close_timeout", "close_flush_timeout", "busy_timeout"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)!r}")
+        if not 0 <= self.reconnect_jitter <= 1:
+            raise ValueError(f"reconnect_jitter must be in [0, 1], got {self.reconnect_jitter!r}")
+
+    def _check_types(self) -> None:
+        """TypeError naming the option and what it accepts, before any comparison.
+
+        bool is an int subclass, so ``ack_timeout=True`` is refused explicitly; a str such
+        as ``"5"`` would otherwise fail later as ``'>' not supported between str and int``.
+        """
+        for name, kind in _KINDS.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind == "str":
+                ok = isinstance(value, str)
+            elif kind == "headers":
+                ok = isinstance(value, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+                )
+            elif kind == "ssl":
+                ok = isinstance(value, ssl.SSLContext)
+            else:
+                numeric = (int,) if kind == "int" else (int, float)
+                ok = isinstance(value, numeric) and not isinstance(value, bool)
+            if not ok:
+                accepted = _ACCEPTS[kind] + (" or None" if name in _OPTIONAL else "")
+                shown = repr(value)[:100]
+                raise TypeError(f"{name} must be {accepted}, got {type(value).__name__} {shown}")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Options:
@@ -124,3 +160,65 @@ class Options:
                 f"the options are: {', '.join(sorted(known))}"
             )
         return cls(**kwargs)
+
+
+_SECONDS = (
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "reconnect_interval",
+    "reconnect_max_interval",
+    "reconnect_jitter",
+    "ack_timeout",
+    "busy_timeout",
+    "open_timeout",
+    "close_timeout",
+    "close_flush_timeout",
+    "acked_retention",
+    "purge_interval",
+)
+_INTEGERS = (
+    "max_missed_heartbeats",
+    "max_reconnect_attempts",
+    "max_attempts",
+    "max_inflight",
+    "max_pending",
+    "max_message_size",
+    "max_batch_messages",
+    "max_batch_bytes",
+    "page_size",
+    "acked_retention_count",
+    "max_server_frame",
+    "wal_warn_bytes",
+)
+_KINDS = {
+    **dict.fromkeys(_SECONDS, "seconds"),
+    **dict.fromkeys(_INTEGERS, "int"),
+    "heartbeat": "str",
+    "synchronous": "str",
+    "batch": "bool",
+    "compression": "bool",
+    "additional_headers": "headers",
+    "ssl": "ssl",
+}
+"""What type each option takes (checked first, so value checks can compare safely)."""
+
+_OPTIONAL = frozenset(
+    (
+        "max_reconnect_attempts",
+        "max_attempts",
+        "max_pending",
+        "acked_retention",
+        "acked_retention_count",
+        "additional_headers",
+        "ssl",
+    )
+)
+
+_ACCEPTS = {
+    "seconds": "a number of seconds (int or float)",
+    "int": "an int",
+    "str": "a str",
+    "bool": "True or False",
+    "headers": "a dict of str to str",
+    "ssl": "an ssl.SSLContext",
+}

@@ -7,6 +7,7 @@ it, in id order, over a WebSocket that it keeps reconnecting, until the server a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -46,10 +47,10 @@ class Outbox:
     ...     msg_id = await box.send({"type": "order", "n": 42})
     ...     await box.wait_acked(msg_id, timeout=10)
 
-    Every keyword of ``Options`` (see ``outbox/config.py`` and the README) is accepted here.
-    ``clock`` (monotonic seconds: deadlines, ages, retention), ``wall_clock`` (unix seconds:
-    only the ``created_at`` / ``updated_at`` stamps people read) and ``rand`` (uniform in
-    [0, 1), for backoff jitter) are injectable for tests.
+    Every keyword of ``Options`` (see ``outbox/client/options.py`` and the README) is
+    accepted here. ``clock`` (monotonic seconds: deadlines, ages, retention), ``wall_clock``
+    (unix seconds: only the ``created_at`` / ``updated_at`` stamps people read) and ``rand``
+    (uniform in [0, 1), for backoff jitter) are injectable for tests.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class Outbox:
         self._supervisor: Supervisor | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._closer: asyncio.Task[None] | None = None
         self.counters = Counters()
         self.window = SendWindow(
             max_inflight=self.options.max_inflight,
@@ -164,17 +166,86 @@ class Outbox:
             await store.close()
 
     async def close(self) -> None:
-        """Stop every task, commit queued acks, close the database. Loses nothing.
+        """Flush what is pending (bounded), stop every task, commit queued acks, close the
+        database. Loses nothing: rows not acked by then stay pending on disk.
 
-        Safe to call more than once, also concurrently: every call returns once closed.
+        While connected (or still connecting), waits up to ``close_flush_timeout`` seconds
+        for the pending rows to be acked, like a Kafka producer's ``close()``; it stops
+        waiting as soon as the connection fails (nothing would move). ``send()`` is refused
+        from the moment close() is called. Logs at INFO how many rows stay pending.
+
+        Safe to call more than once, also concurrently: every call returns once closed. If
+        the call is cancelled, the flush is cut short and the Outbox still closes.
         """
-        self._closed = True
+        if self._closer is None:
+            self._closer = asyncio.create_task(self._close(), name=f"outbox-close:{self.path}")
+        closer = self._closer
+        try:
+            await asyncio.wait({closer})
+        except asyncio.CancelledError:
+            closer.cancel()  # cut the flush short; _close still stops and closes everything
+            await asyncio.wait({closer})
+            raise
+
+    async def _close(self) -> None:
+        first_close = not self._closed
+        self._closed = True  # send() refuses from now on
         runner = self._runner
-        if runner is not None:
-            runner.cancel()
-            await asyncio.wait({runner})  # the runner closes the store on its way out
-        elif self._store is not None:
-            await self._store.close()
+        try:
+            if first_close and runner is not None and not runner.done():
+                await self._flush_before_close()
+        finally:
+            if runner is not None:
+                runner.cancel()
+                await asyncio.wait({runner})  # the runner closes the store on its way out
+            elif self._store is not None:
+                await self._store.close()
+        store = self._store
+        if first_close and store is not None:
+            pending = store.counts.pending
+            if pending:
+                logger.info(
+                    "outbox %s closed: %d message(s) stay pending on disk (sent by the next "
+                    "Outbox opened on this file)%s",
+                    self.path,
+                    pending,
+                    self._last_error_note(),
+                )
+            else:
+                logger.info("outbox %s closed: nothing pending", self.path)
+
+    async def _flush_before_close(self) -> None:
+        """Wait, at most close_flush_timeout, until nothing is pending or the link fails."""
+        store, supervisor = self._store, self._supervisor
+        timeout = self.options.close_flush_timeout
+        if store is None or supervisor is None or timeout <= 0:
+            return
+        live = (State.CONNECTING, State.CONNECTED)
+
+        async def flushed() -> None:
+            while (store.counts.pending or store.queued_rows) and supervisor.state in live:
+                commit = asyncio.ensure_future(store.wait_commit())
+                changed = asyncio.ensure_future(supervisor.state_changed.wait())
+                try:
+                    await asyncio.wait({commit, changed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    commit.cancel()
+                    changed.cancel()
+                if commit.done() and not commit.cancelled() and commit.exception() is not None:
+                    return  # the store broke: it has logged why; close what is left
+
+        waiting = store.counts.pending + store.queued_rows
+        if waiting and supervisor.state in live:
+            logger.debug("closing: waiting up to %ss for %d message(s)", timeout, waiting)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await flushed()
+
+    def _last_error_note(self) -> str:
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.last_error is None:
+            return ""
+        return f"; last connection failure: {supervisor.last_error}"
 
     async def __aenter__(self) -> Outbox:
         return await self.open()
@@ -306,7 +377,10 @@ class Outbox:
                     finally:
                         changed.cancel()
         except TimeoutError:
-            raise TimeoutError(f"{what}: not done within {timeout}s") from None
+            raise TimeoutError(
+                f"{what}: not done within {timeout}s (connection {supervisor.state.value}"
+                f"{self._last_error_note()}); the messages stay pending in {self.path}"
+            ) from None
         finally:
             task.cancel()
         return task.result()
@@ -387,4 +461,5 @@ class Outbox:
             state=self.state.value,
             reconnects=self.counters.reconnects,
             counters=self.counters,
+            last_error=self._supervisor.last_error if self._supervisor is not None else None,
         )

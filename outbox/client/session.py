@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..errors import OutboxBrokenError, OutboxError, ProtocolError
 from ..protocol import wire
-from ..protocol.batching import encode_frames
+from ..protocol.batching import encode_frames, frame_groups
 from ..protocol.feed import CommittedRows, Row
 from ..protocol.heartbeat import HeartbeatMonitor
 from ..protocol.window import InFlight, SendWindow
@@ -104,6 +104,10 @@ class Session:
         self._unacked_before: set[int] = set()
         self._refill_at = min(options.page_size, max(1, options.max_inflight // 4))
         self._feed = CommittedRows(limit=options.page_size)
+        self._largest: tuple[int, Sequence[Row], int] = (0, (), 0)
+        """The largest frame written on this connection: its size, its page, its index.
+        If the server closes with 1009 (too big), this frame is one it refused."""
+        self._noted_too_big = False
 
     async def run(self) -> None:
         """Resend everything un-acked, then stream until the connection ends."""
@@ -261,12 +265,25 @@ class Session:
             # Drain after every _WRITE_CHUNK bytes or so: large messages must not pile up
             # in the transport's buffer beyond what flow control would allow.
             written = 0
-            async with ws.send_context():
-                while start < len(frames) and written < _WRITE_CHUNK:
-                    data = frames[start].encode()
-                    ws.protocol.send_text(data)
-                    written += len(data)
-                    start += 1
+            try:
+                async with ws.send_context():
+                    while start < len(frames) and written < _WRITE_CHUNK:
+                        data = frames[start].encode()
+                        if len(data) > self._largest[0]:
+                            self._largest = (len(data), rows, start)
+                        ws.protocol.send_text(data)
+                        written += len(data)
+                        start += 1
+            except ConnectionClosed as closed:
+                raise self._ended() from closed
+            except AttributeError:
+                # Python 3.11: once a transport has flushed its buffer and closed, its loop
+                # is None and the abort() websockets then calls raises AttributeError
+                # ('NoneType' object has no attribute 'call_soon'). The connection is gone:
+                # say why, like any other close.
+                if not ws.connection_lost_waiter.done():
+                    raise
+                raise self._ended() from None
         self.counters.frames_sent += len(frames)
         self.counters.messages_sent += len(rows)
 
@@ -278,7 +295,7 @@ class Session:
             try:
                 frame = await ws.recv()
             except ConnectionClosed as closed:
-                raise SessionEnded(*_close_info(ws)) from closed
+                raise self._ended() from closed
             self.heartbeat.frame_received(self.clock())
             try:
                 event = wire.parse_server_frame(frame)
@@ -308,6 +325,43 @@ class Session:
                     logger.debug("nack for id %d, which is not in flight; ignored", event.id)
             elif self._json_pong is not None and not self._json_pong.done():
                 self._json_pong.set_result(None)
+
+    def _ended(self) -> SessionEnded:
+        """Why the connection ended, once it has (noting a 1009 on the rows it refused)."""
+        code, reason = _close_info(self.ws)
+        if code == 1009 and not self._noted_too_big:
+            self._noted_too_big = True
+            self._note_too_big(reason)
+        return SessionEnded(code, reason)
+
+    def _note_too_big(self, reason: str) -> None:
+        """The server refused a frame as too big: say so in the last_error of its rows.
+
+        Whatever frame the server refused was over its limit, so the largest frame written
+        on this connection is over it too: its rows are the ones to blame.
+        """
+        size, page, index = self._largest
+        if not size:
+            return
+        if self.batch:
+            groups = frame_groups(
+                page,
+                max_messages=self.options.max_batch_messages,
+                max_bytes=self.options.max_batch_bytes,
+            )
+        else:
+            groups = [[row] for row in page]
+        rows = groups[index] if index < len(groups) else []
+        error = f"server closed with 1009 (frame of {size} bytes too big for it): {reason}"[:300]
+        items = [(r.id, a) for r in rows if (a := self.window.attempts(r.id)) is not None]
+        if items:
+            logger.warning(
+                "the server refused a frame of %d bytes as too big (1009) holding message(s) "
+                "%s; lower max_message_size/max_batch_bytes or raise the server's max_size",
+                size,
+                ", ".join(str(message_id) for message_id, _ in items[:10]),
+            )
+            self.store.record_timeouts(items, error)
 
     # -- reused ids (docs/protocol.md, "Reused ids") -------------------------------------------
 

@@ -34,3 +34,7 @@ class Stats:
     state: str
     reconnects: int
     counters: Counters
+    last_error: str | None = None
+    """Why the last connection attempt failed or the last connection ended (e.g. ``connection
+    closed by the server (code 1011, reason 'handler failed on message 1')``); None if none
+    has failed yet. Kept after a later connection succeeds: compare with ``state``."""

@@ -105,7 +105,10 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out opening the connection (open_timeout)"
     if isinstance(exc, OSError):
-        return f"cannot reach the server: {exc.strerror or exc}"
+        detail = exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(exc, ConnectionResetError | ConnectionAbortedError):
+            detail += " (a wss:// URL to a server without TLS ends like this)"
+        return f"cannot reach the server: {detail}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -211,6 +214,7 @@ class Supervisor:
             session: Session | None = None
             bug: Exception | None = None
             too_large = False
+            clean_close = False
             try:
                 ws = await connect(self.url, **kwargs)
                 self.ws = ws
@@ -227,13 +231,18 @@ class Supervisor:
                 finally:
                     # After a failure, a dead or blackholed peer would make the closing
                     # handshake wait for close_timeout: drop the TCP connection at once.
-                    ws.transport.abort()
+                    # Not once it is lost: aborting a transport whose connection_lost ran
+                    # raises AttributeError on Python 3.11 (its loop is already None).
+                    if not ws.connection_lost_waiter.done():
+                        ws.transport.abort()
             except OutboxBrokenError:
                 raise  # the store is gone (it logged why): nothing left to deliver from
             except Exception as exc:
                 bug = self.process_exception(exc)
                 self.last_error = describe_failure(exc) if bug is None else describe_bug(bug)
                 too_large = isinstance(exc, FrameTooLarge)
+                # 1000 / 1001: the server said goodbye on purpose (e.g. it is restarting).
+                clean_close = isinstance(exc, SessionEnded) and exc.code in (1000, 1001)
             finally:
                 self.ws = None
             # A server that sends an oversized frame on every connection would otherwise be
@@ -245,7 +254,15 @@ class Supervisor:
                 self._give_up()
                 return
             self.state = State.BACKING_OFF
-            if bug is None:
+            if clean_close:
+                logger.info(
+                    "the server closed the connection to %s: %s; reconnect attempt %d in %.2fs",
+                    self.url,
+                    self.last_error,
+                    self.backoff.attempts,
+                    delay,
+                )
+            elif bug is None:
                 logger.warning(
                     "connection to %s failed or dropped: %s; reconnect attempt %d in %.2fs",
                     self.url,

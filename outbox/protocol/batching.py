@@ -24,6 +24,17 @@ def encode_frames(
     if not batch:
         return [wire.encode_message(row.id, row.payload) for row in rows]
     frames: list[str] = []
+    for group in frame_groups(rows, max_messages=max_messages, max_bytes=max_bytes):
+        if len(group) == 1:
+            frames.append(wire.encode_message(group[0].id, group[0].payload))
+        else:
+            frames.append(wire.encode_batch([(r.id, r.payload) for r in group]))
+    return frames
+
+
+def frame_groups(rows: Sequence[Row], *, max_messages: int, max_bytes: int) -> list[Sequence[Row]]:
+    """The rows of each batch frame ``encode_frames`` makes, in the same order."""
+    groups: list[Sequence[Row]] = []
     start = 0
     while start < len(rows):
         end, size = start, 0
@@ -32,9 +43,6 @@ def encode_frames(
             if size > max_bytes and end > start:
                 break
             end += 1
-        if end - start == 1:
-            frames.append(wire.encode_message(rows[start].id, rows[start].payload))
-        else:
-            frames.append(wire.encode_batch([(r.id, r.payload) for r in rows[start:end]]))
+        groups.append(rows[start:end])
         start = end
-    return frames
+    return groups

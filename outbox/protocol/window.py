@@ -101,6 +101,11 @@ class SendWindow:
     def ids(self) -> list[int]:
         return list(self._inflight)
 
+    def attempts(self, message_id: int) -> int | None:
+        """Ack timeouts so far of a message in flight; None if it is not in flight."""
+        message = self._inflight.get(message_id)
+        return None if message is None else message.attempts
+
     def sent(self, messages: Iterable[tuple[int, int]], now: float) -> None:
         """Record ``(id, attempts so far)`` pairs as sent at ``now``."""
         for message_id, attempts in messages:

@@ -22,8 +22,10 @@ from .api import (
     ReceiverStats,
     Refuse,
     Reject,
+    Setup,
 )
 from .handshake import ANONYMOUS_PREFIX, CLIENT_ID_PARAM
+from .inbox import Transaction
 from .options import DEFAULT_MAX_SIZE, ReceiverOptions
 from .server import Receiver, serve
 
@@ -42,6 +44,8 @@ __all__ = [
     "ReceiverStats",
     "Refuse",
     "Reject",
+    "Setup",
+    "Transaction",
     "ack_frames",
     "close_reason",
     "salvage",

@@ -23,6 +23,7 @@ __all__ = [
     "ReceiverStats",
     "Refuse",
     "Reject",
+    "Setup",
 ]
 
 
@@ -120,6 +121,12 @@ class Incoming:
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
+
+Setup = Callable[[Transaction], Awaitable[None]]
+"""``serve(..., setup=...)``: run once at start, before listening, with a transaction on the
+inbox connection (the same handle as ``message.tx``): create the handler's tables here
+(``CREATE TABLE IF NOT EXISTS``). Its writes commit before the first message is handled; if
+it raises, they are rolled back and ``start()`` fails with that error."""
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,16 @@ class Inbox:
     def transaction(self) -> Transaction:
         """A handle for one message's handler (see :class:`Transaction`)."""
         return Transaction(self._db)
+
+    async def setup(self, setup: Callable[[Transaction], Awaitable[None]]) -> None:
+        """Run the application's setup hook in a transaction of its own; commit it."""
+        tx = Transaction(self._db)
+        try:
+            await setup(tx)
+        except BaseException:
+            await tx._finish(keep=False)
+            raise
+        await tx._finish(keep=True)  # the outermost SAVEPOINT: RELEASE commits it
 
     async def begin(self) -> None:
         """Take the write lock now, not at the first write, so busy_timeout applies here."""

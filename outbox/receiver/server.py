@@ -38,7 +38,7 @@ from websockets.asyncio.server import serve as ws_serve
 from ..logs import WEBSOCKETS, rate_limited
 from ..protocol import wire
 from . import connection
-from .api import Authenticate, Handler, ReceiverStats
+from .api import Authenticate, Handler, ReceiverStats, Setup
 from .connection import Peer
 from .handshake import Handshake, _Connection, anonymous_id
 from .inbox import Inbox, Synchronous
@@ -112,14 +112,20 @@ class Receiver:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         close_timeout: float = 5.0,
+        setup: Setup | None = None,
     ) -> None:
         """``max_backlog``: messages and answers one connection may have waiting before its
         reader stops reading (TCP then slows the client down). ``compression``: None, or
         "deflate" for permessage-deflate (off by default: it costs more CPU than it saves on
         small JSON messages). ``close_timeout``: seconds for closing handshakes, and for the
-        transaction in progress to finish when the receiver closes. See
+        transaction in progress to finish when the receiver closes. ``setup``: an async
+        callable run once at start with a transaction on the inbox (create the handler's
+        tables there, see :data:`~outbox.receiver.api.Setup`). See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
+        if setup is not None and not callable(setup):
+            raise TypeError(f"setup must be an async callable or None, got {type(setup).__name__}")
         self._handler = handler
+        self._setup = setup
         self._db_path = os.fspath(db_path)
         self._authenticate = authenticate
         self._options = ReceiverOptions(
@@ -166,6 +172,12 @@ class Receiver:
         self._inbox = await Inbox.open(
             self._db_path, synchronous=opts.synchronous, busy_timeout=opts.busy_timeout
         )
+        if self._setup is not None:
+            try:
+                await self._inbox.setup(self._setup)
+            except BaseException:
+                await self._inbox.close()
+                raise
         self._handshake.high_water = self._inbox.high_water
         self._writer = Writer(
             self._inbox,

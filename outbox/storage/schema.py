@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 
-from ..errors import SchemaTooNewError
+from ..errors import SchemaTooNewError, StoreError
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -85,6 +85,32 @@ def refuse_newer(conn: sqlite3.Connection, path: str = "the database") -> None:
     latest = latest_version()
     if current > latest:
         raise _too_new(path, current, latest)
+
+
+OWN_TABLES = ("outbox", "outbox_meta", "inbox")
+"""The tables the migrations create: a file with one of them and no version is not ours."""
+
+
+def refuse_foreign(conn: sqlite3.Connection, path: str = "the database") -> None:
+    """Raise StoreError, touching nothing, if tables with our names exist but were not made
+    by our migrations (``user_version`` 0): someone else's ``outbox`` table, say."""
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) != 0:
+        return
+    marks = ",".join("?" * len(OWN_TABLES))
+    found = [
+        str(row[0])
+        for row in conn.execute(
+            f"SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+            f"AND name IN ({marks}) ORDER BY name",
+            OWN_TABLES,
+        )
+    ]
+    if found:
+        raise StoreError(
+            f"{path} already has a table named {', '.join(found)} that outbox did not create "
+            "(its schema version is 0); it was left untouched: give outbox a database file "
+            "of its own"
+        )
 
 
 def migrate(conn: sqlite3.Connection, path: str = "the database") -> int:

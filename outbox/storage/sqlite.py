@@ -11,6 +11,7 @@ Synchronous on purpose, like ``schema``: ``prepare`` runs once at open, on a pla
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from typing import Literal, TypeVar, cast
@@ -52,10 +53,13 @@ def prepare(path: str, busy_timeout: float, then: Callable[[sqlite3.Connection],
     this code (touching nothing); switch to WAL; apply the migrations; ``then(conn)``. Raises
     ``sqlite3.Error`` as SQLite does (see ``sqlite_error``) and SchemaTooNewError / StoreError.
     """
+    if os.path.isdir(path):
+        raise StoreError(f"{path} is a directory; give the path of a database file in it")
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
         schema.refuse_newer(conn, path)  # before WAL: leave a newer database as it was
+        schema.refuse_foreign(conn, path)  # before WAL: leave someone else's tables alone
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")

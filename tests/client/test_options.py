@@ -140,3 +140,40 @@ def test_outbox_refuses_unknown_options_when_constructed() -> None:
     kwargs: dict[str, Any] = {"heartbeat_intervall": 1.0}
     with pytest.raises(TypeError, match=re.escape("unknown option(s) heartbeat_intervall")):
         Outbox("unused.db", "ws://127.0.0.1:1/", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ack_timeout": "5"}, "ack_timeout must be a number of seconds (int or float), got str"),
+        ({"heartbeat_interval": True}, "heartbeat_interval must be a number of seconds"),
+        ({"max_inflight": 10.0}, "max_inflight must be an int, got float"),
+        ({"max_pending": "100"}, "max_pending must be an int or None, got str"),
+        ({"batch": 1}, "batch must be True or False, got int"),
+        ({"synchronous": 2}, "synchronous must be a str, got int"),
+        ({"additional_headers": {"X": 1}}, "additional_headers must be a dict of str to str"),
+        ({"ssl": "yes"}, "ssl must be an ssl.SSLContext or None, got str"),
+        ({"close_flush_timeout": None}, "close_flush_timeout must be a number of seconds"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_option(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(TypeError, match=re.escape(message)):
+        Outbox("unused.db", "ws://127.0.0.1:9/", **options)
+
+
+def test_every_option_has_a_type_check() -> None:
+    from outbox.client import options as module
+
+    assert set(module._KINDS) == {f.name for f in dataclasses.fields(Options)}
+
+
+@pytest.mark.parametrize("name", ["close_flush_timeout", "close_timeout", "busy_timeout"])
+def test_waits_on_close_are_zero_or_more(name: str) -> None:
+    assert getattr(Options(**{name: 0}), name) == 0
+    with pytest.raises(ValueError, match=rf"^{name} must be >= 0 seconds, got -1$"):
+        Options(**{name: -1})
+
+
+def test_synchronous_is_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="synchronous must be OFF, NORMAL, FULL or EXTRA"):
+        Outbox("unused.db", "ws://127.0.0.1:9/", synchronous="FUL")

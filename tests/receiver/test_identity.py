@@ -284,6 +284,10 @@ async def test_a_restored_backup_loses_no_new_message(
     else:
         outbox = await deliver(db, receiver.url)
         await wait_until(lambda: outbox.state.value == "connected")
+        # ... and its session has read the high-water mark and moved the id sequence past it
+        # (the state turns connected just before), so the new ids are fresh from the start.
+        store = outbox._store
+        await wait_until(lambda: store is not None and store.max_id >= 30)
         await outbox.send_many(new)
         await outbox.drain(timeout=10)
     await outbox.close()

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import CloseCode
 
+from outbox import Outbox
 from outbox.errors import ProtocolError
 from outbox.protocol import wire
 from outbox.receiver import (
@@ -32,12 +33,13 @@ from outbox.receiver import (
     Receiver,
     Refuse,
     Reject,
+    Transaction,
     ack_frames,
     salvage,
     serve,
 )
 
-from ..support import wait_until
+from ..support import fast_options, wait_until
 
 OURS = wire.format_features(wire.CLIENT_FEATURES)
 
@@ -760,3 +762,46 @@ async def test_a_port_in_use_fails_start_and_leaves_nothing_running(db: Path) ->
         async with connect(first.url, additional_headers=headers("c1")) as ws:
             await ws.send(message(1, "x"))
             assert await acks(ws, 1) == [1]
+
+
+# -- setup= -----------------------------------------------------------------------------------
+
+
+async def test_setup_creates_the_handlers_tables_before_the_first_message(
+    tmp_path: Path,
+) -> None:
+    calls = 0
+
+    async def setup(tx: Transaction) -> None:
+        nonlocal calls
+        calls += 1
+        await tx.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER, n INTEGER)")
+
+    async def handler(message: Incoming) -> None:
+        await message.tx.execute(
+            "INSERT INTO orders (id, n) VALUES (?, ?)", (message.id, message.data["n"])
+        )
+
+    for _ in range(2):  # IF NOT EXISTS: a restart runs it again harmlessly
+        async with (
+            Receiver(handler, tmp_path / "inbox.db", setup=setup) as receiver,
+            Outbox(tmp_path / "o.db", receiver.url, **fast_options()) as box,
+        ):
+            await box.send({"n": 7})
+            await box.drain(timeout=10)
+    assert calls == 2
+    with sqlite3.connect(tmp_path / "inbox.db") as conn:
+        assert conn.execute("SELECT id, n FROM orders ORDER BY id").fetchall() == [(1, 7), (2, 7)]
+
+
+async def test_a_failing_setup_fails_start_and_keeps_nothing(tmp_path: Path) -> None:
+    async def setup(tx: Transaction) -> None:
+        await tx.execute("CREATE TABLE half (x)")
+        raise RuntimeError("setup went wrong")
+
+    receiver = Receiver(None, tmp_path / "inbox.db", setup=setup)
+    with pytest.raises(RuntimeError, match="setup went wrong"):
+        await receiver.start()
+    with sqlite3.connect(tmp_path / "inbox.db") as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "half" not in names and "inbox" in names

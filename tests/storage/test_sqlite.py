@@ -149,3 +149,23 @@ def test_translate_passes_other_errors_through() -> None:
     other = RuntimeError("not SQLite's")
     assert sqlite.translate(other, "x.db") is other
     assert isinstance(sqlite.translate(sqlite3.OperationalError("disk is full"), "x"), StoreError)
+
+
+async def test_an_unrelated_outbox_table_is_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE outbox (anything)")
+        conn.commit()
+    with pytest.raises(StoreError, match="already has a table named outbox that outbox did not"):
+        await Store.open(path)
+    with pytest.raises(StoreError, match="already has a table named outbox"):
+        await Inbox.open(path)
+    assert journal_mode(path) == "delete"
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["outbox"]
+
+
+async def test_a_directory_as_the_database_path_says_so(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is a directory; give the path of a database file"):
+        await Store.open(tmp_path)
