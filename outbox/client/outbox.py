@@ -30,9 +30,10 @@ from ..errors import (
 from ..protocol import codec
 from ..protocol.backoff import Backoff
 from ..protocol.window import SendWindow
+from .commit import PURGE_CHUNK
 from .options import Options
 from .stats import Counters, Stats
-from .store import PURGE_CHUNK, Store
+from .store import Store
 from .supervisor import State, Supervisor
 
 logger = logging.getLogger("outbox")

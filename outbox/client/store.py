@@ -1,4 +1,4 @@
-"""The outbox table: all of the client's SQL lives here.
+"""The outbox table: the durable queue behind an Outbox, its group commit and its reads.
 
 Every write (new messages, acks, timeouts, dead rows, requeues, purges) goes through a single
 *group commit* loop: whatever was queued while the previous transaction was committing is
@@ -20,14 +20,13 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
@@ -35,6 +34,19 @@ from ..errors import DatabaseMissingError, OutboxBrokenError, OutboxClosedError
 from ..protocol.feed import Row
 from ..storage import sqlite
 from ..storage.sqlite import Synchronous as Synchronous  # re-exported for Options
+from . import commit, file_guard
+from .commit import (
+    Ack,
+    Counts,
+    Dead,
+    Flush,
+    Insert,
+    Purge,
+    Requeue,
+    Result,
+    Timeouts,
+    Write,
+)
 from .retention import AckAges
 
 logger = logging.getLogger("outbox")
@@ -43,9 +55,6 @@ Status = Literal["pending", "acked", "dead"]
 _T = TypeVar("_T")
 _V = TypeVar("_V")
 
-_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
-PURGE_CHUNK = 5000  # acked rows deleted per transaction by the retention purge
-_INSERT_CHUNK = 200  # rows per multi-row INSERT (4 variables each, under the old limit of 999)
 WAL_CHECK_INTERVAL = 0.5
 """Seconds (monotonic) between two looks at the -wal file's size after commits."""
 WAL_TRUNCATE_BYTES = 4 << 20
@@ -54,83 +63,8 @@ POLL_INTERVAL = 1.0
 """Seconds an idle store waits before checking whether another connection wrote."""
 
 
-def _in_lists(items: Sequence[_V]) -> Iterator[tuple[list[_V], str]]:
-    """Split ``items`` for ``IN (...)`` queries: each chunk with its ``?,?,...`` placeholders."""
-    for start in range(0, len(items), _CHUNK):
-        chunk = list(items[start : start + _CHUNK])
-        yield chunk, ",".join("?" * len(chunk))
-
-
-def _keys_sql(marks: str) -> str:
-    """The rows idempotency keys already name (read by the writer and by send()'s quota)."""
-    return f"SELECT key, id FROM outbox WHERE key IN ({marks})"
-
-
-# -- the queued writes: one frozen type per kind -------------------------------------------
-# Each is applied by its own step on the writer thread (see ``_STEPS``), coalesced across
-# the whole batch: all inserts in one pass, one statement per chunk of ids for the others.
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    """New rows, ``(payload_json, key)``; the result is their ids, in order."""
-
-    rows: tuple[tuple[str, str | None], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """Ids the server acked (every ack since the last commit, in one write)."""
-
-    ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """``(id, attempts, error)`` after ack timeouts."""
-
-    items: tuple[tuple[int, int, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Dead:
-    """``(id, reason)`` rows that become dead."""
-
-    items: tuple[tuple[int, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Requeue:
-    """Dead rows back to pending: these ids, or all of them (None); the result is a count."""
-
-    ids: tuple[int, ...] | None
-
-
-@dataclass(frozen=True, slots=True)
-class Purge:
-    """Delete acked rows by age or beyond the newest ``keep``: the result is a count.
-
-    ``retention`` (seconds) is turned into ``through`` and ``older_than`` by the store just
-    before the transaction (``AckAges``: monotonic ages). ``older_than`` alone compares
-    ``updated_at`` (wall clock) for rows with ``id <= older_than_through``.
-    """
-
-    older_than: float | None
-    keep: int | None
-    retention: float | None = None
-    through: int | None = None
-    older_than_through: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Flush:
-    """Nothing to write: done once everything queued before it has committed."""
-
-
-Write = Insert | Ack | Timeouts | Dead | Requeue | Purge | Flush
-Result = list[int] | int | None
-"""What a caller's future gets: ids for an Insert, a count for Requeue and Purge."""
-_W = TypeVar("_W", Insert, Ack, Timeouts, Dead, Requeue, Purge, Flush)
+# The queued writes are typed (one frozen dataclass per kind, in ``writes``), applied by
+# their own steps on the writer thread, coalesced across the whole batch.
 
 
 @dataclass(slots=True)
@@ -139,52 +73,6 @@ class _Queued:
 
     write: Write
     future: asyncio.Future[Result] | None = None
-
-
-@dataclass(slots=True)
-class Counts:
-    pending: int = 0
-    acked: int = 0
-    dead: int = 0
-
-
-@dataclass(slots=True)
-class _Batch:
-    """What one transaction did, applied to memory only after it commits."""
-
-    results: dict[int, Result] = field(default_factory=dict)
-    """By index of the write in the batch, for those that have a result."""
-    new_pending: int = 0
-    acked: list[int] = field(default_factory=list)
-    dead: list[tuple[int, str]] = field(default_factory=list)
-    requeued: int = 0
-    purged: int = 0
-    max_id: int = 0
-    inserted: list[tuple[Insert, list[int]]] = field(default_factory=list)
-    """Each insert of the batch with its ids (the listeners' new rows come from here)."""
-    recount: tuple[Counts, int] | None = None
-    """Counts and max id read at BEGIN, when another connection had written since our last
-    commit (another process, the sqlite3 shell): memory starts again from the table."""
-    data_version: int = 0
-    low_water: int | None = None
-    """Below the lowest pending row at COMMIT (read when rows were acked or came back)."""
-    clamp: int | None = None
-    """Rows above this may be acked again later (requeued here or by another connection)."""
-    missing: str | None = None
-    """Why the path no longer names the file this store opened (checked after COMMIT)."""
-    wal_bytes: int | None = None
-    """The -wal file's size after the commit, when it was looked at."""
-
-
-@dataclass(frozen=True, slots=True)
-class _AfterCommit:
-    """What the writer thread checks after a COMMIT, before anyone is told it committed."""
-
-    path: str
-    identity: tuple[tuple[int, int], tuple[int, int] | None]
-    check_wal: bool
-    truncate_bytes: int
-    busy_timeout_ms: int
 
 
 _translate = sqlite.translate
@@ -205,8 +93,8 @@ def _read_identity(conn: sqlite3.Connection) -> tuple[str, Counts, int, int]:
         (str(uuid.uuid4()),),
     )
     client_id = conn.execute("SELECT value FROM outbox_meta WHERE name = 'client_id'").fetchone()
-    counts, max_id = _count(conn)
-    return str(client_id[0]), counts, max_id, _low_water(conn)
+    counts, max_id = commit.count_rows(conn)
+    return str(client_id[0]), counts, max_id, commit.read_low_water(conn)
 
 
 class Store:
@@ -321,12 +209,12 @@ class Store:
         reader: aiosqlite.Connection | None = None
         try:
             writer, data_version = await loop.run_in_executor(
-                thread, _connect_writer, path, pragmas
+                thread, commit.connect_writer, path, pragmas
             )
             reader = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
             for pragma in pragmas:
                 await reader.execute(pragma)
-            identity = _file_identity(path)
+            identity = file_guard.file_identity(path)
         except (sqlite3.Error, OSError) as exc:
             if reader is not None:
                 await reader.close()
@@ -618,10 +506,10 @@ class Store:
             # lock: a reconnect must not wait for another process to let go of the file.
             batch = (
                 await self._run_on_writer(
-                    _apply, writes, now, self._data_version, self._after_commit()
+                    commit.apply_writes, writes, now, self._data_version, self._after_commit()
                 )
                 if any(not isinstance(write, Flush) for write in writes)
-                else _Batch(data_version=self._data_version)
+                else commit.Batch(data_version=self._data_version)
             )
         except Exception as exc:
             self._queued_rows -= taken_rows
@@ -665,12 +553,12 @@ class Store:
             older_than_through=cut.older_than_through,
         )
 
-    def _after_commit(self) -> _AfterCommit:
+    def _after_commit(self) -> file_guard.AfterCommit:
         now = self._monotonic()
         check_wal = now - self._wal_checked_at >= self._wal_check_interval
         if check_wal:
             self._wal_checked_at = now
-        return _AfterCommit(
+        return file_guard.AfterCommit(
             self.path,
             self._identity,
             check_wal,
@@ -683,7 +571,7 @@ class Store:
         self._poll_requested = False
         try:
             batch = await self._run_on_writer(
-                _poll_writer, self._data_version, self._after_commit()
+                commit.poll_writer, self._data_version, self._after_commit()
             )
         except sqlite3.Error as exc:
             logger.debug("outbox: idle check of %s failed: %s", self.path, exc)
@@ -740,7 +628,7 @@ class Store:
         self._committed.set()
         self._committed = asyncio.Event()
 
-    def _publish(self, queued: list[_Queued], batch: _Batch) -> None:
+    def _publish(self, queued: list[_Queued], batch: commit.Batch) -> None:
         """Bring memory in line with what just committed, then wake whoever waits."""
         came_back = self._came_back(batch)
         if batch.clamp is not None:
@@ -759,11 +647,13 @@ class Store:
             if batch.requeued or came_back:
                 self.requeue_generation += 1
             new_rows = (
-                _new_rows(batch, previous_max_id) if batch.new_pending and self._listeners else []
+                commit.rows_created(batch, previous_max_id)
+                if batch.new_pending and self._listeners
+                else []
             )
             self._notify(new_rows)
 
-    def _came_back(self, batch: _Batch) -> bool:
+    def _came_back(self, batch: commit.Batch) -> bool:
         """Did another connection put rows back to pending (dead rows requeued in the shell)?
 
         More pending rows than the new ids explain, or fewer dead ones: the sender must
@@ -775,7 +665,7 @@ class Store:
         new_ids = max(0, max_id - self.max_id)
         return fresh.dead < self.counts.dead or fresh.pending - self.counts.pending > new_ids
 
-    def _update_counts(self, batch: _Batch) -> int:
+    def _update_counts(self, batch: commit.Batch) -> int:
         """Apply the batch to the counts and max_id; return the max_id before its new rows."""
         self._data_version = batch.data_version
         counts = self.counts
@@ -825,7 +715,7 @@ class Store:
         """These rows if they are still pending, in id order (for resends after a timeout)."""
         wanted = sorted(ids)
         rows: list[Row] = []
-        for chunk, marks in _in_lists(wanted):
+        for chunk, marks in commit.in_lists(wanted):
             found = await self._reader.execute_fetchall(
                 f"SELECT id, payload, attempts FROM outbox WHERE status = 'pending' "
                 f"AND id IN ({marks}) ORDER BY id",
@@ -838,8 +728,8 @@ class Store:
         """The committed rows these idempotency keys already name."""
         found: dict[str, int] = {}
         unique = list(dict.fromkeys(keys))
-        for chunk, marks in _in_lists(unique):
-            rows = await self._reader.execute_fetchall(_keys_sql(marks), chunk)
+        for chunk, marks in commit.in_lists(unique):
+            rows = await self._reader.execute_fetchall(commit.keys_sql(marks), chunk)
             found.update({str(k): int(i) for k, i in rows})
         return found
 
@@ -883,7 +773,7 @@ class Store:
     async def raise_sequence(self, floor: int) -> int:
         """Make every new id greater than ``floor`` (the receiver's high-water mark for this
         client); returns the previous highest id. A no-op when the sequence is past it."""
-        previous: int = await self._run_on_writer(_raise_sequence, floor)
+        previous: int = await self._run_on_writer(commit.raise_sequence, floor)
         self.max_id = max(self.max_id, floor)
         return previous
 
@@ -892,7 +782,7 @@ class Store:
         in one transaction; None if it is no longer pending. Waiters follow it."""
         try:
             new_id: int | None = await self._run_on_writer(
-                _renumber, message_id, note, self._clock()
+                commit.renumber, message_id, note, self._clock()
             )
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
@@ -949,427 +839,6 @@ class Store:
 # ---------------------------------------------------------------------------------------------
 
 
-def _connect_writer(path: str, pragmas: Sequence[str]) -> tuple[sqlite3.Connection, int]:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in pragmas:
-        conn.execute(pragma)
-    return conn, int(conn.execute("PRAGMA data_version").fetchone()[0])
-
-
-def _count(conn: sqlite3.Connection) -> tuple[Counts, int]:
-    counts = Counts()
-    for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
-        setattr(counts, status, count)
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-    return counts, int(row[0]) if row else 0
-
-
-def _new_rows(batch: _Batch, previous_max_id: int) -> list[Row]:
-    """The rows this batch created, in id order, for the commit listeners."""
-    new_rows: list[Row] = []
-    for write, ids in batch.inserted:
-        for (payload, _), message_id in zip(write.rows, ids, strict=True):
-            if message_id > previous_max_id:
-                previous_max_id = message_id  # a key repeated in the batch counts once
-                new_rows.append(Row(message_id, payload, 0))
-    return new_rows
-
-
-def _low_water(conn: sqlite3.Connection) -> int:
-    """The id below the lowest pending row (every row up to it is acked, dead or gone)."""
-    row = conn.execute("SELECT min(id) FROM outbox WHERE status = 'pending'").fetchone()
-    if row[0] is not None:
-        return int(row[0]) - 1
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-    return int(seq[0]) if seq else 0
-
-
-def _stat_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def _file_identity(path: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(st_dev, st_ino) of the database and of its -wal (None if there is none yet)."""
-    try:
-        wal: tuple[int, int] | None = _stat_id(path + "-wal")
-    except FileNotFoundError:
-        wal = None
-    return _stat_id(path), wal
-
-
-def _check_identity(after: _AfterCommit) -> str | None:
-    """Why the path no longer names the file the store opened, or None if it still does.
-
-    Two stat() calls (microseconds): sqlite3 gives no fstat of its file, so the path is
-    compared with what it named at open. The -wal holds the latest commits until a
-    checkpoint: deleting it loses them just as surely.
-    """
-    main, wal = after.identity
-    for path, expected in ((after.path, main), (after.path + "-wal", wal)):
-        if expected is None:
-            continue
-        try:
-            found = _stat_id(path)
-        except FileNotFoundError:
-            return _missing_text(after.path, f"{path} was deleted")
-        except OSError as exc:
-            return _missing_text(after.path, f"{path} cannot be checked ({exc})")
-        if found != expected:
-            return _missing_text(after.path, f"{path} was replaced by another file")
-    return None
-
-
-def _missing_text(path: str, what: str) -> str:
-    return (
-        f"{what} while the Outbox had it open: messages committed since then are not "
-        f"durable and are not in any file that a restart will find. Nothing more is "
-        f"accepted. Restore the file (with its -wal) if you have it, or close and restart "
-        f"the application to open {path} anew."
-    )
-
-
-def _wal_after(conn: sqlite3.Connection, after: _AfterCommit) -> int | None:
-    """The -wal size; past truncate_bytes, first try a checkpoint that truncates it.
-
-    With busy_timeout at 0 for the attempt: while a reader holds an old snapshot it returns
-    busy at once (the WAL cannot shrink), and the next check tries again.
-    """
-    if not after.check_wal:
-        return None
-    try:
-        size = os.stat(after.path + "-wal").st_size
-    except OSError:
-        return None
-    if size <= after.truncate_bytes:
-        return size
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    except sqlite3.Error as exc:
-        logger.debug("outbox: checkpoint of %s failed: %s", after.path, exc)
-        busy = 1
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {after.busy_timeout_ms}")
-    if busy:
-        return size
-    try:
-        return os.stat(after.path + "-wal").st_size
-    except OSError:
-        return None
-
-
-def _apply(
-    conn: sqlite3.Connection,
-    writes: Sequence[Write],
-    now: float,
-    data_version: int,
-    after: _AfterCommit | None = None,
-) -> _Batch:
-    """Apply queued writes in one transaction; runs on the writer thread.
-
-    After COMMIT and before returning (so before any caller hears of it), the path is
-    checked to still name the file this store opened, and the -wal is looked at.
-    """
-    batch = _Batch()
-    by_kind = _ByKind(writes)
-    if after is not None:
-        # Before writing too: a main file replaced under its -wal would pair our new frames
-        # with somebody else's database, where a reader would find them.
-        batch.missing = _check_identity(after)
-        if batch.missing is not None:
-            return batch
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        # data_version moves only when *another* connection commits: then our counts may
-        # be stale, so read them again (a scan, but only after somebody else wrote).
-        batch.data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
-        if batch.data_version != data_version:
-            batch.recount = _count(conn)
-            batch.clamp = _low_water(conn)  # rows may have come back to pending
-        for step in _STEPS:
-            step(conn, by_kind, now, batch)
-        if batch.acked or batch.requeued or batch.recount is not None:
-            batch.low_water = _low_water(conn)
-            if batch.requeued:
-                clamp = batch.clamp
-                batch.clamp = batch.low_water if clamp is None else min(clamp, batch.low_water)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    if after is not None:
-        batch.missing = _check_identity(after)
-        if batch.missing is None:
-            batch.wal_bytes = _wal_after(conn, after)
-    return batch
-
-
-def _poll_writer(conn: sqlite3.Connection, data_version: int, after: _AfterCommit) -> _Batch:
-    """An idle store's check, without a write lock: did another connection write?"""
-    batch = _Batch(data_version=int(conn.execute("PRAGMA data_version").fetchone()[0]))
-    if batch.data_version != data_version:
-        conn.execute("BEGIN")  # one snapshot for the counts and the low-water mark
-        try:
-            batch.recount = _count(conn)
-            batch.clamp = batch.low_water = _low_water(conn)
-        finally:
-            conn.execute("COMMIT")
-    batch.missing = _check_identity(after)
-    if batch.missing is None:
-        batch.wal_bytes = _wal_after(conn, after)
-    return batch
-
-
-class _ByKind:
-    """A batch's writes grouped by kind in one pass, each with its index in the batch."""
-
-    def __init__(self, writes: Sequence[Write]) -> None:
-        self._groups: dict[type[Write], list[tuple[int, Write]]] = {}
-        for index, write in enumerate(writes):
-            self._groups.setdefault(type(write), []).append((index, write))
-
-    def of(self, kind: type[_W]) -> list[tuple[int, _W]]:
-        # Safe: every write in the list for ``kind`` was put there because its type is kind.
-        return cast(list[tuple[int, _W]], self._groups.get(kind, []))
-
-
 # Each step coalesces one kind across the whole batch: one statement per chunk of ids, not
 # one per queued write. Requeues and purges touch disjoint rows (dead, acked), after the acks
 # and dead rows of the same batch, so their order between themselves does not matter.
-
-
-def _apply_inserts(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
-    inserts = by_kind.of(Insert)
-    if not inserts:
-        return
-    rows = [row for _, write in inserts for row in write.rows]
-    ids, batch.new_pending = _insert_rows(conn, rows, now)
-    offset = 0
-    for index, write in inserts:
-        batch.results[index] = mine = ids[offset : offset + len(write.rows)]
-        batch.inserted.append((write, mine))
-        offset += len(write.rows)
-    batch.max_id = max(ids, default=0)
-
-
-def _apply_timeouts(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
-    timeouts = [item for _, write in by_kind.of(Timeouts) for item in write.items]
-    if timeouts:
-        conn.executemany(
-            "UPDATE outbox SET attempts = ?, last_error = ?, updated_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            [(attempts, error, now, n) for n, attempts, error in timeouts],
-        )
-
-
-def _apply_acks(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
-    acked = [n for _, write in by_kind.of(Ack) for n in write.ids]
-    if acked:
-        batch.acked = _mark_acked(conn, acked, now)
-
-
-def _apply_dead(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
-    reasons = {n: reason for _, write in by_kind.of(Dead) for n, reason in write.items}
-    if reasons:
-        batch.dead = [(n, reasons[n]) for n in _mark_dead(conn, reasons, now)]
-
-
-def _apply_requeues(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
-    for index, write in by_kind.of(Requeue):
-        batch.results[index] = count = _requeue(conn, write.ids, now)
-        batch.requeued += count
-
-
-def _apply_purges(conn: sqlite3.Connection, by_kind: _ByKind, now: float, batch: _Batch) -> None:
-    for index, write in by_kind.of(Purge):
-        batch.results[index] = count = _purge(conn, write)
-        batch.purged += count
-
-
-_Step = Callable[[sqlite3.Connection, _ByKind, float, _Batch], None]
-_STEPS: tuple[_Step, ...] = (
-    _apply_inserts,
-    _apply_timeouts,
-    _apply_acks,
-    _apply_dead,
-    _apply_requeues,
-    _apply_purges,
-)
-"""In the order the statements have always run: timeouts before acks before dead rows."""
-
-
-def _insert_rows(
-    conn: sqlite3.Connection, rows: list[tuple[str, str | None]], now: float
-) -> tuple[list[int], int]:
-    """Insert inside the open transaction; return ids in order and how many are new.
-
-    A key that exists already, or repeats within ``rows``, maps to one row and one id.
-    """
-    keys = list({key for _, key in rows if key is not None})
-    existing: dict[str, int] = {}
-    for chunk, marks in _in_lists(keys):
-        found = conn.execute(_keys_sql(marks), chunk)
-        existing.update({str(k): int(i) for k, i in found})
-    fresh: list[tuple[str, str | None, float, float]] = []
-    slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
-    new_key_slot: dict[str, int] = {}
-    for payload, key in rows:
-        if key is not None and key in existing:
-            slots.append(-existing[key])
-        elif key is not None and key in new_key_slot:
-            slots.append(new_key_slot[key])
-        else:
-            if key is not None:
-                new_key_slot[key] = len(fresh)
-            slots.append(len(fresh))
-            fresh.append((payload, key, now, now))
-    first = 0
-    for start in range(0, len(fresh), _INSERT_CHUNK):
-        # One multi-row INSERT per chunk rather than executemany: each sqlite3 step lets go
-        # of the GIL, and a busy event loop thread can keep it for a whole switch interval.
-        part = fresh[start : start + _INSERT_CHUNK]
-        conn.execute(
-            "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES "
-            + ",".join(["(?,?,?,?)"] * len(part)),
-            [value for row in part for value in row],
-        )
-    if fresh:
-        last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-        # AUTOINCREMENT under our write lock: the new ids are consecutive, in insert order.
-        first = last - len(fresh) + 1
-    return [first + slot if slot >= 0 else -slot for slot in slots], len(fresh)
-
-
-def _mark_acked(conn: sqlite3.Connection, ids: list[int], now: float) -> list[int]:
-    """Pending ids to acked; return those that changed (a repeated ack changes nothing)."""
-    changed: list[int] = []
-    ids = list(dict.fromkeys(ids))  # an id acked twice in one batch counts once
-    for chunk, marks in _in_lists(ids):
-        still_pending = f"status = 'pending' AND id IN ({marks})"
-        updated = conn.execute(
-            f"UPDATE outbox SET status = 'acked', updated_at = ? WHERE {still_pending}",
-            [now, *chunk],
-        ).rowcount
-        if updated == len(chunk):
-            changed += chunk  # the usual case, known without reading a row per id
-            continue
-        # Some were acked or dead already: ask which of them this statement changed. It was
-        # the only writer since BEGIN IMMEDIATE, so "acked at exactly now" identifies them.
-        changed += [
-            int(row[0])
-            for row in conn.execute(
-                f"SELECT id FROM outbox WHERE status = 'acked' AND updated_at = ? "
-                f"AND id IN ({marks})",
-                [now, *chunk],
-            )
-        ]
-    return changed
-
-
-def _mark_dead(conn: sqlite3.Connection, reasons: dict[int, str], now: float) -> list[int]:
-    """Pending ids to dead with their reasons; return those that changed."""
-    ids = list(reasons)
-    changed: list[int] = []
-    for chunk, marks in _in_lists(ids):
-        moving = [
-            int(row[0])
-            for row in conn.execute(
-                f"SELECT id FROM outbox WHERE status = 'pending' AND id IN ({marks})", chunk
-            )
-        ]
-        conn.executemany(
-            "UPDATE outbox SET status = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
-            [(now, reasons[n], n) for n in moving],
-        )
-        changed += moving
-    return changed
-
-
-def _requeue(conn: sqlite3.Connection, ids: Sequence[int] | None, now: float) -> int:
-    sql = "UPDATE outbox SET status = 'pending', attempts = 0, updated_at = ? "
-    sql += "WHERE status = 'dead'"
-    if ids is None:
-        return conn.execute(sql, (now,)).rowcount
-    total = 0
-    for chunk, marks in _in_lists(ids):
-        total += conn.execute(f"{sql} AND id IN ({marks})", [now, *chunk]).rowcount
-    return total
-
-
-def _purge(conn: sqlite3.Connection, purge: Purge) -> int:
-    """Delete at most PURGE_CHUNK acked rows per rule, so no transaction grows long."""
-    total = 0
-    older_than, keep = purge.older_than, purge.keep
-    if purge.through is not None:
-        total += conn.execute(
-            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
-            "WHERE status = 'acked' AND id <= ? LIMIT ?)",
-            (purge.through, PURGE_CHUNK),
-        ).rowcount
-    if older_than is not None:
-        through = purge.older_than_through
-        total += conn.execute(
-            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
-            "WHERE status = 'acked' AND updated_at < ? AND id <= ? LIMIT ?)",
-            (older_than, (1 << 63) - 1 if through is None else through, PURGE_CHUNK),
-        ).rowcount
-    if keep is not None:
-        found = conn.execute(
-            "SELECT id FROM outbox WHERE status = 'acked' ORDER BY id DESC LIMIT 1 OFFSET ?",
-            (keep,),
-        ).fetchone()
-        if found:
-            total += conn.execute(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
-                "WHERE status = 'acked' AND id <= ? LIMIT ?)",
-                (found[0], PURGE_CHUNK),
-            ).rowcount
-    return total
-
-
-def _raise_sequence(conn: sqlite3.Connection, floor: int) -> int:
-    """Move the outbox's AUTOINCREMENT sequence up to ``floor``; return where it was."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-        previous = int(row[0]) if row else 0
-        if floor > previous:
-            if row:
-                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (floor,))
-            else:
-                conn.execute(
-                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (floor,)
-                )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return previous
-
-
-def _renumber(conn: sqlite3.Connection, message_id: int, note: str, now: float) -> int | None:
-    """Move a pending row to a fresh AUTOINCREMENT id: delete and re-insert, one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        row = conn.execute(
-            "SELECT payload, key, created_at FROM outbox WHERE id = ? AND status = 'pending'",
-            (message_id,),
-        ).fetchone()
-        new_id: int | None = None
-        if row is not None:
-            conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
-            conn.execute(
-                "INSERT INTO outbox (payload, key, created_at, updated_at, last_error) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (row[0], row[1], row[2], now, note),
-            )
-            new_id = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return new_id
