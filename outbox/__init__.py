@@ -10,6 +10,7 @@ from .client import Outbox, State, Stats
 from .errors import (
     DatabaseCorruptError,
     MessageDeadError,
+    NoTransactionError,
     OutboxBrokenError,
     OutboxClosedError,
     OutboxError,
@@ -19,6 +20,7 @@ from .errors import (
     ProtocolError,
     QueueFullError,
     ReconnectLimitError,
+    SchemaMissingError,
     SchemaTooNewError,
     StorageFullError,
     StoreError,
@@ -26,6 +28,13 @@ from .errors import (
 from .protocol.backoff import Backoff
 from .protocol.window import SendWindow
 from .receiver import ConnectRequest, Incoming, Receiver, ReceiverStats, Refuse, Reject, serve
+from .transactional import (
+    enqueue,
+    enqueue_async,
+    enqueue_many,
+    enqueue_many_async,
+    migrate,
+)
 
 __all__ = [
     "Backoff",
@@ -33,6 +42,7 @@ __all__ = [
     "DatabaseCorruptError",
     "Incoming",
     "MessageDeadError",
+    "NoTransactionError",
     "Outbox",
     "OutboxBrokenError",
     "OutboxClosedError",
@@ -47,11 +57,17 @@ __all__ = [
     "ReconnectLimitError",
     "Refuse",
     "Reject",
+    "SchemaMissingError",
     "SchemaTooNewError",
     "SendWindow",
     "State",
     "Stats",
     "StorageFullError",
     "StoreError",
+    "enqueue",
+    "enqueue_async",
+    "enqueue_many",
+    "enqueue_many_async",
+    "migrate",
     "serve",
 ]

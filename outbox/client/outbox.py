@@ -21,14 +21,12 @@ from websockets.uri import parse_uri
 from ..errors import (
     MessageDeadError,
     OutboxClosedError,
-    PayloadNotJSONError,
-    PayloadTooLargeError,
     QueueFullError,
     ReconnectLimitError,
 )
-from ..protocol import codec
 from ..protocol.backoff import Backoff
 from ..protocol.window import SendWindow
+from ..transactional import encode_payload
 from .options import Options
 from .stats import Counters, Stats
 from .store import PURGE_CHUNK, Store
@@ -193,22 +191,7 @@ class Outbox:
         return store
 
     def _encode(self, payload: Any) -> str:
-        try:
-            text = codec.dumps(payload)
-        except TypeError as exc:
-            raise PayloadNotJSONError(
-                f"payload is not JSON-serializable ({exc}); send dicts, lists, strings, "
-                "numbers, booleans or None"
-            ) from None
-        limit = self.options.max_message_size
-        if len(text) * 4 > limit:  # only measure bytes when it could matter
-            size = len(text.encode())
-            if size > limit:
-                raise PayloadTooLargeError(
-                    f"payload is {size} bytes of JSON, over max_message_size={limit}; "
-                    "split it or raise max_message_size"
-                )
-        return text
+        return encode_payload(payload, self.options.max_message_size)
 
     async def _check_quota(self, store: Store, rows: Sequence[tuple[str, str | None]]) -> None:
         """Raise QueueFullError if these rows would take the queue past max_pending.
