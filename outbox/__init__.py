@@ -6,7 +6,7 @@ server acks it; see README.md and docs/protocol.md.
 
 from __future__ import annotations
 
-from .client import Outbox, State, Stats
+from .client import Outbox, Producer, State, Stats
 from .errors import (
     DatabaseCorruptError,
     MessageDeadError,
@@ -50,6 +50,7 @@ __all__ = [
     "PayloadError",
     "PayloadNotJSONError",
     "PayloadTooLargeError",
+    "Producer",
     "ProtocolError",
     "QueueFullError",
     "Receiver",

@@ -2,6 +2,7 @@
 
 - ``outbox``: the ``Outbox`` an application embeds (send, wait, drain, stats).
 - ``options``: every tunable, validated at construction.
+- ``producer``: ``Producer``, a thread-safe synchronous writer (group commit, no sending).
 - ``store``: the outbox table and its group-commit writer.
 - ``supervisor``: connect, back off, reconnect; the connection ``State``.
 - ``session``: one connection's life: stream rows out, read acks in.
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from .options import Options
 from .outbox import Outbox
+from .producer import Producer
 from .stats import Stats
 from .supervisor import State
 
-__all__ = ["Options", "Outbox", "State", "Stats"]
+__all__ = ["Options", "Outbox", "Producer", "State", "Stats"]
