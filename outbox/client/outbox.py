@@ -27,10 +27,12 @@ from ..errors import (
 from ..protocol.backoff import Backoff
 from ..protocol.window import SendWindow
 from ..transactional import encode_payload
+from .lease import Lease
 from .options import Options
 from .stats import Counters, Stats
 from .store import PURGE_CHUNK, Store
 from .supervisor import State, Supervisor
+from .watch import run_watched
 
 logger = logging.getLogger("outbox")
 
@@ -71,6 +73,7 @@ class Outbox:
         self._supervisor: Supervisor | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._lease = Lease(self.path)
         self.counters = Counters()
         self.window = SendWindow(
             max_inflight=self.options.max_inflight,
@@ -133,7 +136,7 @@ class Outbox:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(store.watch(), name="outbox-store-watch")
-                group.create_task(supervisor.run(), name="outbox-supervisor")
+                group.create_task(self._send_while_leased(supervisor), name="outbox-supervisor")
                 group.create_task(self._purge_loop(), name="outbox-purge")
                 started.set_result(None)
                 # The supervisor may give up (GAVE_UP): the group then stays open, sends still
@@ -151,6 +154,13 @@ class Outbox:
             self._closed = True
             supervisor.state = State.CLOSED
             await store.close()
+
+    async def _send_while_leased(self, supervisor: Supervisor) -> None:
+        """Run the supervisor only while this process holds the file's sender lease (one
+        sender per file, ``lease.py``), with the watch for other writers' rows."""
+        assert self._store is not None
+        async with self._lease.held():
+            await run_watched(self._store, supervisor.run())
 
     async def close(self) -> None:
         """Stop every task, commit queued acks, close the database. Loses nothing.
@@ -360,4 +370,5 @@ class Outbox:
             state=self.state.value,
             reconnects=self.counters.reconnects,
             counters=self.counters,
+            role=self._lease.role,
         )

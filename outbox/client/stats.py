@@ -34,3 +34,6 @@ class Stats:
     state: str
     reconnects: int
     counters: Counters
+    role: str = "active"
+    """"active": this process holds the file's sender lease and sends; "standby": another
+    process sends from the file, this one only commits (see ``lease.py``)."""
