@@ -27,9 +27,11 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
+from .client.lease import holder
 from .errors import StoreError
 from .receiver import DEFAULT_MAX_SIZE, ConnectRequest, Receiver, serve
 from .receiver.api import Authenticate
+from .relay import add_relay
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -86,7 +88,7 @@ def _add_stats(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=_stats)
 
 
-_COMMANDS = (_add_serve, _add_stats)
+_COMMANDS = (_add_serve, _add_stats, add_relay)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +243,8 @@ def _stats(args: argparse.Namespace) -> int:
         print(f"outbox stats: cannot read {args.db} as an outbox: {exc}", file=sys.stderr)
         return 1
     print(f"client id  {client[0] if client else '-'}")
+    held, pid = holder(args.db)  # a try-lock, released at once: the sender is undisturbed
+    print(f"sender     {'active' + (f' (pid {pid})' if pid else '') if held else 'none'}")
     for status in ("pending", "acked", "dead"):
         print(f"{status:<10} {counts.get(status, 0)}")
     if oldest:
