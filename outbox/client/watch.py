@@ -10,7 +10,8 @@ somebody else added rows, and the store wakes the sender to query for them
 (``Store.note_foreign_rows``). Our own commits (acks, our rows) change the version too, but
 their ids are known, so they cost one small read and wake nobody.
 
-Measured on one idle relay: about 0.3% of one core for the thread; see the README.
+Measured on one idle relay: p99 pickup 21 ms at 20 ms, 12 ms at 10 ms (at twice the CPU).
+See the README, "Use it as a transactional outbox".
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .store import Store
 
 logger = logging.getLogger("outbox")
 
-POLL_INTERVAL = 0.01
+POLL_INTERVAL = 0.02
 """Seconds between two looks at ``PRAGMA data_version``."""
 
 _T = TypeVar("_T")
