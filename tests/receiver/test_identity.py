@@ -284,6 +284,15 @@ async def test_a_restored_backup_loses_no_new_message(
     else:
         outbox = await deliver(db, receiver.url)
         await wait_until(lambda: outbox.state.value == "connected")
+        # The session raises the id sequence past the receiver's high-water mark (30) just
+        # after connecting; wait for it, or a send racing with it would get conflicting ids.
+        await wait_until(
+            lambda: (
+                outbox.stats().pending == 0
+                and outbox._store is not None
+                and outbox._store.max_id >= 30
+            )
+        )
         await outbox.send_many(new)
         await outbox.drain(timeout=10)
     await outbox.close()
