@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 
-from .client import Outbox, State, Stats
+from .client import Outbox, Producer, State, Stats
 from .errors import (
     DatabaseCorruptError,
     DatabaseMissingError,
     MessageDeadError,
+    NoTransactionError,
     OutboxBrokenError,
     OutboxClosedError,
     OutboxError,
@@ -22,6 +23,7 @@ from .errors import (
     ProtocolError,
     QueueFullError,
     ReconnectLimitError,
+    SchemaMissingError,
     SchemaTooNewError,
     StorageFullError,
     StoreError,
@@ -29,6 +31,13 @@ from .errors import (
 from .protocol.backoff import Backoff
 from .protocol.window import SendWindow
 from .receiver import ConnectRequest, Incoming, Receiver, ReceiverStats, Refuse, Reject, serve
+from .transactional import (
+    enqueue,
+    enqueue_async,
+    enqueue_many,
+    enqueue_many_async,
+    migrate,
+)
 
 # A library installs no handler of its own: without logging configured, nothing reaches
 # stderr through Python's last-resort handler (which prints bare messages, no logger name,
@@ -42,6 +51,7 @@ __all__ = [
     "DatabaseMissingError",
     "Incoming",
     "MessageDeadError",
+    "NoTransactionError",
     "Outbox",
     "OutboxBrokenError",
     "OutboxClosedError",
@@ -49,6 +59,7 @@ __all__ = [
     "PayloadError",
     "PayloadNotJSONError",
     "PayloadTooLargeError",
+    "Producer",
     "ProtocolError",
     "QueueFullError",
     "Receiver",
@@ -56,11 +67,17 @@ __all__ = [
     "ReconnectLimitError",
     "Refuse",
     "Reject",
+    "SchemaMissingError",
     "SchemaTooNewError",
     "SendWindow",
     "State",
     "Stats",
     "StorageFullError",
     "StoreError",
+    "enqueue",
+    "enqueue_async",
+    "enqueue_many",
+    "enqueue_many_async",
+    "migrate",
     "serve",
 ]

@@ -32,9 +32,11 @@ import time
 from collections.abc import Callable
 
 from . import operate
+from .client.lease import holder
 from .errors import StoreError
 from .receiver import DEFAULT_MAX_SIZE, ConnectRequest, Receiver, serve
 from .receiver.api import Authenticate
+from .relay import add_relay
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -238,7 +240,7 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-_COMMANDS = (_add_serve, _add_stats, _add_list, _add_requeue, _add_purge)
+_COMMANDS = (_add_serve, _add_stats, _add_list, _add_requeue, _add_purge, add_relay)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +418,8 @@ def _stats(args: argparse.Namespace) -> int:
 def _print_outbox_stats(stats: operate.OutboxStats) -> None:
     print(f"outbox     {stats.path}")
     print(f"client id  {stats.client_id or '-'}")
+    held, pid = holder(stats.path)  # a try-lock, released at once: the sender is undisturbed
+    print(f"sender     {'active' + (f' (pid {pid})' if pid else '') if held else 'none'}")
     for status in ("pending", "acked", "dead"):
         print(f"{status:<10} {getattr(stats, status)}")
     if stats.oldest_pending_id is not None and stats.oldest_pending_age is not None:

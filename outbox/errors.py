@@ -9,7 +9,9 @@
     ├── QueueFullError           max_pending rows are already waiting
     ├── MessageDeadError         wait_acked() on a row that became dead
     ├── ReconnectLimitError      the supervisor gave up (max_reconnect_attempts)
+    ├── NoTransactionError       enqueue() on an autocommit connection with no transaction
     ├── StoreError               the SQLite file cannot be used
+    │   ├── SchemaMissingError   no outbox tables in it yet: call outbox.migrate()
     │   ├── SchemaTooNewError    written by a newer outbox than this one
     │   ├── DatabaseCorruptError unreadable, not a database, or damaged
     │   ├── DatabaseMissingError the open file was deleted or replaced: nothing is durable
@@ -71,8 +73,19 @@ class ReconnectLimitError(OutboxError):
     """The supervisor reached max_reconnect_attempts; rows stay pending on disk."""
 
 
+class NoTransactionError(OutboxError):
+    """enqueue() was given a connection in autocommit mode with no transaction open.
+
+    Its rows would commit on their own, not with the caller's writes; nothing was written.
+    """
+
+
 class StoreError(OutboxError):
     """The SQLite outbox file cannot be used."""
+
+
+class SchemaMissingError(StoreError):
+    """The database has no outbox tables; ``outbox.migrate()`` creates them."""
 
 
 class SchemaTooNewError(StoreError):

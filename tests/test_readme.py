@@ -50,8 +50,29 @@ def python_examples() -> tuple[str, str]:
     found = blocks("python")
     receivers = [b for b in found if "serve(" in b]
     clients = [b for b in found if "Outbox(" in b]
-    assert len(receivers) == 1 and len(clients) == 1 and len(found) == 2, found
+    transactional = [b for b in found if "outbox.enqueue(" in b]
+    assert len(receivers) == 1 and len(clients) == 1 and len(transactional) == 1, found
+    assert len(found) == 3, found
     return receivers[0], clients[0]
+
+
+def transactional_example() -> str:
+    """The "Use it as a transactional outbox" block."""
+    [block] = [b for b in blocks("python") if "outbox.enqueue(" in b]
+    return block
+
+
+def test_the_transactional_example_runs_as_pasted(tmp_path: Path) -> None:
+    (tmp_path / "example.py").write_text(transactional_example())
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    with sqlite3.connect(tmp_path / "app.db") as conn:
+        assert conn.execute("SELECT id, total FROM orders").fetchall() == [(42, 9.5)]
+        rows = conn.execute("SELECT status, key FROM outbox").fetchall()
+    assert rows == [("pending", "order-42")]
 
 
 def test_every_python_block_is_known() -> None:

@@ -264,7 +264,7 @@ def _apply_inserts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch:
     if not inserts:
         return
     rows = [row for _, write in inserts for row in write.rows]
-    ids, batch.new_pending = _insert_rows(conn, rows, now)
+    ids, batch.new_pending = insert_rows(conn, rows, now)
     offset = 0
     for index, write in inserts:
         batch.results[index] = mine = ids[offset : offset + len(write.rows)]
@@ -318,7 +318,7 @@ _STEPS: tuple[_Step, ...] = (
 """In the order the statements have always run: timeouts before acks before dead rows."""
 
 
-def _insert_rows(
+def insert_rows(
     conn: sqlite3.Connection, rows: list[tuple[str, str | None]], now: float
 ) -> tuple[list[int], int]:
     """Insert inside the open transaction; return ids in order and how many are new.

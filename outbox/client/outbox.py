@@ -22,19 +22,19 @@ from websockets.uri import parse_uri
 from ..errors import (
     MessageDeadError,
     OutboxClosedError,
-    PayloadNotJSONError,
-    PayloadTooLargeError,
     QueueFullError,
     ReconnectLimitError,
 )
-from ..protocol import codec
 from ..protocol.backoff import Backoff
 from ..protocol.window import SendWindow
+from ..transactional import encode_payload
 from .commit import PURGE_CHUNK
+from .lease import Lease
 from .options import Options
 from .stats import Counters, Stats
 from .store import Store
 from .supervisor import State, Supervisor
+from .watch import run_watched
 
 logger = logging.getLogger("outbox")
 
@@ -79,6 +79,7 @@ class Outbox:
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
         self._closer: asyncio.Task[None] | None = None
+        self._lease = Lease(self.path)
         self.counters = Counters()
         self.window = SendWindow(
             max_inflight=self.options.max_inflight,
@@ -146,7 +147,7 @@ class Outbox:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(store.watch(), name="outbox-store-watch")
-                group.create_task(supervisor.run(), name="outbox-supervisor")
+                group.create_task(self._send_while_leased(supervisor), name="outbox-supervisor")
                 group.create_task(self._purge_loop(), name="outbox-purge")
                 started.set_result(None)
                 # The supervisor may give up (GAVE_UP): the group then stays open, sends still
@@ -165,6 +166,13 @@ class Outbox:
             self._closed = True
             supervisor.state = State.CLOSED
             await store.close()
+
+    async def _send_while_leased(self, supervisor: Supervisor) -> None:
+        """Run the supervisor only while this process holds the file's sender lease (one
+        sender per file, ``lease.py``), with the watch for other writers' rows."""
+        assert self._store is not None
+        async with self._lease.held():
+            await run_watched(self._store, supervisor.run())
 
     async def close(self) -> None:
         """Flush what is pending (bounded), stop every task, commit queued acks, close the
@@ -274,22 +282,7 @@ class Outbox:
         return store
 
     def _encode(self, payload: Any) -> str:
-        try:
-            text = codec.dumps(payload)
-        except TypeError as exc:
-            raise PayloadNotJSONError(
-                f"payload is not JSON-serializable ({exc}); send dicts, lists, strings, "
-                "numbers, booleans or None"
-            ) from None
-        limit = self.options.max_message_size
-        if len(text) * 4 > limit:  # only measure bytes when it could matter
-            size = len(text.encode())
-            if size > limit:
-                raise PayloadTooLargeError(
-                    f"payload is {size} bytes of JSON, over max_message_size={limit}; "
-                    "split it or raise max_message_size"
-                )
-        return text
+        return encode_payload(payload, self.options.max_message_size)
 
     async def _check_quota(self, store: Store, rows: Sequence[tuple[str, str | None]]) -> None:
         """Raise QueueFullError if these rows would take the queue past max_pending.
@@ -463,4 +456,5 @@ class Outbox:
             reconnects=self.counters.reconnects,
             counters=self.counters,
             last_error=self._supervisor.last_error if self._supervisor is not None else None,
+            role=self._lease.role,
         )

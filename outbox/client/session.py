@@ -168,6 +168,7 @@ class Session:
     async def _send_loop(self) -> None:
         cursor = 0  # highest id read from the store on this connection
         generation = self.store.requeue_generation
+        foreign = self.store.foreign_generation
         while True:
             self._wake.clear()
             now = self.clock()
@@ -186,6 +187,9 @@ class Session:
                 await self._handle_expired(expired.resend, expired.dead)
             if generation != self.store.requeue_generation:
                 generation, cursor = self.store.requeue_generation, 0  # dead rows came back
+                self._feed.invalidate()
+            if foreign != self.store.foreign_generation:
+                foreign = self.store.foreign_generation  # other connections added rows
                 self._feed.invalidate()
             capacity = self.window.capacity
             # Refill in pages, not one row per ack: a read costs a thread hop.

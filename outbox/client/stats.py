@@ -38,3 +38,6 @@ class Stats:
     """Why the last connection attempt failed or the last connection ended (e.g. ``connection
     closed by the server (code 1011, reason 'handler failed on message 1')``); None if none
     has failed yet. Kept after a later connection succeeds: compare with ``state``."""
+    role: str = "active"
+    """"active": this process holds the file's sender lease and sends; "standby": another
+    process sends from the file, this one only commits (see ``lease.py``)."""

@@ -165,6 +165,10 @@ class Store:
         self.renumbered: dict[int, int] = {}
         """Old id -> new id of rows renumbered after an id conflict (this process only)."""
         self.commits = 0
+        self.foreign_generation = 0
+        """Bumped when another connection committed rows past ours (``note_foreign_rows``),
+        so a sender queries instead of trusting its memory."""
+        self._foreign_seq = 0
         self._data_version = 0
         self._last_now = 0.0
         self._committed = asyncio.Event()
@@ -367,6 +371,14 @@ class Store:
         """
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def note_foreign_rows(self, seq: int) -> None:
+        """The outbox's id sequence is at ``seq`` (read by ``watch.py``): if that is past
+        every id this process knows, another connection added rows: wake the sender."""
+        if seq > self.max_id and seq > self._foreign_seq and not self._closed:
+            self._foreign_seq = seq
+            self.foreign_generation += 1
+            self._notify([])
 
     # -- the group commit loop ---------------------------------------------------------------
 
