@@ -240,7 +240,11 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-_COMMANDS = (_add_serve, _add_stats, _add_list, _add_requeue, _add_purge, add_relay)
+def _add_relay(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_relay(subparsers, parents=[_common()])  # the command lives in relay.py
+
+
+_COMMANDS = (_add_serve, _add_stats, _add_list, _add_requeue, _add_purge, _add_relay)
 
 
 def build_parser() -> argparse.ArgumentParser:

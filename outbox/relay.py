@@ -35,6 +35,7 @@ import ssl
 import sys
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -145,9 +146,13 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def add_relay(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_relay(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> None:
     parser = subparsers.add_parser(
         "relay",
+        parents=list(parents),
         help="send the pending rows of an existing database to a receiver",
         description="Run the sender for --db: every row that any process commits to its "
         "outbox table goes to --url until acked. One relay per file is active; others wait "
