@@ -5,7 +5,8 @@
 KIND is one of ``ceiling-ff``, ``ceiling-acks``, ``naive``, ``outbox``, ``enqueue``,
 ``backlog``, ``tx-enqueue`` and ``tx-pickup`` (see ``throughput.py`` for what each measures).
 The process prints ``{"event": "progress", "done": n}`` lines while it runs and one
-``{"event": "result", ...}`` line at the end; it stops at once if its stdin closes (the parent is gone).
+``{"event": "result", ...}`` line at the end; it stops at once if its stdin closes (the
+parent is gone).
 """
 
 from __future__ import annotations
