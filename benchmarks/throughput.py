@@ -21,7 +21,14 @@ Each scenario runs in fresh processes on 127.0.0.1: a server (``_servers.py``) a
    latency short of saturation).
 5. enqueue only: ``send()`` and ``send_many()`` with 1, 10 and 100 producers and no
    receiver, next to plain sqlite3 committing one row at a time (same table, same pragmas).
-6. backlog: enqueue a large backlog with the receiver down, start it, time the drain and
+6. transactional enqueue: 1 and 4 producer processes, each committing its own sqlite3
+   transactions through ``outbox.enqueue`` (1 or 100 messages per transaction) into one
+   shared, migrated file (WAL, synchronous=FULL); afterwards the file must hold exactly the
+   rows enqueue returned.
+7. relay pickup: ``python -m outbox relay`` between that file and the receiver, and a producer
+   process committing one message per transaction at 50/s; latency from its COMMIT returning
+   to the receiver's handler call.
+8. backlog: enqueue a large backlog with the receiver down, start it, time the drain and
    sample the sender's RSS meanwhile.
 
 After each outbox scenario the receiver's inbox and the client's outbox files are read:
