@@ -69,6 +69,7 @@ except ImportError as missing:
         "install them with: python -m pip install tqdm psutil"
     ) from None
 
+from _common import latency_summary
 from _procs import ROOT, Child, ChildError, OtherLoad, free_port, kill_all
 from _report import (
     NOTES,
@@ -419,18 +420,6 @@ async def _run_tx_pickup(
     row = _row(scenario.key, scenario.title, result, server_stats)
     _check_delivery(row, work, result, server_stats)
     return [row]
-
-
-def latency_summary(seconds: list[float]) -> dict[str, Any]:
-    """p50 and p99 in milliseconds (nearest rank, as the children's), and the samples."""
-    values = sorted(seconds)
-    if not values:
-        return {"p50_ms": None, "p99_ms": None, "samples": 0}
-
-    def rank(fraction: float) -> float:
-        return values[max(0, min(len(values) - 1, round(fraction * len(values)) - 1))] * 1000
-
-    return {"p50_ms": rank(0.5), "p99_ms": rank(0.99), "samples": len(values)}
 
 
 def _row(key: str, title: str, result: dict[str, Any], server: dict[str, Any] | None) -> Row:
