@@ -2,10 +2,11 @@
 
     python benchmarks/_clients.py KIND [options]
 
-KIND is one of ``ceiling-ff``, ``ceiling-acks``, ``naive``, ``outbox``, ``enqueue`` and
-``backlog`` (see ``throughput.py`` for what each measures). The process prints
-``{"event": "progress", "done": n}`` lines while it runs and one ``{"event": "result", ...}``
-line at the end; it stops at once if its stdin closes (the parent is gone).
+KIND is one of ``ceiling-ff``, ``ceiling-acks``, ``naive``, ``outbox``, ``enqueue``,
+``backlog``, ``tx-enqueue`` and ``tx-pickup`` (see ``throughput.py`` for what each measures).
+The process prints ``{"event": "progress", "done": n}`` lines while it runs and one
+``{"event": "result", ...}`` line at the end; it stops at once if its stdin closes (the
+parent is gone).
 """
 
 from __future__ import annotations
@@ -363,6 +364,113 @@ def sqlite_enqueue(path: str, n: int, size: int, ids: IdRuns, synchronous: str) 
 
 
 # ---------------------------------------------------------------------------------------------
+# Transactional: outbox.enqueue in the producer's own sqlite3 transactions
+# ---------------------------------------------------------------------------------------------
+
+
+def tx_connect(path: str) -> tuple[sqlite3.Connection, str]:
+    """A plain application connection on the shared file, migrated, ``synchronous=FULL``
+    (the file is in WAL: migrate switches it); returns it and the file's client id."""
+    import outbox
+
+    db = sqlite3.connect(path, timeout=60.0, check_same_thread=False)
+    outbox.migrate(db)  # idempotent and safe from several processes at once
+    db.execute("PRAGMA synchronous = FULL")
+    row = db.execute("SELECT value FROM outbox_meta WHERE name = 'client_id'").fetchone()
+    return db, str(row[0])
+
+
+async def tx_enqueue(args: argparse.Namespace, go: asyncio.Event) -> None:
+    """One producer process: N messages through ``outbox.enqueue``, ``--batch`` per
+    transaction (``with db:``, one COMMIT each). Says "ready" once migrated and waits for
+    "go", so that all the producers of a row start together; the parent times them from the
+    first start to the last end (monotonic clocks, the same across processes on one host).
+    Latency: one transaction, from its first enqueue to its COMMIT returning."""
+    import outbox
+
+    n, batch = args.n, args.batch
+    db, client_id = tx_connect(args.db)
+    emit("ready")
+    await go.wait()
+    ids = IdRuns()
+    latencies: list[float] = []
+
+    def produce() -> None:
+        for chunk in range(0, n, batch):
+            began = now()
+            with db:
+                ids.add(
+                    [
+                        outbox.enqueue(db, payload(s, args.size))
+                        for s in range(chunk, min(n, chunk + batch))
+                    ]
+                )
+            latencies.append(now() - began)
+
+    async with progress(lambda: ids.count):
+        started = time.monotonic()
+        timer = Timer()
+        await asyncio.to_thread(produce)
+        timer.stop()
+        ended = time.monotonic()
+    db.close()
+    finish(
+        ids.count,
+        timer,
+        started=started,
+        ended=ended,
+        ids=ids.merged(),
+        client_id=client_id,
+        latency=latency_summary(latencies),
+    )
+
+
+async def tx_pickup(args: argparse.Namespace, go: asyncio.Event) -> None:
+    """The producer next to a relay: migrates the file and says "ready" (the parent then
+    starts the relay), commits one warm-up message and waits for its ack (the relay is
+    active and connected), then commits N messages one per transaction at ``--rate``, waits
+    for all of them to be acked and reports each one's COMMIT time (``time.time()``, which
+    the receiver's handler also uses)."""
+    import outbox
+
+    n, rate = args.n, args.rate or 50.0
+    db, client_id = tx_connect(args.db)
+    emit("ready")
+    ids = IdRuns()
+    committed: list[list[float]] = []
+
+    def pending() -> int:
+        return int(db.execute("SELECT count(*) FROM outbox WHERE status != 'acked'").fetchone()[0])
+
+    async def until_acked(timeout: float) -> None:
+        deadline = now() + timeout
+        while pending():
+            if now() > deadline:
+                raise TimeoutError(f"{pending()} rows not acked after {timeout}s")
+            await asyncio.sleep(0.01)
+
+    with db:
+        ids.add([outbox.enqueue(db, {"type": "warm-up"})])
+    await until_acked(30.0)
+    async with progress(lambda: ids.count - 1):
+        timer = Timer()
+        start = now()
+        for seq in range(n):
+            delay = start + seq / rate - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            with db:
+                message_id = outbox.enqueue(db, payload(seq, args.size))
+            committed.append([message_id, time.time()])
+            ids.add([message_id])
+        await until_acked(30.0)
+        timer.stop()
+    db.close()
+    finish(n, timer, ids=ids.merged(), client_id=client_id, committed=committed,
+           latency=latency_summary([]))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # Backlog: enqueue while the receiver is down, then drain
 # ---------------------------------------------------------------------------------------------
 
@@ -444,8 +552,12 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "kind", choices=("ceiling-ff", "ceiling-acks", "naive", "outbox", "enqueue", "backlog")
-    )
+        "kind",
+        choices=(
+            "ceiling-ff", "ceiling-acks", "naive", "outbox", "enqueue", "backlog",
+            "tx-enqueue", "tx-pickup",
+        ),
+    )  # fmt: skip
     parser.add_argument("--url", default="ws://127.0.0.1:9/")
     parser.add_argument("--db")
     parser.add_argument("-n", type=int, required=True, help="messages")
@@ -486,6 +598,10 @@ async def run(args: argparse.Namespace) -> None:
     }
     if args.kind == "backlog":
         await backlog(args, go)
+    elif args.kind == "tx-enqueue":
+        await tx_enqueue(args, go)
+    elif args.kind == "tx-pickup":
+        await tx_pickup(args, go)
     else:
         await scenarios[args.kind](args)
 

@@ -65,11 +65,13 @@ class Child:
     async def run(
         cls, name: str, script: str, argv: Sequence[str], log: Path
     ) -> AsyncIterator[Child]:
-        """Start ``script argv`` with its stderr in ``log``; stop it when the block ends."""
+        """Start ``script argv`` with its stderr in ``log``; stop it when the block ends.
+        ``script`` "-m" runs a module instead: ``python -m argv`` (``outbox relay ...``)."""
+        command = ["-m"] if script == "-m" else [str(HERE / script)]
         with log.open("wb") as log_file:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
-                str(HERE / script),
+                *command,
                 *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

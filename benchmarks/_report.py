@@ -218,8 +218,11 @@ def machine() -> dict[str, Any]:
 NOTES = """\
 Latency: outbox rows, from send() returning to wait_acked() returning, timed on every 100th
 message (every 10th when paced); ceiling, from a frame's send to its ack; naive, from the
-INSERT's commit to the UPDATE's commit. RSS: each process's peak (getrusage); the backlog
-drain row shows the sender's peak sampled during the drain. lost: ids send() returned that
-the receiver's inbox does not hold; dups: receiver handler calls beyond one per message id.
+INSERT's commit to the UPDATE's commit; enqueue N procs, one transaction from its first
+enqueue() to its COMMIT returning (the slowest producer's p50/p99); relay pickup, from the
+producer's COMMIT returning to the receiver's handler call (time.time() in both). RSS: each
+process's peak (getrusage); the backlog drain row shows the sender's peak sampled during the
+drain. lost: ids send() returned that the receiver's inbox does not hold (enqueue rows: the
+outbox file); dups: receiver handler calls beyond one per message id.
 Durable rows run with synchronous=FULL in WAL mode on both ends (also naive and sqlite3).
 Paced: each producer sleeps until its message's slot; that pacing costs client CPU too."""

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import time
 import urllib.parse
 from typing import Any
 
@@ -41,12 +42,16 @@ class HandlerCounter:
     megabyte, not a set of a million tuples: the receiver's peak RSS stays its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record_times: bool = False) -> None:
+        self.times: dict[int, float] | None = {} if record_times else None
+        """With ``--record-times``: each message id's first handler call, ``time.time()``."""
         self.calls = 0
         self.duplicates = 0
         self._seen: dict[str, bytearray] = {}
 
     async def __call__(self, message: Incoming) -> None:
+        if self.times is not None:
+            self.times.setdefault(message.id, time.time())
         self.calls += 1
         seen = self._seen.get(message.client_id)
         if seen is None:
@@ -118,7 +123,7 @@ async def run(args: argparse.Namespace) -> None:
     compression = "deflate" if args.compression else None
     stats: dict[str, Any]
     if args.kind == "receiver":
-        counter = HandlerCounter()
+        counter = HandlerCounter(args.record_times)
         receiver = serve_outbox(counter, args.db, port=args.port, compression=compression)
         async with receiver:
             cpu_at_ready = cpu_seconds()
@@ -137,6 +142,8 @@ async def run(args: argparse.Namespace) -> None:
             "protocol_errors": s.protocol_errors,
             "connections": s.connections,
         }
+        if counter.times is not None:
+            stats["handled_at"] = sorted(counter.times.items())
     else:
         plain = PlainServer(args.kind, args.db)
         async with serve(plain.handle, HOST, args.port, compression=compression) as server:
@@ -156,6 +163,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--db")
     parser.add_argument("--compression", action="store_true", help="permessage-deflate")
+    parser.add_argument(
+        "--record-times", action="store_true", help="receiver: report when each id was handled"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

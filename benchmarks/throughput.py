@@ -21,7 +21,14 @@ Each scenario runs in fresh processes on 127.0.0.1: a server (``_servers.py``) a
    latency short of saturation).
 5. enqueue only: ``send()`` and ``send_many()`` with 1, 10 and 100 producers and no
    receiver, next to plain sqlite3 committing one row at a time (same table, same pragmas).
-6. backlog: enqueue a large backlog with the receiver down, start it, time the drain and
+6. transactional enqueue: 1 and 4 producer processes, each committing its own sqlite3
+   transactions through ``outbox.enqueue`` (1 or 100 messages per transaction) into one
+   shared, migrated file (WAL, synchronous=FULL); afterwards the file must hold exactly the
+   rows enqueue returned.
+7. relay pickup: ``python -m outbox relay`` between that file and the receiver, and a producer
+   process committing one message per transaction at 50/s; latency from its COMMIT returning
+   to the receiver's handler call.
+8. backlog: enqueue a large backlog with the receiver down, start it, time the drain and
    sample the sender's RSS meanwhile.
 
 After each outbox scenario the receiver's inbox and the client's outbox files are read:
@@ -62,6 +69,7 @@ except ImportError as missing:
         "install them with: python -m pip install tqdm psutil"
     ) from None
 
+from _common import latency_summary
 from _procs import ROOT, Child, ChildError, OtherLoad, free_port, kill_all
 from _report import (
     NOTES,
@@ -87,6 +95,12 @@ class Settings:
     enqueue_messages: int
     send_many_messages: int
     backlog_messages: int
+    tx_messages: int
+    """Messages per ``enqueue: ... 1/tx`` row (all its producer processes together)."""
+    tx_batch_messages: int
+    """Messages per ``enqueue: ... 100/tx`` row."""
+    pickup_messages: int
+    pickup_rate: float
     paced_seconds: float
     producers: int
     size: int
@@ -105,6 +119,10 @@ class Settings:
             enqueue_messages=pick(args.enqueue_messages, 20_000, 2_000),
             send_many_messages=pick(args.send_many_messages, 200_000, 20_000),
             backlog_messages=pick(args.backlog, 1_000_000, 50_000),
+            tx_messages=pick(args.tx_messages, 20_000, 1_000),
+            tx_batch_messages=pick(args.tx_batch_messages, 200_000, 10_000),
+            pickup_messages=pick(args.pickup_messages, 200, 50),
+            pickup_rate=50.0,
             paced_seconds=args.paced_seconds or (2.0 if args.quick else 10.0),
             producers=args.producers,
             size=args.size,
@@ -122,6 +140,8 @@ class Scenario:
     messages: int
     server: tuple[str, ...] | None = None
     """``_servers.py`` arguments, or None when nothing listens."""
+    procs: int = 1
+    """Producer processes (the ``tx-enqueue`` rows)."""
 
     @property
     def delivery(self) -> bool:
@@ -157,6 +177,14 @@ def plan(s: Settings) -> list[Scenario]:
             key = f"enqueue-{api.replace('_', '-')}-{p}"
             argv = ("enqueue", "--api", api, "--producers", str(p), "--batch", "100")
             scenarios.append(S(key, f"enqueue: {label} x{p}", argv, total))
+    for procs in (1, 4):
+        for batch, total in ((1, s.tx_messages), (100, s.tx_batch_messages)):
+            title = f"enqueue: {procs} {'proc' if procs == 1 else 'procs'}, {batch}/tx"
+            argv = ("tx-enqueue", "--batch", str(batch))
+            scenarios.append(S(f"tx-enqueue-{procs}p-{batch}", title, argv, total, procs=procs))
+    pickup = ("tx-pickup", "--rate", f"{s.pickup_rate:g}")
+    scenarios.append(S("tx-pickup", f"relay pickup: enqueue {s.pickup_rate:g}/s", pickup,
+                       s.pickup_messages, ("receiver", "--record-times")))  # fmt: skip
     backlog = ("backlog", "--producers", "4", "--batch", "1000")
     scenarios.append(S("backlog", "backlog", backlog, s.backlog_messages, ("receiver",)))
     return scenarios
@@ -213,6 +241,11 @@ async def run_scenario(
     if scenario.key == "backlog":
         assert server_argv is not None
         return await _run_backlog(scenario, work, client_argv, server_argv, progress)
+    if scenario.client[0] == "tx-enqueue":
+        return await _run_tx_enqueue(scenario, settings, work, progress)
+    if scenario.client[0] == "tx-pickup":
+        assert server_argv is not None
+        return await _run_tx_pickup(scenario, work, client_argv, server_argv, progress)
 
     async with contextlib.AsyncExitStack() as stack:
         server = None
@@ -289,6 +322,104 @@ async def _run_backlog(
     drain.extra["client_rss_lifetime_mb"] = result["rss_mb"]
     _check_delivery(drain, work, result, server_stats)
     return [enqueue, drain]
+
+
+async def _run_tx_enqueue(
+    scenario: Scenario, settings: Settings, work: Path, progress: Progress
+) -> list[Row]:
+    """P producer processes, each committing its share through ``outbox.enqueue`` into one
+    file; timed from the first one's start (all wait for "go") to the last one's end."""
+    db = work / "outbox.db"
+    shares = [scenario.messages // scenario.procs] * scenario.procs
+    shares[0] += scenario.messages - sum(shares)
+    async with contextlib.AsyncExitStack() as stack:
+        children = []
+        for index, share in enumerate(shares):
+            argv = [*scenario.client, "-n", str(share), "--size", str(settings.size)]
+            argv += ["--db", str(db)]
+            log = work / f"producer-{index}.log"
+            child = await stack.enter_async_context(
+                Child.run(f"producer {index}", "_clients.py", argv, log)
+            )
+            await child.event("ready")  # migrated; one at a time, so no race on the schema
+            children.append(child)
+        for child in children:
+            child.send("go")
+        done = [0] * len(children)
+
+        async def follow(index: int, child: Child) -> dict[str, Any]:
+            async for message in child.events():
+                if message["event"] == "progress":
+                    done[index] = message["done"]
+                    progress.to(sum(done))
+                elif message["event"] == "result":
+                    return message
+            raise ChildError(f"the {child.name} ended with no result{child.tail()}")
+
+        results = await asyncio.gather(*(follow(i, c) for i, c in enumerate(children)))
+    seconds = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    messages = sum(r["messages"] for r in results)
+    runs = [run for r in results for run in r["ids"]]
+    p50s = [r["latency"]["p50_ms"] for r in results if r["latency"]["p50_ms"] is not None]
+    p99s = [r["latency"]["p99_ms"] for r in results if r["latency"]["p99_ms"] is not None]
+    row = Row(
+        scenario.key,
+        scenario.title,
+        messages=messages,
+        seconds=seconds,
+        rate=messages / seconds if seconds > 0 else None,
+        p50_ms=max(p50s) if p50s else None,  # the slowest producer's
+        p99_ms=max(p99s) if p99s else None,
+        latency_samples=sum(r["latency"]["samples"] for r in results),
+        client_rss_mb=max(r["rss_mb"] for r in results),
+    )
+    row.extra["client_cpu_us_per_msg"] = sum(r["cpu_s"] for r in results) / max(1, messages) * 1e6
+    row.extra["producers"] = [
+        {k: r[k] for k in ("messages", "seconds", "latency")} for r in results
+    ]
+    row.lost = _missing_from_outbox(db, runs)
+    with contextlib.closing(sqlite3.connect(db)) as outbox:
+        held = outbox.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    returned = sum(last - first + 1 for first, last in runs)
+    row.extra.update(returned_ids=returned, outbox_rows=held)
+    if held != returned or len({tuple(run) for run in runs}) != len(runs):
+        row.error = f"the file holds {held} rows; enqueue returned {returned} ids"
+    return [row]
+
+
+async def _run_tx_pickup(
+    scenario: Scenario,
+    work: Path,
+    client_argv: list[str],
+    server_argv: list[str],
+    progress: Progress,
+) -> list[Row]:
+    """A receiver, a producer process committing through ``enqueue`` one message at a time,
+    and ``python -m outbox relay`` on the producer's file between them. Latency: from the
+    producer's COMMIT returning to the receiver's handler being called with that message
+    (``time.time()`` in both processes)."""
+    db = work / "outbox.db"
+    async with Child.run("server", "_servers.py", server_argv, work / "server.log") as server:
+        url = (await server.event("ready"))["url"]
+        async with Child.run("producer", "_clients.py", client_argv, work / "client.log") as client:
+            await client.event("ready")  # the file is migrated: the relay can open it
+            relay_argv = ["outbox", "relay", "--db", str(db), "--url", url]
+            async with Child.run("relay", "-m", relay_argv, work / "relay.log") as relay:
+                result = await _follow(client, progress)
+                relay.process.send_signal(signal.SIGTERM)  # its clean stop: exit status 0
+                await asyncio.wait_for(relay.process.wait(), 30.0)
+                if relay.process.returncode != 0:
+                    raise ChildError(
+                        f"the relay exited with status {relay.process.returncode}{relay.tail()}"
+                    )
+        server_stats = await server.finish()
+    handled = dict(server_stats.pop("handled_at"))
+    handled = {int(message_id): at for message_id, at in handled.items()}
+    latencies = [handled[int(i)] - at for i, at in result["committed"] if int(i) in handled]
+    result["latency"] = latency_summary(latencies)
+    row = _row(scenario.key, scenario.title, result, server_stats)
+    _check_delivery(row, work, result, server_stats)
+    return [row]
 
 
 def _row(key: str, title: str, result: dict[str, Any], server: dict[str, Any] | None) -> Row:
@@ -473,6 +604,9 @@ def build_parser(keys: Sequence[str]) -> argparse.ArgumentParser:
     add("--enqueue-messages", type=int, help="messages per send() row (20,000; quick 2,000)")
     add("--send-many-messages", type=int, help="per send_many() row (200,000; quick 20,000)")
     add("--backlog", type=int, help="rows in the backlog (1,000,000; quick 50,000)")
+    add("--tx-messages", type=int, help="per enqueue 1/tx row (20,000; quick 1,000)")
+    add("--tx-batch-messages", type=int, help="per enqueue 100/tx row (200,000; quick 10,000)")
+    add("--pickup-messages", type=int, help="commits in relay pickup (200; quick 50)")
     add("--paced-seconds", type=float, help="length of the paced run (10; quick 2)")
     add("--producers", type=int, default=100, help="producer tasks (default: %(default)s)")
     add("--size", type=int, default=100, help="payload bytes, about (default: %(default)s)")
