@@ -155,7 +155,7 @@ def _add_list(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument(
         "--status",
         choices=statuses,
-        help="only rows with this status: pending, acked or dead (outbox); handled or "
+        help="only rows with this status: pending, acked, dead or expired (outbox); handled or "
         "rejected (inbox)",
     )
     parser.add_argument(
@@ -183,6 +183,9 @@ def _add_requeue(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=int, nargs="+", metavar="N", help="these dead rows")
     which.add_argument("--dead", action="store_true", help="every dead row")
+    which.add_argument(
+        "--expired", action="store_true", help="every expired row (it comes back with no ttl)"
+    )
     parser.add_argument(
         "--busy-timeout",
         type=_positive_seconds,
@@ -416,7 +419,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _print_outbox_stats(stats: operate.OutboxStats) -> None:
     print(f"outbox     {stats.path}")
     print(f"client id  {stats.client_id or '-'}")
-    for status in ("pending", "acked", "dead"):
+    for status in ("pending", "acked", "dead", "expired"):
         print(f"{status:<10} {getattr(stats, status)}")
     if stats.oldest_pending_id is not None and stats.oldest_pending_age is not None:
         age = operate.format_age(stats.oldest_pending_age)
@@ -465,7 +468,8 @@ def _watch(conn: sqlite3.Connection, kind: operate.Kind, args: argparse.Namespac
             row: dict[str, object]
             if kind == "outbox":
                 s = operate.outbox_stats(conn, args.db, 0)
-                done = s.max_id - s.pending - s.dead  # acked in the file's life, purged too
+                # acked in the file's life, purged too
+                done = s.max_id - s.pending - s.dead - s.expired
                 made = s.max_id
                 acked_rate, made_rate = _rates(previous, now, done, made)
                 row = {
@@ -556,7 +560,8 @@ def _requeue(args: argparse.Namespace) -> int:
         with operate.open_file(args.db, write=True, busy_timeout=args.busy_timeout) as conn:
             kind = operate.kind_of(conn, args.db)
             operate.require(kind, "outbox", args.db, "requeue works on an outbox's dead rows")
-            result = operate.requeue(conn, None if args.dead else args.id)
+            ids = None if args.dead or args.expired else args.id
+            result = operate.requeue(conn, ids, expired=args.expired)
     except operate.OperateError as exc:
         return _fail("requeue", exc)
     if args.json:

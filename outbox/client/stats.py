@@ -38,3 +38,5 @@ class Stats:
     """Why the last connection attempt failed or the last connection ended (e.g. ``connection
     closed by the server (code 1011, reason 'handler failed on message 1')``); None if none
     has failed yet. Kept after a later connection succeeds: compare with ``state``."""
+    expired: int = 0
+    """Rows not acked before their ttl ran out (``send(ttl=)``), kept like dead ones."""
