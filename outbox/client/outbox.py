@@ -360,20 +360,20 @@ class Outbox:
         if key is not None and not isinstance(key, str):
             raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
         row = (text, key)
+        # The ttl counts from this call (a wait under max_pending uses it up too).
+        expires_at = None if ttl is None else self._expires_at(ttl)
         if self.options.max_pending is not None:
             await self._check_quota(store, (row,))
-        if ttl is None:
+        if expires_at is None:
             ids = await store.insert((row,))
         else:
-            ids = await store.insert((row,), self._expires_at(ttl))
+            ids = await store.insert((row,), expires_at)
+            self._expiry_wake.set()  # committed: its deadline may be the nearest
         return ids[0]
 
     def _expires_at(self, ttl: object) -> float | None:
         seconds = check_ttl(ttl)
-        if seconds is None:
-            return None
-        self._expiry_wake.set()  # its deadline may be the nearest
-        return self._expiry_clock.deadline(seconds)
+        return None if seconds is None else self._expiry_clock.deadline(seconds)
 
     async def send_many(
         self,
@@ -398,8 +398,12 @@ class Outbox:
             rows = list(zip(texts, keys, strict=True))
         if not rows:
             return []
+        expires_at = self._expires_at(ttl)  # from this call, as in send()
         await self._check_quota(store, rows)
-        return await store.insert(rows, self._expires_at(ttl))
+        ids = await store.insert(rows, expires_at)
+        if expires_at is not None:
+            self._expiry_wake.set()  # committed: its deadline may be the nearest
+        return ids
 
     # -- waiting -----------------------------------------------------------------------------
 

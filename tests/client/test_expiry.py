@@ -16,7 +16,7 @@ import pytest
 from outbox import MessageDeadError, MessageExpiredError, Outbox, serve
 from outbox.client import expiry
 
-from ..support import MS, fast_options, wait_until
+from ..support import MS, ScriptedServer, fast_options, wait_until
 from ..test_cli import run_cli
 
 NOWHERE = "ws://127.0.0.1:9/"  # the discard port: nothing accepts, rows stay pending
@@ -146,3 +146,25 @@ async def test_operator_commands_show_and_requeue_expired_rows(tmp_path: Path) -
     done = run_cli("requeue", "--db", str(db), "--expired", "--json")
     assert json.loads(done.stdout)["requeued"] == [expired_id], done.stderr
     assert _row(db, expired_id) == ("pending", 0, _row(db, expired_id)[2], None)
+
+
+async def test_a_row_in_flight_at_its_deadline_expires_and_leaves_the_window(
+    tmp_path: Path,
+) -> None:
+    """The server holds the ack: the row expires in flight and leaves the window (no resend
+    of it), and the queue goes on (expired means not confirmed in time)."""
+    clocks = Clocks()
+    db = tmp_path / "o.db"
+    async with ScriptedServer(ack=False) as server:
+        options = fast_options(ack_timeout=10.0)
+        async with Outbox(db, server.url, **clocks.kwargs(), **options) as box:
+            message_id = await box.send({"n": 1}, ttl=5)
+            await wait_until(lambda: server.ids() == [message_id])
+            assert box.stats().in_flight == 1
+            clocks.mono += 6
+            # The count moves at COMMIT, the window a moment later (the sweep's next step).
+            await wait_until(lambda: box.stats().expired == 1 and box.stats().in_flight == 0)
+            assert box.stats().pending == 0
+            after = await box.send({"n": 2})
+            await wait_until(lambda: server.ids() == [message_id, after])
+    assert _row(db, message_id)[:2] == ("dead", 1)
