@@ -333,7 +333,11 @@ class Session:
     def _ended(self) -> SessionEnded:
         """Why the connection ended, once it has (noting a 1009 on the rows it refused)."""
         code, reason = _close_info(self.ws)
-        if code == 1009 and not self._noted_too_big:
+        protocol = self.ws.protocol
+        # Only a 1009 the server started blames our frames: when websockets refused one of
+        # the server's frames (max_server_frame), the server only echoes our 1009.
+        by_server = protocol.close_rcvd is not None and protocol.close_rcvd_then_sent is not False
+        if code == 1009 and by_server and not self._noted_too_big:
             self._noted_too_big = True
             self._note_too_big(reason)
         return SessionEnded(code, reason)
