@@ -99,6 +99,13 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="require 'Authorization: Bearer TOKEN': one 'TOKEN PRINCIPAL' per line (# comments "
         "and blank lines ignored); without it, claimed client ids are trusted",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs outbox[metrics]; "
+        "0 picks a free port, printed on the second line)",
+    )
     parser.set_defaults(run=_serve)
 
 
@@ -354,8 +361,11 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:  # checked at construction: names the option
         print(f"outbox serve: {exc}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        print(f"outbox serve: --metrics-port {args.metrics_port} is not a port", file=sys.stderr)
+        return 2
     try:
-        return asyncio.run(_serve_until_stopped(receiver))
+        return asyncio.run(_serve_until_stopped(receiver, args.host, args.metrics_port))
     except KeyboardInterrupt:  # platforms without add_signal_handler (Windows)
         return 0
     except (StoreError, OSError) as exc:
@@ -363,7 +373,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _serve_until_stopped(receiver: Receiver) -> int:
+async def _serve_until_stopped(
+    receiver: Receiver, host: str = "127.0.0.1", metrics_port: int | None = None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -372,8 +384,19 @@ async def _serve_until_stopped(receiver: Receiver) -> int:
             loop.add_signal_handler(signum, stop.set)
     async with receiver:
         print(receiver.url, flush=True)
-        await stop.wait()
-        logging.getLogger("outbox.receiver").info("stopping (signal received)")
+        with contextlib.ExitStack() as cleanup:
+            if metrics_port is not None:
+                from . import metrics  # the optional extra: imported only when asked for
+
+                try:
+                    url, stop_metrics = metrics.serve_receiver_metrics(receiver, host, metrics_port)
+                except metrics.MetricsUnavailableError as exc:
+                    print(f"outbox serve: {exc}", file=sys.stderr)
+                    return 2
+                cleanup.callback(stop_metrics)
+                print(f"metrics: {url}", flush=True)
+            await stop.wait()
+            logging.getLogger("outbox.receiver").info("stopping (signal received)")
     return 0
 
 

@@ -109,6 +109,7 @@ class Outbox:
             monotonic=self._clock,
             wal_warn_bytes=options.wal_warn_bytes,
         )
+        store.counters = self.counters
         backoff = Backoff(
             options.reconnect_interval,
             options.reconnect_max_interval,

@@ -49,6 +49,7 @@ from .commit import (
     Write,
 )
 from .retention import AckAges
+from .stats import Counters
 
 logger = logging.getLogger("outbox")
 
@@ -166,6 +167,8 @@ class Store:
         self.renumbered: dict[int, int] = {}
         """Old id -> new id of rows renumbered after an id conflict (this process only)."""
         self.commits = 0
+        self.counters: Counters | None = None
+        """The Outbox's running totals: rows that became dead or expired are counted here."""
         self._data_version = 0
         self._last_now = 0.0
         self._committed = asyncio.Event()
@@ -661,6 +664,9 @@ class Store:
                 item.future.set_result(batch.results.get(index))
         for message_id in batch.acked:
             self._resolve(message_id, ("acked", None))
+        if self.counters is not None:
+            self.counters.dead += len(batch.dead)
+            self.counters.expired += len(batch.expired)
         for message_id, reason in batch.dead:
             self._resolve(message_id, ("dead", reason))
         for message_id, reason in batch.expired:
