@@ -101,6 +101,13 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="require 'Authorization: Bearer TOKEN': one 'TOKEN PRINCIPAL' per line (# comments "
         "and blank lines ignored); without it, claimed client ids are trusted",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (needs outbox[metrics]; "
+        "0 picks a free port, printed on the second line)",
+    )
     parser.set_defaults(run=_serve)
 
 
@@ -157,7 +164,7 @@ def _add_list(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument(
         "--status",
         choices=statuses,
-        help="only rows with this status: pending, acked or dead (outbox); handled or "
+        help="only rows with this status: pending, acked, dead or expired (outbox); handled or "
         "rejected (inbox)",
     )
     parser.add_argument(
@@ -185,6 +192,9 @@ def _add_requeue(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=int, nargs="+", metavar="N", help="these dead rows")
     which.add_argument("--dead", action="store_true", help="every dead row")
+    which.add_argument(
+        "--expired", action="store_true", help="every expired row (it comes back with no ttl)"
+    )
     parser.add_argument(
         "--busy-timeout",
         type=_positive_seconds,
@@ -357,8 +367,11 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:  # checked at construction: names the option
         print(f"outbox serve: {exc}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        print(f"outbox serve: --metrics-port {args.metrics_port} is not a port", file=sys.stderr)
+        return 2
     try:
-        return asyncio.run(_serve_until_stopped(receiver))
+        return asyncio.run(_serve_until_stopped(receiver, args.host, args.metrics_port))
     except KeyboardInterrupt:  # platforms without add_signal_handler (Windows)
         return 0
     except (StoreError, OSError) as exc:
@@ -366,7 +379,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _serve_until_stopped(receiver: Receiver) -> int:
+async def _serve_until_stopped(
+    receiver: Receiver, host: str = "127.0.0.1", metrics_port: int | None = None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -375,8 +390,19 @@ async def _serve_until_stopped(receiver: Receiver) -> int:
             loop.add_signal_handler(signum, stop.set)
     async with receiver:
         print(receiver.url, flush=True)
-        await stop.wait()
-        logging.getLogger("outbox.receiver").info("stopping (signal received)")
+        with contextlib.ExitStack() as cleanup:
+            if metrics_port is not None:
+                from . import metrics  # the optional extra: imported only when asked for
+
+                try:
+                    url, stop_metrics = metrics.serve_receiver_metrics(receiver, host, metrics_port)
+                except metrics.MetricsUnavailableError as exc:
+                    print(f"outbox serve: {exc}", file=sys.stderr)
+                    return 2
+                cleanup.callback(stop_metrics)
+                print(f"metrics: {url}", flush=True)
+            await stop.wait()
+            logging.getLogger("outbox.receiver").info("stopping (signal received)")
     return 0
 
 
@@ -424,7 +450,7 @@ def _print_outbox_stats(stats: operate.OutboxStats) -> None:
     print(f"client id  {stats.client_id or '-'}")
     held, pid = holder(stats.path)  # a try-lock, released at once: the sender is undisturbed
     print(f"sender     {'active' + (f' (pid {pid})' if pid else '') if held else 'none'}")
-    for status in ("pending", "acked", "dead"):
+    for status in ("pending", "acked", "dead", "expired"):
         print(f"{status:<10} {getattr(stats, status)}")
     if stats.oldest_pending_id is not None and stats.oldest_pending_age is not None:
         age = operate.format_age(stats.oldest_pending_age)
@@ -473,7 +499,8 @@ def _watch(conn: sqlite3.Connection, kind: operate.Kind, args: argparse.Namespac
             row: dict[str, object]
             if kind == "outbox":
                 s = operate.outbox_stats(conn, args.db, 0)
-                done = s.max_id - s.pending - s.dead  # acked in the file's life, purged too
+                # acked in the file's life, purged too
+                done = s.max_id - s.pending - s.dead - s.expired
                 made = s.max_id
                 acked_rate, made_rate = _rates(previous, now, done, made)
                 row = {
@@ -564,7 +591,8 @@ def _requeue(args: argparse.Namespace) -> int:
         with operate.open_file(args.db, write=True, busy_timeout=args.busy_timeout) as conn:
             kind = operate.kind_of(conn, args.db)
             operate.require(kind, "outbox", args.db, "requeue works on an outbox's dead rows")
-            result = operate.requeue(conn, None if args.dead else args.id)
+            ids = None if args.dead or args.expired else args.id
+            result = operate.requeue(conn, ids, expired=args.expired)
     except operate.OperateError as exc:
         return _fail("requeue", exc)
     if args.json:

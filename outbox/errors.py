@@ -8,6 +8,7 @@
     │   └── PayloadTooLargeError larger than max_message_size
     ├── QueueFullError           max_pending rows are already waiting
     ├── MessageDeadError         wait_acked() on a row that became dead
+    │   └── MessageExpiredError  ... or that expired (send(ttl=)) before it was acked
     ├── ReconnectLimitError      the supervisor gave up (max_reconnect_attempts)
     ├── NoTransactionError       enqueue() on an autocommit connection with no transaction
     ├── StoreError               the SQLite file cannot be used
@@ -64,6 +65,19 @@ class MessageDeadError(OutboxError):
         super().__init__(
             f"message {message_id} is dead: {reason or 'no reason recorded'}; "
             "Outbox.requeue_dead() puts it back in the queue"
+        )
+        self.message_id = message_id
+        self.reason = reason
+
+
+class MessageExpiredError(MessageDeadError):
+    """The message was not acked before its ttl ran out (status 'expired'); it is kept."""
+
+    def __init__(self, message_id: int, reason: str | None) -> None:
+        OutboxError.__init__(
+            self,
+            f"message {message_id} expired before it was acked: "
+            f"{reason or 'its ttl ran out'}; it is kept with status 'expired'",
         )
         self.message_id = message_id
         self.reason = reason

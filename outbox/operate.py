@@ -143,6 +143,8 @@ class OutboxStats:
     oldest_pending_id: int | None
     oldest_pending_age: float | None
     dead_rows: list[dict[str, Any]] = field(default_factory=list)
+    expired: int = 0
+    """Rows not acked before their ttl ran out (``send(ttl=)``), kept like dead ones."""
 
 
 @dataclass(slots=True)
@@ -157,9 +159,21 @@ class InboxStats:
     retention: str = "none: inbox rows are kept forever (they are the deduplication record)"
 
 
+def status_sql(conn: sqlite3.Connection) -> str:
+    """A row's status as people see it: 'expired' is stored as 'dead' with ``expired = 1``
+    (migration 0004); a file from before that migration has no expired rows."""
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(outbox)")}
+    return (
+        "CASE WHEN status = 'dead' AND expired THEN 'expired' ELSE status END"
+        if "expired" in columns
+        else "status"
+    )
+
+
 def outbox_stats(conn: sqlite3.Connection, path: str, dead_limit: int) -> OutboxStats:
     now = time.time()
-    counts = dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall())
+    status = status_sql(conn)
+    counts = dict(conn.execute(f"SELECT {status}, count(*) FROM outbox GROUP BY 1").fetchall())
     seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
     client = conn.execute("SELECT value FROM outbox_meta WHERE name = 'client_id'").fetchone()
     oldest = conn.execute(
@@ -168,7 +182,7 @@ def outbox_stats(conn: sqlite3.Connection, path: str, dead_limit: int) -> Outbox
     dead = [
         {"id": n, "attempts": attempts, "last_error": preview(error, 200)}
         for n, attempts, error in conn.execute(
-            "SELECT id, attempts, last_error FROM outbox WHERE status = 'dead' "
+            f"SELECT id, attempts, last_error FROM outbox WHERE {status} = 'dead' "
             "ORDER BY id DESC LIMIT ?",
             (dead_limit,),
         )
@@ -184,6 +198,7 @@ def outbox_stats(conn: sqlite3.Connection, path: str, dead_limit: int) -> Outbox
         oldest_pending_id=int(oldest[0]) if oldest else None,
         oldest_pending_age=round(now - oldest[1], 3) if oldest else None,
         dead_rows=dead,
+        expired=int(counts.get("expired", 0)),
     )
 
 
@@ -212,7 +227,7 @@ def as_dict(stats: OutboxStats | InboxStats) -> dict[str, Any]:
     return asdict(stats)
 
 
-OUTBOX_STATUSES = ("pending", "acked", "dead")
+OUTBOX_STATUSES = ("pending", "acked", "dead", "expired")
 INBOX_STATUSES = ("handled", "rejected")
 
 
@@ -223,7 +238,8 @@ def list_outbox(
     if status is not None and status not in OUTBOX_STATUSES:
         raise OperateError(f"--status {status}: an outbox row is {', '.join(OUTBOX_STATUSES)}")
     now = time.time()
-    where = "WHERE status = ?" if status else ""
+    shown = status_sql(conn)
+    where = f"WHERE {shown} = ?" if status else ""
     params: list[Any] = [status] if status else []
     return [
         {
@@ -236,7 +252,7 @@ def list_outbox(
             "payload": preview(payload, width),
         }
         for n, state, attempts, created, error, key, payload in conn.execute(
-            "SELECT id, status, attempts, created_at, last_error, key, payload FROM outbox "
+            f"SELECT id, {shown}, attempts, created_at, last_error, key, payload FROM outbox "
             f"{where} ORDER BY id LIMIT ?",
             [*params, limit],
         )
@@ -291,23 +307,32 @@ def _in_chunks(items: Sequence[int]) -> Iterator[list[int]]:
         yield list(items[start : start + 500])
 
 
-def requeue(conn: sqlite3.Connection, ids: Sequence[int] | None) -> Requeued:
+def requeue(
+    conn: sqlite3.Connection, ids: Sequence[int] | None, *, expired: bool = False
+) -> Requeued:
     """Dead rows (these ids, or all) back to pending with their attempts reset, in chunks.
 
     Only the status flips (and attempts, updated_at): the running sender finds them pending,
     like rows ``Outbox.requeue_dead()`` put back. ``last_error`` keeps the old reason.
+    Expired rows come back too when named by id, or all of them with ``expired`` (instead of
+    the dead ones), without a deadline: they are sent until acked or dead.
     """
     result = Requeued([])
     now = time.time()
+    status = status_sql(conn)
+    revive = ", expired = 0, expires_at = NULL" if status != "status" else ""
     sql = (
-        "UPDATE outbox SET status = 'pending', attempts = 0, updated_at = ? "
+        f"UPDATE outbox SET status = 'pending', attempts = 0, updated_at = ?{revive} "
         "WHERE status = 'dead' AND id IN ({}) RETURNING id"
     )
     if ids is None:
+        which = "expired" if expired else "dead"
         while True:
             with _write(conn):
                 found = conn.execute(
-                    sql.format("SELECT id FROM outbox WHERE status = 'dead' ORDER BY id LIMIT ?"),
+                    sql.format(
+                        f"SELECT id FROM outbox WHERE {status} = '{which}' ORDER BY id LIMIT ?"
+                    ),
                     (now, CHUNK),
                 ).fetchall()
             result.requeued += sorted(int(row[0]) for row in found)
@@ -321,7 +346,7 @@ def requeue(conn: sqlite3.Connection, ids: Sequence[int] | None) -> Requeued:
             done = {int(row[0]) for row in found}
             others = dict(
                 conn.execute(
-                    f"SELECT id, status FROM outbox WHERE id IN ({marks})", chunk
+                    f"SELECT id, {status} FROM outbox WHERE id IN ({marks})", chunk
                 ).fetchall()
             )
         result.requeued += sorted(done)

@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def python_examples() -> tuple[str, str]:
     """(receiver, client): the Quickstart's two blocks."""
-    found = blocks("python")
+    found = [b for b in blocks("python") if b not in section("Metrics")]
     receivers = [b for b in found if "serve(" in b]
     clients = [b for b in found if "Outbox(" in b]
     transactional = [b for b in found if "outbox.enqueue(" in b]
@@ -77,6 +77,22 @@ def test_the_transactional_example_runs_as_pasted(tmp_path: Path) -> None:
 
 def test_every_python_block_is_known() -> None:
     python_examples()  # a new block must get a place in this file
+
+
+def test_the_metrics_example_runs_as_pasted(tmp_path: Path) -> None:
+    (example,) = [b for lang, b in BLOCK.findall(section("Metrics")) if lang == "python"]
+    (tmp_path / "metrics_example.py").write_text(example.replace("8765", str(free_port())))
+    done = subprocess.run(
+        [sys.executable, "metrics_example.py"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'outbox_rows{db="app-outbox.db",status="pending"} 1.0' in done.stdout, done.stdout
+    assert "outbox_connection_state" in done.stdout
 
 
 def sh_lines(body: str) -> list[str]:

@@ -1,8 +1,8 @@
 """What the writer thread runs: plain ``sqlite3``, one call per group commit.
 
 The store queues typed writes (one frozen dataclass per kind: ``Insert``, ``Ack``,
-``Timeouts``, ``Dead``, ``Requeue``, ``Purge``, ``Flush``); :func:`apply_writes` applies a
-whole batch of them in one ``BEGIN IMMEDIATE ... COMMIT``, each kind coalesced across the
+``Timeouts``, ``Dead``, ``Expire``, ``Requeue``, ``Purge``, ``Flush``); :func:`apply_writes`
+applies a whole batch of them in one ``BEGIN IMMEDIATE ... COMMIT``, each kind coalesced across the
 batch by its own step (one statement per chunk of ids, not per write), and returns a
 :class:`Batch` saying what changed, which the store applies to memory only after COMMIT.
 Nothing here touches the event loop.
@@ -27,7 +27,7 @@ _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 PURGE_CHUNK = 5000  # acked rows deleted per transaction by the retention purge
 
 
-_INSERT_CHUNK = 200  # rows per multi-row INSERT (4 variables each, under the old limit of 999)
+_INSERT_CHUNK = 160  # rows per multi-row INSERT (5 variables each, under the old limit of 999)
 
 
 def in_lists(items: Sequence[_V]) -> Iterator[tuple[list[_V], str]]:
@@ -47,6 +47,8 @@ class Insert:
     """New rows, ``(payload_json, key)``; the result is their ids, in order."""
 
     rows: tuple[tuple[str, str | None], ...]
+    expires_at: float | None = None
+    """The rows' deadline in unix seconds (``send(ttl=)``), or None: they never expire."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,15 @@ class Dead:
     """``(id, reason)`` rows that become dead."""
 
     items: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Pending rows whose deadline (``expires_at``) is ``<= through``: they become expired
+    (stored as status 'dead' with ``expired = 1``, see migration 0004). The result is their
+    ``(id, reason)``."""
+
+    through: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +109,14 @@ class Flush:
     """Nothing to write: done once everything queued before it has committed."""
 
 
-Write = Insert | Ack | Timeouts | Dead | Requeue | Purge | Flush
+Write = Insert | Ack | Timeouts | Dead | Expire | Requeue | Purge | Flush
 
 
-Result = list[int] | int | None
+Result = list[int] | int | list[tuple[int, str]] | None
 """What a caller's future gets: ids for an Insert, a count for Requeue and Purge."""
 
 
-_W = TypeVar("_W", Insert, Ack, Timeouts, Dead, Requeue, Purge, Flush)
+_W = TypeVar("_W", Insert, Ack, Timeouts, Dead, Expire, Requeue, Purge, Flush)
 
 
 @dataclass(slots=True)
@@ -113,6 +124,8 @@ class Counts:
     pending: int = 0
     acked: int = 0
     dead: int = 0
+    expired: int = 0
+    """Rows with status 'dead' and expired = 1 (not counted in ``dead``)."""
 
 
 @dataclass(slots=True)
@@ -124,6 +137,7 @@ class Batch:
     new_pending: int = 0
     acked: list[int] = field(default_factory=list)
     dead: list[tuple[int, str]] = field(default_factory=list)
+    expired: list[tuple[int, str]] = field(default_factory=list)
     requeued: int = 0
     purged: int = 0
     max_id: int = 0
@@ -150,9 +164,15 @@ def connect_writer(path: str, pragmas: Sequence[str]) -> tuple[sqlite3.Connectio
     return conn, int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
+STATUS_SQL = "CASE WHEN status = 'dead' AND expired THEN 'expired' ELSE status END"
+"""A row's status as people and the API see it: 'pending', 'acked', 'dead' or 'expired'."""
+
+COUNT_SQL = f"SELECT {STATUS_SQL}, count(*) FROM outbox GROUP BY 1"
+
+
 def count_rows(conn: sqlite3.Connection) -> tuple[Counts, int]:
     counts = Counts()
-    for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
+    for status, count in conn.execute(COUNT_SQL):
         setattr(counts, status, count)
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
     return counts, int(row[0]) if row else 0
@@ -264,7 +284,8 @@ def _apply_inserts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch:
     if not inserts:
         return
     rows = [row for _, write in inserts for row in write.rows]
-    ids, batch.new_pending = insert_rows(conn, rows, now)
+    expiries = [write.expires_at for _, write in inserts for _ in write.rows]
+    ids, batch.new_pending = insert_rows(conn, rows, now, expiries)
     offset = 0
     for index, write in inserts:
         batch.results[index] = mine = ids[offset : offset + len(write.rows)]
@@ -295,6 +316,12 @@ def _apply_dead(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch: Ba
         batch.dead = [(n, reasons[n]) for n in _mark_dead(conn, reasons, now)]
 
 
+def _apply_expiry(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch: Batch) -> None:
+    for index, write in by_kind.of(Expire):
+        batch.results[index] = found = _expire(conn, write.through, now)
+        batch.expired += found
+
+
 def _apply_requeues(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch: Batch) -> None:
     for index, write in by_kind.of(Requeue):
         batch.results[index] = count = _requeue(conn, write.ids, now)
@@ -312,6 +339,7 @@ _STEPS: tuple[_Step, ...] = (
     _apply_timeouts,
     _apply_acks,
     _apply_dead,
+    _apply_expiry,
     _apply_requeues,
     _apply_purges,
 )
@@ -319,7 +347,10 @@ _STEPS: tuple[_Step, ...] = (
 
 
 def insert_rows(
-    conn: sqlite3.Connection, rows: list[tuple[str, str | None]], now: float
+    conn: sqlite3.Connection,
+    rows: list[tuple[str, str | None]],
+    now: float,
+    expiries: Sequence[float | None] | None = None,
 ) -> tuple[list[int], int]:
     """Insert inside the open transaction; return ids in order and how many are new.
 
@@ -330,10 +361,12 @@ def insert_rows(
     for chunk, marks in in_lists(keys):
         found = conn.execute(keys_sql(marks), chunk)
         existing.update({str(k): int(i) for k, i in found})
-    fresh: list[tuple[str, str | None, float, float]] = []
+    fresh: list[tuple[str, str | None, float, float, float | None]] = []
     slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
     new_key_slot: dict[str, int] = {}
-    for payload, key in rows:
+    if expiries is None:
+        expiries = [None] * len(rows)
+    for (payload, key), expires_at in zip(rows, expiries, strict=True):
         if key is not None and key in existing:
             slots.append(-existing[key])
         elif key is not None and key in new_key_slot:
@@ -342,15 +375,15 @@ def insert_rows(
             if key is not None:
                 new_key_slot[key] = len(fresh)
             slots.append(len(fresh))
-            fresh.append((payload, key, now, now))
+            fresh.append((payload, key, now, now, expires_at))
     first = 0
     for start in range(0, len(fresh), _INSERT_CHUNK):
         # One multi-row INSERT per chunk rather than executemany: each sqlite3 step lets go
         # of the GIL, and a busy event loop thread can keep it for a whole switch interval.
         part = fresh[start : start + _INSERT_CHUNK]
         conn.execute(
-            "INSERT INTO outbox (payload, key, created_at, updated_at) VALUES "
-            + ",".join(["(?,?,?,?)"] * len(part)),
+            "INSERT INTO outbox (payload, key, created_at, updated_at, expires_at) VALUES "
+            + ",".join(["(?,?,?,?,?)"] * len(part)),
             [value for row in part for value in row],
         )
     if fresh:
@@ -405,9 +438,27 @@ def _mark_dead(conn: sqlite3.Connection, reasons: dict[int, str], now: float) ->
     return changed
 
 
+def _expire(conn: sqlite3.Connection, through: float, now: float) -> list[tuple[int, str]]:
+    """Pending rows with ``expires_at <= through`` to expired; return them with the reason."""
+    found = conn.execute(
+        "SELECT id FROM outbox "
+        "WHERE status = 'pending' AND expires_at IS NOT NULL AND expires_at <= ? ORDER BY id",
+        (through,),
+    ).fetchall()
+    reason = "expired: not acked before its ttl ran out"
+    items = [(int(n), reason) for (n,) in found]
+    conn.executemany(
+        "UPDATE outbox SET status = 'dead', expired = 1, updated_at = ?, last_error = ? "
+        "WHERE id = ?",
+        [(now, reason, n) for n, _ in items],
+    )
+    return items
+
+
 def _requeue(conn: sqlite3.Connection, ids: Sequence[int] | None, now: float) -> int:
+    # Expired rows stay as they are: their deadline has passed (operate.requeue can revive them).
     sql = "UPDATE outbox SET status = 'pending', attempts = 0, updated_at = ? "
-    sql += "WHERE status = 'dead'"
+    sql += "WHERE status = 'dead' AND NOT expired"
     if ids is None:
         return conn.execute(sql, (now,)).rowcount
     total = 0

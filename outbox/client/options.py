@@ -41,6 +41,9 @@ class Options:
     """Un-acked messages on the wire at once."""
     max_pending: int | None = None
     """Quota of rows not yet acked; send() raises QueueFullError beyond it. None = no quota."""
+    max_pending_wait: float | None = 0.0
+    """Seconds send() waits for room under ``max_pending`` (acks make room) before it raises
+    QueueFullError: 0 = raise at once (the default), None = wait as long as it takes."""
     max_message_size: int = 1 << 20
     """Largest payload, in bytes of its JSON text; send() refuses larger ones."""
     max_server_frame: int = 1 << 20
@@ -116,6 +119,10 @@ class Options:
             raise ValueError("max_reconnect_attempts must be >= 0 or None")
         if self.acked_retention is not None and self.acked_retention < 0:
             raise ValueError("acked_retention must be >= 0 or None")
+        if self.max_pending_wait is not None and not self.max_pending_wait >= 0:
+            raise ValueError(
+                f"max_pending_wait must be >= 0 seconds or None, got {self.max_pending_wait!r}"
+            )
         for name in ("close_timeout", "close_flush_timeout", "busy_timeout"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)!r}")
@@ -175,6 +182,7 @@ _SECONDS = (
     "close_flush_timeout",
     "acked_retention",
     "purge_interval",
+    "max_pending_wait",
 )
 _INTEGERS = (
     "max_missed_heartbeats",
@@ -207,6 +215,7 @@ _OPTIONAL = frozenset(
         "max_reconnect_attempts",
         "max_attempts",
         "max_pending",
+        "max_pending_wait",
         "acked_retention",
         "acked_retention_count",
         "additional_headers",

@@ -21,6 +21,7 @@ from websockets.uri import parse_uri
 
 from ..errors import (
     MessageDeadError,
+    MessageExpiredError,
     OutboxClosedError,
     QueueFullError,
     ReconnectLimitError,
@@ -29,6 +30,7 @@ from ..protocol.backoff import Backoff
 from ..protocol.window import SendWindow
 from ..transactional import encode_payload
 from .commit import PURGE_CHUNK
+from .expiry import ExpiryClock, check_ttl, run_expiry
 from .lease import Lease
 from .options import Options
 from .stats import Counters, Stats
@@ -81,6 +83,8 @@ class Outbox:
         self._closer: asyncio.Task[None] | None = None
         self._lease = Lease(self.path)
         self.counters = Counters()
+        self._expiry_clock = ExpiryClock(clock, wall_clock)
+        self._expiry_wake = asyncio.Event()
         self.window = SendWindow(
             max_inflight=self.options.max_inflight,
             ack_timeout=self.options.ack_timeout,
@@ -106,6 +110,7 @@ class Outbox:
             monotonic=self._clock,
             wal_warn_bytes=options.wal_warn_bytes,
         )
+        store.counters = self.counters
         backoff = Backoff(
             options.reconnect_interval,
             options.reconnect_max_interval,
@@ -149,6 +154,10 @@ class Outbox:
                 group.create_task(store.watch(), name="outbox-store-watch")
                 group.create_task(self._send_while_leased(supervisor), name="outbox-supervisor")
                 group.create_task(self._purge_loop(), name="outbox-purge")
+                group.create_task(
+                    run_expiry(store, self.window, self._expiry_clock, self._expiry_wake),
+                    name="outbox-expiry",
+                )
                 started.set_result(None)
                 # The supervisor may give up (GAVE_UP): the group then stays open, sends still
                 # commit, until close() or a crash of the store.
@@ -288,7 +297,10 @@ class Outbox:
         """Raise QueueFullError if these rows would take the queue past max_pending.
 
         A row whose key is already in the outbox adds nothing: the retry that finds out
-        whether a send committed must work exactly when the queue is full.
+        whether a send committed must work exactly when the queue is full. With
+        ``max_pending_wait`` it first waits that long for acks to make room. Returning and
+        the insert that follows have no await between them, so waiters woken together do
+        not overshoot the quota.
         """
         quota = self.options.max_pending
         if quota is None:
@@ -299,18 +311,42 @@ class Outbox:
         keys = [key for _, key in rows if key is not None]
         known = await store.ids_for_keys(keys) if keys else {}
         adding = sum(1 for _, key in rows if key is None or key not in known)
-        if adding and waiting + adding > quota:
-            raise QueueFullError(
-                f"{waiting} messages are waiting and max_pending is {quota}; wait for acks "
-                "(drain() or wait_acked()) and retry, or raise max_pending"
-            )
+        if not adding:
+            return
+        wait = self.options.max_pending_wait
+        deadline = None if wait is None else self._clock() + wait
+        while True:
+            waiting = store.counts.pending + store.queued_rows
+            if waiting + adding <= quota:
+                return
+            if adding > quota:
+                break  # no amount of waiting makes room for more than the whole quota
+            left = None if deadline is None else deadline - self._clock()
+            if left is not None and left <= 0:
+                break
+            # Acks commit in groups and each commit wakes us; re-check at least every
+            # second so that a close() or a file changed elsewhere is noticed too.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0 if left is None else min(left, 1.0)):
+                    await store.wait_commit()
+            store = self._open_store()
+        waited = "" if not wait else f" after waiting {wait}s for room"
+        raise QueueFullError(
+            f"{waiting} messages are waiting and max_pending is {quota}{waited}; wait for "
+            "acks (drain() or wait_acked()) and retry, raise max_pending, or set "
+            "max_pending_wait"
+        )
 
-    async def send(self, payload: Any, *, key: str | None = None) -> int:
+    async def send(self, payload: Any, *, key: str | None = None, ttl: float | None = None) -> int:
         """Commit one message and return its id. The row is durable when this returns.
 
         ``key`` makes the call idempotent: a key already in the outbox returns the id of the
         row it made, and nothing new is written. If the call is cancelled, the row either
         committed in full or not at all; retry with the same key to find out which.
+
+        ``ttl`` (seconds): if the row is not acked by then it becomes ``expired`` (kept, not
+        sent again; ``wait_acked`` raises MessageExpiredError). A key that names an existing
+        row leaves that row's deadline as it was.
         """
         # The hot path: send_many's checks for one message, without its lists.
         store = self._open_store()
@@ -318,15 +354,31 @@ class Outbox:
         if key is not None and not isinstance(key, str):
             raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
         row = (text, key)
+        # The ttl counts from this call (a wait under max_pending uses it up too).
+        expires_at = None if ttl is None else self._expires_at(ttl)
         if self.options.max_pending is not None:
             await self._check_quota(store, (row,))
-        ids = await store.insert((row,))
+        if expires_at is None:
+            ids = await store.insert((row,))
+        else:
+            ids = await store.insert((row,), expires_at)
+            self._expiry_wake.set()  # committed: its deadline may be the nearest
         return ids[0]
 
+    def _expires_at(self, ttl: object) -> float | None:
+        seconds = check_ttl(ttl)
+        return None if seconds is None else self._expiry_clock.deadline(seconds)
+
     async def send_many(
-        self, payloads: Iterable[Any], *, keys: Sequence[str | None] | None = None
+        self,
+        payloads: Iterable[Any],
+        *,
+        keys: Sequence[str | None] | None = None,
+        ttl: float | None = None,
     ) -> list[int]:
-        """Commit several messages in one transaction; return their ids, in order."""
+        """Commit several messages in one transaction; return their ids, in order.
+
+        ``ttl`` applies to each of them, as in ``send()``."""
         store = self._open_store()
         texts = [self._encode(payload) for payload in payloads]
         if keys is None:
@@ -340,8 +392,12 @@ class Outbox:
             rows = list(zip(texts, keys, strict=True))
         if not rows:
             return []
+        expires_at = self._expires_at(ttl)  # from this call, as in send()
         await self._check_quota(store, rows)
-        return await store.insert(rows)
+        ids = await store.insert(rows, expires_at)
+        if expires_at is not None:
+            self._expiry_wake.set()  # committed: its deadline may be the nearest
+        return ids
 
     # -- waiting -----------------------------------------------------------------------------
 
@@ -380,11 +436,14 @@ class Outbox:
         return task.result()
 
     async def wait_acked(self, message_id: int, timeout: float | None = None) -> None:
-        """Return once the message is acked; MessageDeadError if it became dead."""
+        """Return once the message is acked; MessageDeadError if it became dead
+        (MessageExpiredError, a subclass, if it expired)."""
         store = self._open_store()
         status, reason = await self._unless_given_up(
             store.wait_status(message_id), timeout, f"wait_acked({message_id})"
         )
+        if status == "expired":
+            raise MessageExpiredError(message_id, reason)
         if status == "dead":
             raise MessageDeadError(message_id, reason)
 
@@ -450,6 +509,7 @@ class Outbox:
             pending=counts.pending if counts else 0,
             acked=counts.acked if counts else 0,
             dead=counts.dead if counts else 0,
+            expired=counts.expired if counts else 0,
             in_flight=len(self.window),
             connected=self.state is State.CONNECTED,
             state=self.state.value,

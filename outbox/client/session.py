@@ -107,6 +107,8 @@ class Session:
         self._largest: tuple[int, Sequence[Row], int] = (0, (), 0)
         """The largest frame written on this connection: its size, its page, its index.
         If the server closes with 1009 (too big), this frame is one it refused."""
+        self._largest_solo: frozenset[int] = frozenset()
+        """The solo ids when the largest frame was encoded, to find its rows again."""
         self._noted_too_big = False
 
     async def run(self) -> None:
@@ -262,6 +264,7 @@ class Session:
             batch=self.batch,
             max_messages=self.options.max_batch_messages,
             max_bytes=self.options.max_batch_bytes,
+            solo=self.window.solo,
         )
         ws = self.ws
         start = 0
@@ -275,6 +278,7 @@ class Session:
                         data = frames[start].encode()
                         if len(data) > self._largest[0]:
                             self._largest = (len(data), rows, start)
+                            self._largest_solo = frozenset(self.window.solo)
                         ws.protocol.send_text(data)
                         written += len(data)
                         start += 1
@@ -333,7 +337,11 @@ class Session:
     def _ended(self) -> SessionEnded:
         """Why the connection ended, once it has (noting a 1009 on the rows it refused)."""
         code, reason = _close_info(self.ws)
-        if code == 1009 and not self._noted_too_big:
+        protocol = self.ws.protocol
+        # Only a 1009 the server started blames our frames: when websockets refused one of
+        # the server's frames (max_server_frame), the server only echoes our 1009.
+        by_server = protocol.close_rcvd is not None and protocol.close_rcvd_then_sent is not False
+        if code == 1009 and by_server and not self._noted_too_big:
             self._noted_too_big = True
             self._note_too_big(reason)
         return SessionEnded(code, reason)
@@ -352,20 +360,40 @@ class Session:
                 page,
                 max_messages=self.options.max_batch_messages,
                 max_bytes=self.options.max_batch_bytes,
+                solo=self._largest_solo,
             )
         else:
             groups = [[row] for row in page]
         rows = groups[index] if index < len(groups) else []
         error = f"server closed with 1009 (frame of {size} bytes too big for it): {reason}"[:300]
-        items = [(r.id, a) for r in rows if (a := self.window.attempts(r.id)) is not None]
-        if items:
-            logger.warning(
-                "the server refused a frame of %d bytes as too big (1009) holding message(s) "
-                "%s; lower max_message_size/max_batch_bytes or raise the server's max_size",
-                size,
-                ", ".join(str(message_id) for message_id, _ in items[:10]),
+        held = [r.id for r in rows if r.id in self.window]
+        if not held:
+            return
+        logger.warning(
+            "the server refused a frame of %d bytes as too big (1009) holding message(s) "
+            "%s; lower max_message_size/max_batch_bytes or raise the server's max_size",
+            size,
+            ", ".join(str(message_id) for message_id in held[:10]),
+        )
+        decided = self.window.refused_too_big(held)
+        if decided.split:
+            # Not blamed yet: one of them may be small enough alone. Noted, not counted.
+            note = f"{error} (a batch of {len(held)}; sent one per frame next)"[:300]
+            self.store.record_timeouts(
+                [(n, a) for n in decided.split if (a := self.window.attempts(n)) is not None],
+                note,
             )
-            self.store.record_timeouts(items, error)
+        if decided.counted:
+            self.store.record_timeouts(decided.counted, error)
+        if decided.dead:
+            reason_dead = f"{error}; {self.window.max_attempts} times"[:300]
+            logger.warning(
+                "giving up on message(s) %s: refused as too big (1009) %s times",
+                ", ".join(str(n) for n, _ in decided.dead),
+                self.window.max_attempts,
+            )
+            self.store.record_timeouts(decided.dead, error)
+            self.store.mark_dead([(n, reason_dead) for n, _ in decided.dead])
 
     # -- reused ids (docs/protocol.md, "Reused ids") -------------------------------------------
 

@@ -20,6 +20,10 @@ class Counters:
     unknown_acks: int = 0
     protocol_errors: int = 0
     heartbeat_misses: int = 0
+    dead: int = 0
+    """Rows that became dead (nack, max_attempts, 1009), counted as they commit."""
+    expired: int = 0
+    """Rows that expired (``send(ttl=)``), counted as they commit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +45,5 @@ class Stats:
     role: str = "active"
     """"active": this process holds the file's sender lease and sends; "standby": another
     process sends from the file, this one only commits (see ``lease.py``)."""
+    expired: int = 0
+    """Rows not acked before their ttl ran out (``send(ttl=)``), kept like dead ones."""

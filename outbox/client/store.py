@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
@@ -39,6 +39,7 @@ from .commit import (
     Ack,
     Counts,
     Dead,
+    Expire,
     Flush,
     Insert,
     Purge,
@@ -48,10 +49,11 @@ from .commit import (
     Write,
 )
 from .retention import AckAges
+from .stats import Counters
 
 logger = logging.getLogger("outbox")
 
-Status = Literal["pending", "acked", "dead"]
+Status = Literal["pending", "acked", "dead", "expired"]
 _T = TypeVar("_T")
 _V = TypeVar("_V")
 
@@ -169,6 +171,8 @@ class Store:
         """Bumped when another connection committed rows past ours (``note_foreign_rows``),
         so a sender queries instead of trusting its memory."""
         self._foreign_seq = 0
+        self.counters: Counters | None = None
+        """The Outbox's running totals: rows that became dead or expired are counted here."""
         self._data_version = 0
         self._last_now = 0.0
         self._committed = asyncio.Event()
@@ -274,18 +278,20 @@ class Store:
         """Rows handed to insert() and not yet committed (for the max_pending quota)."""
         return self._queued_rows
 
-    async def insert(self, rows: Sequence[tuple[str, str | None]]) -> list[int]:
+    async def insert(
+        self, rows: Sequence[tuple[str, str | None]], expires_at: float | None = None
+    ) -> list[int]:
         """Commit ``(payload_json, key)`` rows as pending; return their ids, in order.
 
         A key that already exists (or repeats within the call) returns the existing id and
         writes nothing. If the caller is cancelled before the transaction starts, nothing is
         written; once it has started, the rows commit even though nobody reads the ids.
         """
-        future = self._call(Insert(tuple(rows)))
+        future = self._call(Insert(tuple(rows), expires_at))
         self._queued_rows += len(rows)
         ids = await future
         assert isinstance(ids, list)
-        return ids
+        return cast(list[int], ids)  # an Insert's result is its ids
 
     def mark_acked(self, ids: Sequence[int]) -> None:
         """The server acked these ids: wake their waiters now, write them with the next commit.
@@ -312,6 +318,25 @@ class Store:
         """Queue ``(id, reason)`` rows to become dead (kept, never deleted)."""
         if items:
             self._queue(Dead(tuple(items)))
+
+    async def expire(self, through: float) -> list[tuple[int, str]]:
+        """Pending rows with ``expires_at <= through`` become expired; returns them."""
+        found = await self._call(Expire(through))
+        assert isinstance(found, list)
+        return [item for item in found if isinstance(item, tuple)]
+
+    async def next_expiry(self) -> float | None:
+        """The earliest ``expires_at`` of a pending row (committed), or None."""
+        try:
+            found = list(
+                await self._reader.execute_fetchall(
+                    "SELECT min(expires_at) FROM outbox "
+                    "WHERE status = 'pending' AND expires_at IS NOT NULL"
+                )
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+        return None if not found or found[0][0] is None else float(found[0][0])
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
         """Dead rows (all, or these ids) back to pending with attempts reset; returns count."""
@@ -651,8 +676,15 @@ class Store:
                 item.future.set_result(batch.results.get(index))
         for message_id in batch.acked:
             self._resolve(message_id, ("acked", None))
+        if self.counters is not None:
+            self.counters.dead += len(batch.dead)
+            self.counters.expired += len(batch.expired)
         for message_id, reason in batch.dead:
             self._resolve(message_id, ("dead", reason))
+        for message_id, reason in batch.expired:
+            self._resolve(message_id, ("expired", reason))
+        if batch.expired:
+            self.requeue_generation += 1  # a sender holding them in memory must rescan
         if batch.acked and batch.low_water is not None:
             self.ack_ages.acked(self._monotonic(), batch.low_water)
         if batch.new_pending or batch.requeued or came_back:
@@ -684,10 +716,13 @@ class Store:
         if batch.recount is not None:
             fresh, max_id = batch.recount
             counts.pending, counts.acked, counts.dead = fresh.pending, fresh.acked, fresh.dead
+            counts.expired = fresh.expired
             self.max_id = max(self.max_id, max_id)
         previous_max_id = self.max_id
         self.max_id = max(self.max_id, batch.max_id)
         counts.pending += batch.new_pending + batch.requeued - len(batch.acked) - len(batch.dead)
+        counts.pending -= len(batch.expired)
+        counts.expired += len(batch.expired)
         counts.acked += len(batch.acked) - batch.purged
         counts.dead += len(batch.dead) - batch.requeued
         return previous_max_id
@@ -751,7 +786,7 @@ class Store:
             message_id = self.renumbered[message_id]
         found = list(
             await self._reader.execute_fetchall(
-                "SELECT status, last_error FROM outbox WHERE id = ?", (message_id,)
+                f"SELECT {commit.STATUS_SQL}, last_error FROM outbox WHERE id = ?", (message_id,)
             )
         )
         if found:

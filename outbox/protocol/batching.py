@@ -6,7 +6,7 @@ bytes (UTF-8, not characters); one message larger than the byte bound still goes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from . import wire
 from .feed import Row
@@ -18,13 +18,19 @@ def payload_bytes(payload: str) -> int:
 
 
 def encode_frames(
-    rows: Sequence[Row], *, batch: bool, max_messages: int, max_bytes: int
+    rows: Sequence[Row],
+    *,
+    batch: bool,
+    max_messages: int,
+    max_bytes: int,
+    solo: Container[int] = frozenset(),
 ) -> list[str]:
-    """The frames for these rows, in id order."""
+    """The frames for these rows, in id order; ids in ``solo`` always go alone."""
     if not batch:
         return [wire.encode_message(row.id, row.payload) for row in rows]
     frames: list[str] = []
-    for group in frame_groups(rows, max_messages=max_messages, max_bytes=max_bytes):
+    groups = frame_groups(rows, max_messages=max_messages, max_bytes=max_bytes, solo=solo)
+    for group in groups:
         if len(group) == 1:
             frames.append(wire.encode_message(group[0].id, group[0].payload))
         else:
@@ -32,17 +38,27 @@ def encode_frames(
     return frames
 
 
-def frame_groups(rows: Sequence[Row], *, max_messages: int, max_bytes: int) -> list[Sequence[Row]]:
+def frame_groups(
+    rows: Sequence[Row],
+    *,
+    max_messages: int,
+    max_bytes: int,
+    solo: Container[int] = frozenset(),
+) -> list[Sequence[Row]]:
     """The rows of each batch frame ``encode_frames`` makes, in the same order."""
     groups: list[Sequence[Row]] = []
     start = 0
     while start < len(rows):
         end, size = start, 0
         while end < len(rows) and end - start < max_messages:
+            if end > start and rows[end].id in solo:
+                break  # a solo row starts its own frame
             size += payload_bytes(rows[end].payload)
             if size > max_bytes and end > start:
                 break
             end += 1
+            if rows[end - 1].id in solo:
+                break  # and nothing joins it
         groups.append(rows[start:end])
         start = end
     return groups

@@ -26,6 +26,11 @@ Rules:
   least ``ack_timeout`` after the message (so the server had held it that long; a pong
   answered at once must not overtake an ack that waits for the receiver's commit). So
   ``max_attempts`` still dead-letters a message that a live server skips or ignores.
+- a frame the server refuses as too big (it closes with 1009) is a failed attempt of the
+  message it held, counted like a timeout (``refused_too_big``), so a message no server
+  will take becomes dead after ``max_attempts`` closes and the queue behind it moves on. A
+  batch frame of several messages is not blamed on any of them: its messages go one per
+  frame from then on (``solo``), and the one that is still too big alone is counted.
 """
 
 from __future__ import annotations
@@ -65,6 +70,18 @@ class Expired:
         return bool(self.resend or self.dead)
 
 
+@dataclass(slots=True)
+class TooBig:
+    """What ``SendWindow.refused_too_big`` decided about the messages of a refused frame."""
+
+    counted: list[tuple[int, int]] = field(default_factory=list)
+    """``(id, attempts)`` with the refusal counted, still to be sent again."""
+    dead: list[tuple[int, int]] = field(default_factory=list)
+    """``(id, attempts)`` refused for the last time: the caller marks them dead."""
+    split: list[int] = field(default_factory=list)
+    """The messages of a batch frame: not counted, sent one per frame from now on."""
+
+
 class SendWindow:
     """Un-acked messages in the order they were last sent (oldest deadline first)."""
 
@@ -86,6 +103,9 @@ class SendWindow:
         """The latest-sent message the server acked: everything sent before it was read."""
         self._progress_at = float("-inf")
         """When the server last acked a message in flight (acked() given ``now``)."""
+        self.solo: set[int] = set()
+        """Messages to send one per frame (a batch frame holding them was refused as too
+        big). Kept across connections; an id leaves once acked or given up on."""
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -124,6 +144,7 @@ class SendWindow:
             message = self._inflight.pop(message_id, None)
             if message is not None:
                 known.append(message_id)
+                self.solo.discard(message_id)
                 if message.seq > self._max_acked_seq:
                     self._max_acked_seq = message.seq
             else:
@@ -134,7 +155,30 @@ class SendWindow:
 
     def discard(self, message_id: int) -> bool:
         """Forget one message (nacked by the server); True if it was in flight."""
+        self.solo.discard(message_id)
         return self._inflight.pop(message_id, None) is not None
+
+    def refused_too_big(self, ids: Iterable[int]) -> TooBig:
+        """The server closed with 1009 on the frame that held ``ids`` (see the rules).
+
+        Only messages still in flight are considered; the connection is over, so the caller
+        ``clear()``s the window next, and the counted attempts must reach the store.
+        """
+        held = [self._inflight[n] for n in ids if n in self._inflight]
+        result = TooBig()
+        if len(held) > 1:
+            result.split = [m.id for m in held]
+            self.solo.update(result.split)
+            return result
+        for message in held:
+            message.attempts += 1
+            if self.max_attempts is not None and message.attempts >= self.max_attempts:
+                del self._inflight[message.id]
+                self.solo.discard(message.id)
+                result.dead.append((message.id, message.attempts))
+            else:
+                result.counted.append((message.id, message.attempts))
+        return result
 
     def expire(self, now: float, last_heard: float = float("inf")) -> Expired:
         """Apply the ack timeout at ``now`` (the rules in the module docstring).
@@ -158,6 +202,7 @@ class SendWindow:
                     continue
             oldest.attempts += 1
             if self.max_attempts is not None and oldest.attempts >= self.max_attempts:
+                self.solo.discard(oldest.id)
                 result.dead.append(oldest)
             else:
                 result.resend.append(oldest)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl as ssl_module
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -152,6 +153,8 @@ class Receiver:
         self._inbox: Inbox | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
+        self.transaction_observers: list[Callable[[float], None]] = []
+        """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
         self._peers: set[Peer] = set()
         self._closing = False
 
@@ -185,6 +188,7 @@ class Receiver:
             self.stats,
             max_messages=self._options.max_transaction_messages,
             max_time=self._options.max_transaction_time,
+            observers=self.transaction_observers,
         )
         self._writer.start(name=f"outbox-receiver-writer:{self._db_path}")
         listening = False
@@ -257,6 +261,11 @@ class Receiver:
         if host and host not in ("0.0.0.0", "::"):
             return host
         return str(self._sockname()[0])
+
+    @property
+    def db_path(self) -> str:
+        """The inbox file."""
+        return self._db_path
 
     @property
     def url(self) -> str:

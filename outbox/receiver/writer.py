@@ -30,7 +30,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from websockets.frames import CloseCode
@@ -102,8 +102,11 @@ class Writer:
         *,
         max_messages: int = 1000,
         max_time: float = 0.1,
+        observers: Sequence[Callable[[float], None]] = (),
     ) -> None:
         self._inbox = inbox
+        self._observers = observers
+        """Called with each committed transaction's duration in seconds (metrics)."""
         self._handler = handler
         self._stats = stats
         self._max_messages = max_messages
@@ -268,6 +271,7 @@ class Writer:
             if isinstance(item, wire.Message)
         ]
         known: dict[Key, Recorded] = {}
+        started = time.perf_counter()
         if keys:
             await inbox.begin()
             known = await inbox.seen(keys)
@@ -282,7 +286,17 @@ class Writer:
                 await inbox.record(rows)
             await inbox.commit()
             self._stats.transactions += 1
+            if self._observers:
+                self._observe(time.perf_counter() - started)
         return results
+
+    def _observe(self, elapsed: float) -> None:
+        """After COMMIT: a failing observer (metrics) must not look like a failed commit."""
+        for observe in self._observers:
+            try:
+                observe(elapsed)
+            except Exception:
+                logger.exception("a transaction observer failed; ignored")
 
     # -- one connection's share, one message at a time -----------------------------------------
 

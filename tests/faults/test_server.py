@@ -220,6 +220,31 @@ async def test_a_frame_over_max_server_frame_closes_with_1009_then_delivery_goes
     assert "closed the connection with 1009" in drops[0]
 
 
+async def test_our_own_1009_on_a_frame_of_the_server_does_not_blame_our_messages(
+    db: Path,
+) -> None:
+    """The client refuses the server's 2 MiB frame (1009) while messages are in flight: that
+    is the server's fault, so with max_attempts=1 nothing becomes dead."""
+
+    async def on_connect(ws: ServerConnection, number: int) -> bool:
+        if number <= 2:
+            await ws.recv()  # a message of ours is in flight now
+            await ws.send("x" * (2 << 20))
+            await ws.wait_closed()
+            return False
+        return True
+
+    options = {**FAST, "max_attempts": 1}
+    async with (
+        Misbehaving(on_connect=on_connect) as server,
+        Outbox(db, server.url, **options) as box,
+    ):
+        ids = await box.send_many([{"i": i} for i in range(10)])
+        await box.drain(timeout=10)
+        assert box.stats().dead == 0
+    assert_delivered(db, server, ids)
+
+
 def assert_backoff_grows(times: list[float], first: float) -> None:
     """The gaps between connection attempts follow the doubling delay (no jitter)."""
     gaps = [b - a for a, b in itertools.pairwise(times)]

@@ -342,3 +342,35 @@ TestWindowModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_a_single_message_refused_as_too_big_counts_an_attempt_then_dies() -> None:
+    window = SendWindow(max_inflight=10, ack_timeout=1.0, max_attempts=2)
+    window.sent([(1, 0)], now=0.0)
+    first = window.refused_too_big([1])
+    assert first.counted == [(1, 1)] and not first.dead and not first.split
+    window.clear()
+    window.sent([(1, 1)], now=1.0)
+    second = window.refused_too_big([1])
+    assert second.dead == [(1, 2)] and not second.counted and 1 not in window
+
+
+def test_a_batch_refused_as_too_big_is_split_not_blamed() -> None:
+    window = SendWindow(max_inflight=10, ack_timeout=1.0, max_attempts=1)
+    window.sent([(1, 0), (2, 0), (3, 0)], now=0.0)
+    decided = window.refused_too_big([1, 2, 3])
+    assert decided.split == [1, 2, 3] and not decided.counted and not decided.dead
+    assert window.solo == {1, 2, 3}
+    window.acked([2], now=1.0)
+    assert window.solo == {1, 3}
+
+
+def test_too_big_with_no_attempt_limit_never_dies() -> None:
+    window = SendWindow(max_inflight=10, ack_timeout=1.0, max_attempts=None)
+    window.sent([(1, 99)], now=0.0)
+    assert window.refused_too_big([1]).counted == [(1, 100)]
+
+
+def test_messages_not_in_flight_are_not_blamed() -> None:
+    window = SendWindow(max_inflight=10, ack_timeout=1.0, max_attempts=1)
+    assert not window.refused_too_big([7]).counted
