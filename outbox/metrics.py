@@ -113,9 +113,10 @@ def serve_metrics(
 
 
 def serve_receiver_metrics(
-    receiver: Receiver, host: str, port: int
+    receiver: Receiver | Outbox, host: str, port: int
 ) -> tuple[str, Callable[[], None]]:
-    """A registry of its own for ``receiver``, served on ``/metrics``: (URL, stop)."""
+    """A registry of its own for ``receiver`` (or an Outbox: the relay), served on
+    ``/metrics``: (URL, stop)."""
     prometheus = _prometheus()
     registry = register(receiver, prometheus.CollectorRegistry())
     server = serve_metrics(port, host, registry)

@@ -161,6 +161,13 @@ def add_relay(
     parser.add_argument("--db", required=True, help="SQLite database (must exist)")
     parser.add_argument("--url", required=True, help="ws:// or wss:// URL of the receiver")
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (needs "
+        "outbox[metrics]; 0 picks a free port, printed on stdout)",
+    )
+    parser.add_argument(
         "--progress-interval",
         type=float,
         default=10.0,
@@ -205,7 +212,19 @@ async def _relay(box: Outbox, args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    async with box:
+    async with box, contextlib.AsyncExitStack() as cleanup:
+        if args.metrics_port is not None:
+            from . import metrics  # the optional extra: imported only when asked for
+
+            try:
+                url, stop_metrics = metrics.serve_receiver_metrics(
+                    box, "127.0.0.1", args.metrics_port
+                )
+            except metrics.MetricsUnavailableError as exc:
+                print(f"outbox relay: {exc}", file=sys.stderr)
+                return 2
+            cleanup.callback(stop_metrics)
+            print(f"metrics: {url}", flush=True)
         logger.info("relay %s -> %s started", box.path, box.url)
         role = None
         next_progress = time.monotonic() + args.progress_interval

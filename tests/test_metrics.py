@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import os
+import sqlite3
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,10 +21,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect
 
+import outbox
 from outbox import Outbox, serve
 from outbox import metrics as outbox_metrics
 from outbox.protocol import wire
 
+from .chaos_support import ROOT
 from .support import fast_options, wait_until
 from .test_cli import run_cli, start_serve, stop
 
@@ -148,3 +153,41 @@ async def test_a_failing_transaction_observer_does_not_fail_the_commit(tmp_path:
             message_id = await box.send({"n": 1})
             await box.wait_acked(message_id, timeout=10)
         assert receiver.stats.storage_errors == 0
+
+
+async def test_relay_metrics_port_serves_the_senders_metrics(tmp_path: Path) -> None:
+    """``outbox relay --metrics-port 0``: the relay's Outbox, scraped over real HTTP."""
+    db = tmp_path / "app.db"
+    outbox.migrate(db)
+    with sqlite3.connect(db) as conn:
+        outbox.enqueue_many(conn, [{"n": 1}, {"n": 2}])
+    async with serve(None, tmp_path / "inbox.db") as rx:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "outbox",
+            "relay",
+            "--db",
+            str(db),
+            "--url",
+            rx.url,
+            "--metrics-port",
+            "0",
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None
+            async with asyncio.timeout(10):
+                line = (await process.stdout.readline()).decode().strip()
+            assert line.startswith("metrics: http://127.0.0.1:"), line
+            await wait_until(lambda: rx.stats.messages == 2, timeout=10)
+            text = await asyncio.to_thread(_scrape, line.removeprefix("metrics: "))
+            assert f'outbox_messages_acked_total{{db="{db}"}}' in text
+            assert f'outbox_rows{{db="{db}",status="pending"}}' in text
+        finally:
+            process.terminate()
+            async with asyncio.timeout(10):
+                await process.wait()
