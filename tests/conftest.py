@@ -9,6 +9,9 @@ records an effect per message through the inbox transaction, and the two SQLite 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -58,3 +61,20 @@ def fresh_log_limits() -> None:
         logger.filters = [
             logs.RateLimit() if isinstance(f, logs.RateLimit) else f for f in logger.filters
         ]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Fail, not hang, when a test left a non-daemon thread running (an aiosqlite connection
+    or an executor nobody closed): the interpreter would wait for it forever at exit."""
+    stray = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in stray:
+        thread.join(timeout=5)
+    alive = [t.name for t in stray if t.is_alive()]
+    if alive:
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"\nthreads still running after the tests: {alive}: a connection or executor was "
+            "not closed; exiting with status 1 instead of waiting for them forever\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)

@@ -82,6 +82,7 @@ class Outbox:
         self._closed = False
         self._closer: asyncio.Task[None] | None = None
         self._lease = Lease(self.path)
+        self._runner_closing = False
         self.counters = Counters()
         self._expiry_clock = ExpiryClock(clock, wall_clock)
         self._expiry_wake = asyncio.Event()
@@ -172,6 +173,10 @@ class Outbox:
             else:
                 logger.exception("outbox: a background task crashed; messages stay on disk")
         finally:
+            # From here the runner closes the store itself: close() must not cancel it in
+            # the middle (a cancelled store.close() would leave the reader's thread behind,
+            # and a process with it never exits).
+            self._runner_closing = True
             self._closed = True
             supervisor.state = State.CLOSED
             await store.close()
@@ -214,7 +219,8 @@ class Outbox:
                 await self._flush_before_close()
         finally:
             if runner is not None:
-                runner.cancel()
+                if not self._runner_closing:
+                    runner.cancel()
                 await asyncio.wait({runner})  # the runner closes the store on its way out
             elif self._store is not None:
                 await self._store.close()

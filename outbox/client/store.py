@@ -874,6 +874,11 @@ class Store:
                     future.set_exception(OutboxClosedError("the outbox was closed"))
         self._waiters.clear()
         self._poll_done()
+        # Shielded: even if close() is cancelled here, both connections still close. The
+        # reader's thread is not a daemon, and a process with it left running never exits.
+        await asyncio.shield(self._close_connections())
+
+    async def _close_connections(self) -> None:
         with contextlib.suppress(Exception):
             await self._reader.close()
         with contextlib.suppress(Exception):
