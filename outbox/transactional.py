@@ -62,8 +62,28 @@ _INSERT = (
 )
 
 
+def check_max_message_size(value: object) -> int:
+    """``max_message_size`` as given to enqueue or Producer: a positive int of bytes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_message_size must be an int (bytes), got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"max_message_size must be at least 1 byte, got {value}")
+    return value
+
+
+def check_busy_timeout(value: object) -> float:
+    """``busy_timeout`` as given to Producer: seconds, a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"busy_timeout must be a number of seconds, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"busy_timeout must be >= 0 seconds, got {value!r}")
+    return float(value)
+
+
 def encode_payload(payload: Any, max_message_size: int) -> str:
     """The payload's JSON text, or PayloadNotJSONError / PayloadTooLargeError (send()'s rule)."""
+    if type(max_message_size) is not int:  # the hot path pays one type check
+        check_max_message_size(max_message_size)
     try:
         text = codec.dumps(payload)
     except TypeError as exc:

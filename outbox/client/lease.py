@@ -55,6 +55,7 @@ class Lease:
         self.retry_interval = retry_interval
         self.role: Role = "standby"
         self._fd: int | None = None
+        self._on_lease_file = True
 
     def try_acquire(self) -> bool:
         """Take the lock if nobody holds it, without waiting; True if this process has it."""
@@ -63,7 +64,7 @@ class Lease:
         if not _leasable(self.db_path):
             self.role = "active"
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, on_lease_file = self._open_target()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,12 +73,27 @@ class Lease:
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd, self._on_lease_file = fd, on_lease_file
+        if on_lease_file:  # never write into the database file itself
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.role = "active"
         return True
+
+    def _open_target(self) -> tuple[int, bool]:
+        """The file to lock: the lease file, or, where it cannot be created (a directory we
+        may not write to), the database file itself, opened read-only. flock does not touch
+        SQLite's own (fcntl) locks on Linux. Never active without a lock: if neither can be
+        opened, the OSError goes up and the caller stays a standby."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), True
+        except OSError:
+            pass
+        try:
+            return os.open(self.path, os.O_RDONLY), False  # there, but not ours to write
+        except OSError:
+            return os.open(self.db_path, os.O_RDONLY), False
 
     async def acquire(self) -> None:
         """Wait (as a standby) until this process holds the lease."""
@@ -85,10 +101,13 @@ class Lease:
             if self.try_acquire():
                 return
         except OSError as exc:
-            # No lease file can be made (a read-only directory): the store will say more.
-            logger.warning("outbox: cannot take the sender lease %s (%s)", self.path, exc)
-            self.role = "active"
-            return
+            # Neither the lease file nor the database can be opened: stay a standby (never a
+            # second sender on the file) and keep trying; the store will say more.
+            logger.warning(
+                "outbox: cannot take the sender lease %s (%s); not sending until it can",
+                self.path,
+                exc,
+            )
         pid = read_pid(self.db_path)
         logger.info(
             "outbox %s: standby, another process%s is sending from this file; "
@@ -98,16 +117,18 @@ class Lease:
         )
         while True:
             await asyncio.sleep(self.retry_interval)  # the kernel gives no wake-up for a flock
-            if self.try_acquire():
-                break
+            with contextlib.suppress(OSError):
+                if self.try_acquire():
+                    break
         logger.info("outbox %s: took over the sender lease; now the active sender", self.db_path)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         self.role = "standby"
         if fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if self._on_lease_file:  # never truncate the database file
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             os.close(fd)  # closing the descriptor drops the flock
 
     @contextlib.asynccontextmanager
@@ -136,14 +157,15 @@ def holder(db_path: str) -> tuple[bool, int | None]:
     A shared try-lock, released at once: it conflicts with the holder's exclusive lock (so
     it tells), and a standby that tries in that instant only retries a little later.
     """
-    try:
-        fd = os.open(lease_path(db_path), os.O_RDONLY)
-    except OSError:
-        return False, None  # never taken on this file
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True, read_pid(db_path)
-    finally:
-        os.close(fd)  # also drops the shared lock if it was taken
+    for target in (lease_path(db_path), db_path):  # the lease file, or the fallback
+        try:
+            fd = os.open(target, os.O_RDONLY)
+        except OSError:
+            continue  # never taken this way on this file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, read_pid(db_path)
+        finally:
+            os.close(fd)  # also drops the shared lock if it was taken
     return False, None

@@ -325,8 +325,11 @@ class Outbox:
             waiting = store.counts.pending + store.queued_rows
             if waiting + adding <= quota:
                 return
-            if adding > quota:
-                break  # no amount of waiting makes room for more than the whole quota
+            if adding > quota:  # no amount of waiting makes room for more than the quota
+                raise QueueFullError(
+                    f"this call adds {adding} messages, more than the whole max_pending quota "
+                    f"of {quota}; send them in smaller groups or raise max_pending"
+                )
             left = None if deadline is None else deadline - self._clock()
             if left is not None and left <= 0:
                 break

@@ -32,7 +32,14 @@ from typing import Any
 from ..errors import OutboxClosedError
 from ..storage import sqlite
 from ..storage.sqlite import Synchronous
-from ..transactional import DEFAULT_MAX_MESSAGE_SIZE, check_key, encode_payload, encode_rows
+from ..transactional import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    check_busy_timeout,
+    check_key,
+    check_max_message_size,
+    encode_payload,
+    encode_rows,
+)
 from .commit import insert_rows
 
 logger = logging.getLogger("outbox")
@@ -55,7 +62,8 @@ class Producer:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.path = str(path)
-        self.max_message_size = max_message_size
+        self.max_message_size = check_max_message_size(max_message_size)
+        busy_timeout = check_busy_timeout(busy_timeout)
         pragmas = sqlite.connection_pragmas(synchronous, busy_timeout)
         try:
             sqlite.prepare(self.path, busy_timeout, lambda conn: None)

@@ -670,6 +670,7 @@ class Store:
         came_back = self._came_back(batch)
         if batch.clamp is not None:
             self.ack_ages.clamp(batch.clamp)
+        foreign = self.foreign_generation
         previous_max_id = self._update_counts(batch)
         for index, item in enumerate(queued):
             if item.future is not None and not item.future.done():
@@ -696,6 +697,8 @@ class Store:
                 else []
             )
             self._notify(new_rows)
+        elif foreign != self.foreign_generation:
+            self._notify([])  # rows of another connection: the sender queries for them
 
     def _came_back(self, batch: commit.Batch) -> bool:
         """Did another connection put rows back to pending (dead rows requeued in the shell)?
@@ -717,6 +720,11 @@ class Store:
             fresh, max_id = batch.recount
             counts.pending, counts.acked, counts.dead = fresh.pending, fresh.acked, fresh.dead
             counts.expired = fresh.expired
+            if max_id > self.max_id:
+                # Another connection added rows: say so here too, or the watch's next look
+                # (which compares with max_id) would find nothing new and wake nobody.
+                self._foreign_seq = max(self._foreign_seq, max_id)
+                self.foreign_generation += 1
             self.max_id = max(self.max_id, max_id)
         previous_max_id = self.max_id
         self.max_id = max(self.max_id, batch.max_id)
