@@ -154,11 +154,7 @@ def migrate(path_or_conn: str | Path | sqlite3.Connection, *, busy_timeout: floa
                 f"outbox.migrate({path}): commit or roll back the open transaction first; "
                 "each migration step runs in a transaction of its own"
             )
-        schema.refuse_newer(conn, path)
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() not in ("wal", "memory"):
-            raise sqlite.sqlite_error(sqlite3.OperationalError(f"journal mode {mode}"), path)
-        schema.migrate(conn, path)
+        sqlite.prepare_connection(conn, path, allow_memory=True)
         version = _with_client_id(conn)
         if conn.in_transaction:
             conn.commit()

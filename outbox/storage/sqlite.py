@@ -57,16 +57,23 @@ def prepare(path: str, busy_timeout: float, then: Callable[[sqlite3.Connection],
         raise StoreError(f"{path} is a directory; give the path of a database file in it")
     conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
-        conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
-        schema.refuse_newer(conn, path)  # before WAL: leave a newer database as it was
-        schema.refuse_foreign(conn, path)  # before WAL: leave someone else's tables alone
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
-        schema.migrate(conn, path)
+        prepare_connection(conn, path)
         return then(conn)
     finally:
         conn.close()
+
+
+def prepare_connection(conn: sqlite3.Connection, path: str, *, allow_memory: bool = False) -> int:
+    """``prepare``'s checks and steps on a connection someone else opened (an application's,
+    for ``outbox.migrate``); returns the schema version. ``allow_memory``: an in-memory
+    database (no WAL there) is accepted as it is."""
+    conn.execute("PRAGMA schema_version").fetchone()  # fails early on a non-database
+    schema.refuse_newer(conn, path)  # before WAL: leave a newer database as it was
+    schema.refuse_foreign(conn, path)  # before WAL: leave someone else's tables alone
+    mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+    if mode != "wal" and not (allow_memory and mode == "memory"):
+        raise StoreError(f"{path}: could not enable WAL mode (got {mode!r})")
+    return schema.migrate(conn, path)
 
 
 def sqlite_error(exc: sqlite3.Error, path: str) -> StoreError:
