@@ -86,6 +86,9 @@ class Options:
     holding a transaction open (a sqlite3 shell after BEGIN) stops every checkpoint."""
     purge_interval: float = 60.0
     """Seconds between background purges of acked rows."""
+    low_water_interval: float = 1.0
+    """Seconds between checks of the low-water mark; a risen one is sent to receivers that
+    accepted ``low-water``, so they can prune their inbox (docs/protocol.md)."""
     additional_headers: dict[str, str] | None = None
     """Extra request headers for the handshake (e.g. Authorization)."""
     ssl: ssl.SSLContext | None = None
@@ -95,7 +98,7 @@ class Options:
         self._check_types()
         positive = (
             "heartbeat_interval heartbeat_timeout ack_timeout open_timeout "
-            "purge_interval reconnect_max_interval"
+            "purge_interval reconnect_max_interval low_water_interval"
         )
         for name in positive.split():
             if not getattr(self, name) > 0:
@@ -183,6 +186,7 @@ _SECONDS = (
     "acked_retention",
     "purge_interval",
     "max_pending_wait",
+    "low_water_interval",
 )
 _INTEGERS = (
     "max_missed_heartbeats",

@@ -91,6 +91,8 @@ class Session:
             if self.renumbers
             else 0
         )
+        self.low_water = wire.FEATURE_LOW_WATER in features
+        """The receiver takes low-water frames: announce the mark when it rises."""
         self.heartbeat = HeartbeatMonitor(
             interval=options.heartbeat_interval,
             timeout=options.heartbeat_timeout,
@@ -143,6 +145,8 @@ class Session:
                     run_heartbeat(self.heartbeat, self._ping, self.clock, self._check_now),
                     name="outbox-heartbeat",
                 )
+                if self.low_water:
+                    group.create_task(self._low_water_loop(), name="outbox-low-water")
         except BaseExceptionGroup as group_error:
             # Surface the first real cause to the supervisor, not a group of cancellations.
             cause = _first_cause(group_error)
@@ -294,6 +298,31 @@ class Session:
                 raise self._ended() from None
         self.counters.frames_sent += len(frames)
         self.counters.messages_sent += len(rows)
+
+    async def _low_water_loop(self) -> None:
+        """Tell the receiver when the low-water mark rose, every ``low_water_interval``: it
+        may then forget its inbox rows below the mark. Only to a receiver that accepted
+        ``low-water`` (a seed-style server never sees the frame)."""
+        request = self.ws.request
+        sent = wire.parse_low_water(
+            None if request is None else request.headers.get(wire.LOW_WATER_HEADER)
+        )
+        announced = sent or 0
+        while True:
+            await asyncio.sleep(self.options.low_water_interval)
+            try:
+                mark = await self.store.low_water_mark()
+            except OutboxBrokenError:
+                raise
+            except OutboxError as exc:  # locked or busy: the next check will do
+                logger.debug("could not read the low-water mark: %s", exc)
+                continue
+            if mark > announced:
+                try:
+                    await self.ws.send(wire.encode_low_water(mark))
+                except ConnectionClosed as closed:
+                    raise self._ended() from closed
+                announced = mark
 
     # -- incoming ----------------------------------------------------------------------------
 

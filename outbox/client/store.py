@@ -34,7 +34,7 @@ from ..errors import DatabaseMissingError, OutboxBrokenError, OutboxClosedError
 from ..protocol.feed import Row
 from ..storage import sqlite
 from ..storage.sqlite import Synchronous as Synchronous  # re-exported for Options
-from . import commit, file_guard
+from . import commit, file_guard, lowwater
 from .commit import (
     Ack,
     Counts,
@@ -778,6 +778,14 @@ class Store:
             )
             rows += map(Row._make, found)
         return rows
+
+    async def low_water_mark(self) -> int:
+        """Every id below this is acked and will never be sent again (``lowwater.py``)."""
+        try:
+            found = list(await self._reader.execute_fetchall(lowwater.MARK_SQL))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
+        return lowwater.mark(*found[0])
 
     async def ids_for_keys(self, keys: Sequence[str]) -> dict[str, int]:
         """The committed rows these idempotency keys already name."""

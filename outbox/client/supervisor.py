@@ -33,7 +33,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from ..errors import OutboxBrokenError, ProtocolError, StoreError
+from ..errors import OutboxBrokenError, OutboxError, ProtocolError, StoreError
 from ..protocol import wire
 from ..protocol.backoff import Backoff
 from ..protocol.heartbeat import HeartbeatTimeout
@@ -181,6 +181,17 @@ class Supervisor:
             kwargs["ssl"] = options.ssl
         return kwargs
 
+    async def _announce_low_water(self, headers: dict[str, str]) -> None:
+        """Put the current low-water mark in the handshake (docs/protocol.md); none if the
+        file cannot be read just now (the receiver then simply keeps its rows longer)."""
+        try:
+            headers[wire.LOW_WATER_HEADER] = str(await self.store.low_water_mark())
+        except OutboxBrokenError:
+            raise
+        except OutboxError as exc:
+            logger.debug("no low-water mark in this handshake: %s", exc)
+            headers.pop(wire.LOW_WATER_HEADER, None)
+
     async def _run_session(self, session: Session, ws: ClientConnection) -> None:
         """Run one session to its end; re-raise why it ended.
 
@@ -216,6 +227,7 @@ class Supervisor:
             too_large = False
             clean_close = False
             try:
+                await self._announce_low_water(kwargs["additional_headers"])
                 ws = await connect(self.url, **kwargs)
                 self.ws = ws
                 try:

@@ -42,7 +42,15 @@ HIGH_WATER_HEADER = "Outbox-High-Water"
 """Response header, only for clients that announced ``id-conflict``: the highest message id
 the receiver has recorded for this client's identity (0 for none)."""
 
-CLIENT_FEATURES = (FEATURE_BATCH, FEATURE_BATCH_ACK, FEATURE_ID_CONFLICT)
+FEATURE_LOW_WATER = "low-water"
+"""The client announces its low-water mark (``Outbox-Low-Water`` and ``low-water`` frames):
+every id below it is acked and will never be sent again, so the receiver may prune its inbox
+rows below it (docs/protocol.md, "A bounded inbox")."""
+
+LOW_WATER_HEADER = "Outbox-Low-Water"
+"""Request header: the client's low-water mark at connect (see FEATURE_LOW_WATER)."""
+
+CLIENT_FEATURES = (FEATURE_BATCH, FEATURE_BATCH_ACK, FEATURE_ID_CONFLICT, FEATURE_LOW_WATER)
 
 PING_FRAME = '{"type":"ping"}'
 PONG_FRAME = '{"type":"pong"}'
@@ -86,6 +94,15 @@ def parse_high_water(value: str | None) -> int:
     return number if number <= MAX_MESSAGE_ID else 0
 
 
+def parse_low_water(value: str | None) -> int | None:
+    """Read an ``Outbox-Low-Water`` header value: a message id, else None (no mark)."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if 0 < number <= MAX_MESSAGE_ID else None
+
+
 def parse_features(value: str | None) -> frozenset[str]:
     """Read an ``Outbox-Features`` header value; unknown tokens are kept and ignored."""
     if not value:
@@ -113,6 +130,11 @@ def encode_batch(items: Sequence[tuple[int, str]]) -> str:
     return f'{{"type":"batch","messages":[{body}]}}'
 
 
+def encode_low_water(mark: int) -> str:
+    """The client's low-water mark, only to servers that accepted ``low-water``."""
+    return f'{{"type":"low-water","mark":{mark}}}'
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """A message as the receiver sees it."""
@@ -124,6 +146,13 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class Ping:
     """The seed's JSON heartbeat; answer with PONG_FRAME."""
+
+
+@dataclass(frozen=True, slots=True)
+class LowWater:
+    """The client's low-water mark: every id below ``mark`` is acked and never sent again."""
+
+    mark: int
 
 
 def _message_id(value: Any, where: str, name: str = "id") -> int:
@@ -150,8 +179,8 @@ def _message(obj: Any, where: str, inexact: bool = False) -> Message:
     return Message(message_id, data)
 
 
-def parse_client_frame(frame: str | bytes) -> list[Message] | Ping:
-    """Decode a frame from a client into its messages, or a Ping.
+def parse_client_frame(frame: str | bytes) -> list[Message] | Ping | LowWater:
+    """Decode a frame from a client into its messages, a Ping, or a LowWater mark.
 
     Raises ProtocolError naming what is wrong: binary frame, not JSON, not an object, no
     integer id, an unknown type, or a malformed batch.
@@ -172,7 +201,7 @@ def _decode(frame: str, loads: Callable[[str], Any]) -> Any:
         raise ProtocolError(f"frame is not JSON: {clip(str(exc))}") from None
 
 
-def _client_frame(obj: Any, inexact: bool) -> list[Message] | Ping:
+def _client_frame(obj: Any, inexact: bool) -> list[Message] | Ping | LowWater:
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")
@@ -180,6 +209,8 @@ def _client_frame(obj: Any, inexact: bool) -> list[Message] | Ping:
         return [_message(obj, "message", inexact)]
     if kind == "ping":
         return Ping()
+    if kind == "low-water":
+        return LowWater(_message_id(obj.get("mark"), "low-water", "mark"))
     if kind == "batch":
         messages = obj.get("messages")
         if not isinstance(messages, list) or not messages:

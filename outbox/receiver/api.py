@@ -159,3 +159,5 @@ class ReceiverStats:
     """Group commits."""
     storage_errors: int = 0
     """Transactions that failed in SQLite (connections involved closed with 1013)."""
+    pruned: int = 0
+    """Inbox rows deleted below clients' floors or past the duplicate window."""

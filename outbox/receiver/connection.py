@@ -26,7 +26,7 @@ from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, close_reason, salvage
 from .api import ReceiverStats
 
-__all__ = ["Limits", "Peer", "Submit", "read_loop", "run", "send_loop"]
+__all__ = ["Announce", "Limits", "Peer", "Submit", "read_loop", "run", "send_loop"]
 
 logger = logging.getLogger("outbox.receiver")
 peer_log = rate_limited(PEERS)
@@ -34,6 +34,9 @@ peer_log = rate_limited(PEERS)
 
 Submit = Callable[["Peer", Sequence[Item], int], None]
 """Hands a connection's parsed items, and the size of the frame they came in, to the writer."""
+
+Announce = Callable[["Peer", int], None]
+"""Hands a connection's announced low-water mark to the pruner."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ async def run(
     submit: Submit,
     limits: Limits,
     closing: Callable[[], bool],
+    announce: Announce | None = None,
 ) -> None:
     """Read until the connection ends, then let the sender finish what is queued."""
     async with asyncio.TaskGroup() as group:
@@ -159,7 +163,14 @@ async def run(
             send_loop(peer, limits.send_timeout), name=f"outbox-receiver-sender:{peer.client_id}"
         )
         try:
-            await read_loop(peer, stats=stats, submit=submit, limits=limits, closing=closing)
+            await read_loop(
+                peer,
+                stats=stats,
+                submit=submit,
+                limits=limits,
+                closing=closing,
+                announce=announce,
+            )
         finally:
             peer.closed = True
             peer.wake.set()
@@ -172,6 +183,7 @@ async def read_loop(
     submit: Submit,
     limits: Limits,
     closing: Callable[[], bool],
+    announce: Announce | None = None,
 ) -> None:
     """Frames in, work out; ``closing()`` true releases a reader held by backpressure."""
     ws = peer.ws
@@ -203,6 +215,10 @@ async def read_loop(
         else:
             if isinstance(parsed, wire.Ping):
                 peer.send(wire.PONG_FRAME)  # counted in the backlog like any answer
+                parsed = []
+            elif isinstance(parsed, wire.LowWater):
+                if announce is not None:  # for this connection's own identity only
+                    announce(peer, parsed.mark)
                 parsed = []
             items = parsed
             if len(items) > limits.frame_messages:

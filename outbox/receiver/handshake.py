@@ -66,6 +66,8 @@ class _Connection(ServerConnection):
     outbox_features: frozenset[str] = frozenset()
     outbox_high_water: int | None = None
     """The highest message id recorded under this key, for clients that asked."""
+    outbox_low_water: int | None = None
+    """The low-water mark the client announced in the handshake (``low-water`` clients)."""
 
 
 def dedup_key(principal: str | None, claimed: str) -> str:
@@ -192,6 +194,17 @@ class Handshake:
         except MultipleValuesError:
             features = frozenset()
         connection.outbox_features = features
+        if wire.FEATURE_LOW_WATER in features:
+            try:
+                connection.outbox_low_water = wire.parse_low_water(
+                    request.headers.get(wire.LOW_WATER_HEADER)
+                )
+            except MultipleValuesError:
+                self._stats.refused += 1
+                return connection.respond(
+                    HTTPStatus.BAD_REQUEST,
+                    f"send one {wire.LOW_WATER_HEADER} header, not several\n",
+                )
         if wire.FEATURE_ID_CONFLICT in features and self.high_water is not None:
             try:
                 connection.outbox_high_water = await self.high_water(key)
@@ -232,6 +245,8 @@ class Handshake:
             accepted = {wire.FEATURE_BATCH}
             if wire.FEATURE_BATCH_ACK in connection.outbox_features:
                 accepted.add(wire.FEATURE_BATCH_ACK)
+            if wire.FEATURE_LOW_WATER in connection.outbox_features:
+                accepted.add(wire.FEATURE_LOW_WATER)  # we take low-water frames from it
             if connection.outbox_high_water is not None:
                 accepted.add(wire.FEATURE_ID_CONFLICT)
                 response.headers[wire.HIGH_WATER_HEADER] = str(connection.outbox_high_water)

@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 
 from ..protocol import codec
+from ..protocol.floor import Floor
 from ..storage import sqlite
 from ..storage.sqlite import Synchronous as Synchronous  # re-exported for the receiver
 
@@ -251,13 +252,96 @@ class Inbox:
         return found
 
     async def high_water(self, client_id: str) -> int:
-        """The highest message id recorded for ``client_id`` (0 for none): one index descent."""
+        """The highest message id recorded for ``client_id`` (0 for none), counting rows the
+        floor has deleted: two index descents."""
         rows = list(
             await self._db.execute_fetchall(
-                "SELECT max(message_id) FROM inbox WHERE client_id = ?", (client_id,)
+                "SELECT max(coalesce((SELECT max(message_id) FROM inbox WHERE client_id = ?), 0),"
+                " coalesce((SELECT high_water FROM inbox_floor WHERE client_id = ?), 0))",
+                (client_id, client_id),
             )
         )
         return int(rows[0][0] or 0) if rows else 0
+
+    # -- the bounded inbox (docs/protocol.md, "A bounded inbox"; policy in protocol/floor.py) --
+    #
+    # Contract, for any backend: ``floors`` reads records, ``run`` reads a client's rows in id
+    # order, ``forget`` deletes a client's rows below a floor and stores its record, and
+    # ``window_rows`` / ``forget_keys`` serve the time window. The caller (the pruner, in the
+    # writer task) wraps each chunk in ``begin()`` / ``commit()``; none of them commits.
+
+    async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
+        """The floor records of those clients that have one."""
+        found: dict[str, Floor] = {}
+        step = self._keys_per_query * 2
+        for start in range(0, len(client_ids), step):
+            chunk = client_ids[start : start + step]
+            marks = ",".join("?" * len(chunk))
+            for client_id, base, floor, high_water, mark in await self._db.execute_fetchall(
+                "SELECT client_id, base, floor, high_water, mark FROM inbox_floor "
+                f"WHERE client_id IN ({marks})",
+                chunk,
+            ):
+                found[client_id] = Floor(base, floor, high_water, mark)
+        return found
+
+    async def run(self, client_id: str, start: int, end: int, limit: int) -> list[tuple[int, bool]]:
+        """``(message id, rejected)`` of the client's rows with ``start <= id < end``, in id
+        order, at most ``limit``: one range of the primary key."""
+        rows = await self._db.execute_fetchall(
+            "SELECT message_id, reject_reason IS NOT NULL FROM inbox WHERE client_id = ? "
+            "AND message_id >= ? AND message_id < ? ORDER BY message_id LIMIT ?",
+            (client_id, start, end, limit),
+        )
+        return [(int(message_id), bool(rejected)) for message_id, rejected in rows]
+
+    async def forget(self, client_id: str, floor: Floor, now: float) -> int:
+        """Delete the client's rows in ``[floor.base, floor.floor)`` and store ``floor`` as its
+        record; returns the rows deleted."""
+        cursor = await self._db.execute(
+            "DELETE FROM inbox WHERE client_id = ? AND message_id >= ? AND message_id < ?",
+            (client_id, floor.base, floor.floor),
+        )
+        await self._db.execute(
+            "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET "
+            "base = excluded.base, floor = excluded.floor, high_water = excluded.high_water, "
+            "mark = excluded.mark, updated_at = excluded.updated_at",
+            (client_id, floor.base, floor.floor, floor.high_water, floor.mark, now),
+        )
+        return max(0, cursor.rowcount)
+
+    async def window_rows(
+        self, after: Key | None, limit: int
+    ) -> list[tuple[str, int, float, bool]]:
+        """``(client id, message id, received_at, client announced a mark)`` of up to ``limit``
+        rows after key ``after`` in key order: the time window's sweep, one range at a time."""
+        where, params = (
+            ("", ())
+            if after is None
+            else (
+                "WHERE (i.client_id, i.message_id) > (?, ?) ",
+                after,
+            )
+        )
+        rows = await self._db.execute_fetchall(
+            "SELECT i.client_id, i.message_id, i.received_at, f.mark IS NOT NULL FROM inbox AS i "
+            f"LEFT JOIN inbox_floor AS f ON f.client_id = i.client_id {where}"
+            "ORDER BY i.client_id, i.message_id LIMIT ?",
+            (*params, limit),
+        )
+        return [(str(c), int(m), float(r), bool(marked)) for c, m, r, marked in rows]
+
+    async def forget_keys(self, keys: Sequence[Key], highest: dict[str, int], now: float) -> None:
+        """Delete these rows (the time window's) and keep, per client, the highest id deleted
+        as its record's high-water mark (creating a record with no floor if needed)."""
+        await self._db.executemany("DELETE FROM inbox WHERE client_id = ? AND message_id = ?", keys)
+        await self._db.executemany(
+            "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+            "VALUES (?, 0, 0, ?, NULL, ?) ON CONFLICT (client_id) DO UPDATE SET "
+            "high_water = max(high_water, excluded.high_water), updated_at = excluded.updated_at",
+            [(client_id, high, now) for client_id, high in highest.items()],
+        )
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._db.executemany(_INSERT, rows)

@@ -13,11 +13,14 @@ from typing import cast
 
 from .inbox import Synchronous
 
-__all__ = ["DEFAULT_MAX_SIZE", "ReceiverOptions"]
+__all__ = ["DEFAULT_DUPLICATE_WINDOW", "DEFAULT_MAX_SIZE", "ReceiverOptions"]
 
 DEFAULT_MAX_SIZE = 4 * 1024 * 1024
 """Largest frame accepted: the client's 1 MiB message limit plus envelope, with room for
 batch frames (the client caps those at 256 KiB of payload); larger frames close with 1009."""
+
+DEFAULT_DUPLICATE_WINDOW = 7 * 24 * 3600.0
+"""A week: longer than any client should stay offline with a message whose ack was lost."""
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _COMPRESSION = (None, "deflate")
@@ -66,6 +69,10 @@ class ReceiverOptions:
     close_timeout: float = 5.0
     """Seconds for closing handshakes, and for the transaction in progress to finish when
     the receiver closes."""
+    duplicate_window: float | None = DEFAULT_DUPLICATE_WINDOW
+    """Seconds the inbox keeps the rows of clients that never announced a low-water mark
+    (seed-style clients); a resend after it is handled again. None = keep them forever.
+    Clients that announce a mark are pruned below it instead, whatever their age."""
 
     def __post_init__(self) -> None:
         if self.host is not None and not isinstance(self.host, str):
@@ -94,7 +101,7 @@ class ReceiverOptions:
                 "max_transaction_time must be a positive number of seconds, "
                 f"got {self.max_transaction_time!r}"
             )
-        for name in ("ping_interval", "ping_timeout", "send_timeout"):
+        for name in ("ping_interval", "ping_timeout", "send_timeout", "duplicate_window"):
             value = getattr(self, name)
             if value is not None and not _number(name, value) > 0:
                 raise ValueError(

@@ -43,7 +43,8 @@ from .api import Authenticate, Handler, ReceiverStats, Setup
 from .connection import Peer
 from .handshake import Handshake, _Connection, anonymous_id
 from .inbox import Inbox, Synchronous
-from .options import DEFAULT_MAX_SIZE, ReceiverOptions
+from .options import DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_SIZE, ReceiverOptions
+from .pruner import Pruner
 from .writer import Writer
 
 __all__ = ["Receiver", "serve"]
@@ -114,6 +115,7 @@ class Receiver:
         ping_timeout: float | None = 20.0,
         close_timeout: float = 5.0,
         setup: Setup | None = None,
+        duplicate_window: float | None = DEFAULT_DUPLICATE_WINDOW,
     ) -> None:
         """``max_backlog``: messages and answers one connection may have waiting before its
         reader stops reading (TCP then slows the client down). ``compression``: None, or
@@ -121,7 +123,9 @@ class Receiver:
         small JSON messages). ``close_timeout``: seconds for closing handshakes, and for the
         transaction in progress to finish when the receiver closes. ``setup``: an async
         callable run once at start with a transaction on the inbox (create the handler's
-        tables there, see :data:`~outbox.receiver.api.Setup`). See
+        tables there, see :data:`~outbox.receiver.api.Setup`). ``duplicate_window``: seconds
+        the rows of clients that announce no low-water mark are kept (a week; None =
+        forever), docs/protocol.md "A bounded inbox". See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
         if setup is not None and not callable(setup):
             raise TypeError(f"setup must be an async callable or None, got {type(setup).__name__}")
@@ -146,6 +150,7 @@ class Receiver:
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             close_timeout=close_timeout,
+            duplicate_window=duplicate_window,
         )
 
         self.stats = ReceiverStats()
@@ -153,6 +158,7 @@ class Receiver:
         self._inbox: Inbox | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
+        self._pruner = Pruner(window=self._options.duplicate_window)
         self.transaction_observers: list[Callable[[float], None]] = []
         """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
         self._peers: set[Peer] = set()
@@ -189,6 +195,7 @@ class Receiver:
             max_messages=self._options.max_transaction_messages,
             max_time=self._options.max_transaction_time,
             observers=self.transaction_observers,
+            pruner=self._pruner,
         )
         self._writer.start(name=f"outbox-receiver-writer:{self._db_path}")
         listening = False
@@ -295,6 +302,8 @@ class Receiver:
         self.stats.open_connections += 1
         self._peers.add(peer)
         logger.debug("client %r connected from %s", peer.client_id, ws.remote_address)
+        if ws.outbox_low_water is not None:
+            self._announce(peer, ws.outbox_low_water)
         try:
             await connection.run(
                 peer,
@@ -307,6 +316,7 @@ class Receiver:
                     frame_messages=self._options.max_frame_messages,
                 ),
                 closing=lambda: self._closing,
+                announce=self._announce,
             )
         finally:
             self._peers.discard(peer)
@@ -317,6 +327,12 @@ class Receiver:
                 ws.close_code,
                 ws.close_reason or "",
             )
+
+    def _announce(self, peer: Peer, mark: int) -> None:
+        """A connection's low-water mark: it prunes that connection's own identity only."""
+        self._pruner.announce(peer.client_id, mark)
+        if self._writer is not None:
+            self._writer.wake()
 
 
 serve = Receiver

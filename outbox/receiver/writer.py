@@ -27,6 +27,7 @@ connection (1011) and its SAVEPOINT is undone; only a failure of the transaction
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -43,6 +44,7 @@ from .api import Handler, Incoming, ReceiverStats, Reject
 from .connection import Peer
 from .handshake import describe_peer
 from .inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest, translate
+from .pruner import Pruner
 
 __all__ = ["Writer"]
 
@@ -103,8 +105,11 @@ class Writer:
         max_messages: int = 1000,
         max_time: float = 0.1,
         observers: Sequence[Callable[[float], None]] = (),
+        pruner: Pruner | None = None,
     ) -> None:
         self._inbox = inbox
+        self._pruner = pruner
+        """Deletes what the floors and the time window allow, between rounds (pruner.py)."""
         self._observers = observers
         """Called with each committed transaction's duration in seconds (metrics)."""
         self._handler = handler
@@ -150,21 +155,56 @@ class Writer:
 
     # -- one round -----------------------------------------------------------------------------
 
+    def wake(self) -> None:
+        """Look again at the pruner's work (a client announced a mark)."""
+        self._work.set()
+
     async def _loop(self) -> None:
         while not self._stopping:
-            await self._work.wait()
+            await self._wait()
             self._work.clear()
             if self._stopping:
                 return
             batch = self._take()
-            if not batch:
-                continue
-            try:
-                await self._commit(batch)
-            except Exception:  # a bug here must not stop every other connection's messages
-                logger.exception("the receiver's writer failed; closing the connections involved")
-                for peer, _, _ in batch:
-                    peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
+            if batch:
+                try:
+                    await self._commit(batch)
+                except Exception:  # a bug here must not stop every other connection's messages
+                    logger.exception(
+                        "the receiver's writer failed; closing the connections involved"
+                    )
+                    for peer, _, _ in batch:
+                        peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
+            await self._prune()
+
+    async def _wait(self) -> None:
+        """Until there is work, or the pruner's next step is due."""
+        delay = None if self._pruner is None else self._pruner.due_in()
+        if delay is not None and delay <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._work.wait()
+
+    async def _prune(self) -> None:
+        """One bounded chunk of pruning, in its own transaction, after a round's answers
+        are queued: a chunk never delays the acks of the round before it."""
+        pruner = self._pruner
+        if pruner is None or self._stopping:
+            return
+        delay = pruner.due_in()
+        if delay is None or delay > 0:
+            return
+        try:
+            await pruner.step(self._inbox)
+        except Exception as exc:
+            self._stats.storage_errors += 1
+            logger.warning(
+                "pruning the inbox failed (%s); will try again",
+                translate(exc, self._inbox.path) if isinstance(exc, sqlite3.Error) else exc,
+                exc_info=not isinstance(exc, StoreError | sqlite3.Error),
+            )
+        self._stats.pruned = pruner.pruned
 
     def _take(self) -> Batch:
         """Take an equal share of every ready connection's queue (waking its reader).
@@ -275,6 +315,10 @@ class Writer:
         if keys:
             await inbox.begin()
             known = await inbox.seen(keys)
+            if self._pruner is not None:
+                unknown = [key[0] for key in keys if key not in known]
+                if unknown:
+                    await self._pruner.load(inbox, unknown)
         rows: list[InboxRow] = []
         now = time.time()
         self._deadline = asyncio.get_running_loop().time() + self._max_time
@@ -341,6 +385,16 @@ class Writer:
                 else:
                     out.conflicts.append((item.id, _conflict_reason(item.id)))
                 continue
+            if self._pruner is not None and self._pruner.covers(client_id, item.id):
+                # Handled and forgotten below the client's floor: a resend. Our client never
+                # sends a pending row below its own mark, so from a client that renumbers
+                # conflicts this is a reused id (a restored outbox, a spoofed client id):
+                # refuse it, never ack unhandled what may be a new message.
+                if _renumbers(peer):
+                    out.conflicts.append((item.id, _below_floor_reason(item.id)))
+                else:
+                    out.answer_again(item.id, None)
+                continue
             verdict = await self._handle(client_id, item)
             if isinstance(verdict, Close):
                 # Later messages wait: handling them would break the client's order.
@@ -393,6 +447,19 @@ def _conflict_reason(message_id: int) -> str:
     return (
         f"conflict: message id {message_id} was already received from this client with "
         "other content; an id must never be reused (was the outbox restored from a backup?)"
+    )
+
+
+def _renumbers(peer: Peer) -> bool:
+    features = getattr(peer.ws, "outbox_features", ())
+    return wire.FEATURE_ID_CONFLICT in features and wire.FEATURE_LOW_WATER in features
+
+
+def _below_floor_reason(message_id: int) -> str:
+    return (
+        f"conflict: message id {message_id} is below this client's floor (handled and "
+        "forgotten); this client announced a low-water mark above it, so it is not a resend "
+        "(was the outbox restored from a backup?)"
     )
 
 

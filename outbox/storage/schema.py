@@ -87,7 +87,7 @@ def refuse_newer(conn: sqlite3.Connection, path: str = "the database") -> None:
         raise _too_new(path, current, latest)
 
 
-OWN_TABLES = ("outbox", "outbox_meta", "inbox")
+OWN_TABLES = ("outbox", "outbox_meta", "inbox", "inbox_floor")
 """The tables the migrations create: a file with one of them and no version is not ours."""
 
 

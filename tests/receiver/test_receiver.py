@@ -250,6 +250,7 @@ async def test_batch_frame_is_one_transaction_and_one_batched_ack(
             "batch",
             "batch-ack",
             "id-conflict",
+            "low-water",
         }
         await ws.send(batch(range(1, 301)))
         frame = await recv(ws)

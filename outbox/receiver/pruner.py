@@ -1,0 +1,161 @@
+"""The bounded inbox at work: delete what the floor and the time window allow, in chunks.
+
+The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py``. This module decides
+*when*: the writer task calls :meth:`Pruner.step` between group commits, never inside one,
+and each step is one small transaction of at most ``chunk`` rows, so deleting never holds
+the acks of a group commit back by more than one chunk (a few milliseconds). Steps are
+spaced by ``pause`` while work remains, so pruning takes at most a small share of the
+writer's time under load, and catches up when it is idle.
+
+It also answers the writer's question for every new message: is this id below the client's
+floor (a straggler of a forgotten message, to ack as a duplicate)? The floors the writer has
+asked about are cached; only this module changes them, in the same task, after its COMMIT.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from ..protocol.floor import Floor, advance, covers, raise_mark, window_cutoff, window_victims
+from .inbox import Inbox, Key
+
+__all__ = ["Pruner"]
+
+logger = logging.getLogger("outbox.receiver")
+
+_MAX_CACHED = 100_000
+"""Floors kept in memory (one per client seen); past this the cache starts again."""
+
+
+class Pruner:
+    """Pending marks, the floors cache, and the time window's sweep of one receiver."""
+
+    def __init__(
+        self,
+        *,
+        window: float | None,
+        chunk: int = 2000,
+        pause: float = 0.02,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.window = window
+        self.chunk = chunk
+        self.pause = pause
+        self._monotonic = monotonic
+        self._wall = wall
+        self._started_mono = monotonic()
+        self._started_wall = wall()
+        self._floors: dict[str, Floor] = {}
+        self._marks: dict[str, int] = {}
+        """Announced marks not yet worked through, by client (the newest, highest one)."""
+        self._sweep_after: Key | None = None
+        self._sweep_at = self._started_mono + (window or 0.0)
+        """When the time window's next pass starts (monotonic); mid-pass, as soon as due."""
+        self._next_at = 0.0
+        self.pruned = 0
+        """Rows deleted since start (``ReceiverStats.pruned``)."""
+
+    # -- what the writer asks ------------------------------------------------------------------
+
+    async def load(self, inbox: Inbox, client_ids: Sequence[str]) -> None:
+        """Make sure the floors of these clients are cached (one query for those missing)."""
+        missing = [c for c in dict.fromkeys(client_ids) if c not in self._floors]
+        if not missing:
+            return
+        if len(self._floors) + len(missing) > _MAX_CACHED:
+            self._floors.clear()
+        found = await inbox.floors(missing)
+        for client_id in missing:
+            self._floors[client_id] = found.get(client_id, Floor())
+
+    def covers(self, client_id: str, message_id: int) -> bool:
+        """Below the client's floor: a resend of a message handled and forgotten (after
+        ``load``)."""
+        floor = self._floors.get(client_id)
+        return floor is not None and covers(floor, message_id)
+
+    # -- what connections tell it --------------------------------------------------------------
+
+    def announce(self, client_id: str, mark: int) -> None:
+        """A client's low-water mark (handshake or frame); only ever raises its own target."""
+        if mark > self._marks.get(client_id, 0):
+            self._marks[client_id] = mark
+            self._next_at = min(self._next_at, self._monotonic())
+
+    # -- the work ------------------------------------------------------------------------------
+
+    def due_in(self) -> float | None:
+        """Seconds until the next step is due (0: now), None if there is nothing to do."""
+        if self._marks:
+            return max(0.0, self._next_at - self._monotonic())
+        if self.window is None:
+            return None
+        at = self._sweep_at if self._sweep_after is None else self._next_at
+        return max(0.0, at - self._monotonic())
+
+    async def step(self, inbox: Inbox) -> int:
+        """One chunk in its own transaction: a client's rows below its mark, else a range of
+        the time window's sweep. Returns the rows deleted. Call only with no transaction open."""
+        now = self._monotonic()
+        self._next_at = now + self.pause
+        if self._marks:
+            return await self._mark_step(inbox)
+        if self.window is not None and (self._sweep_after is not None or now >= self._sweep_at):
+            return await self._window_step(inbox, now)
+        return 0
+
+    async def _mark_step(self, inbox: Inbox) -> int:
+        client_id, target = next(iter(self._marks.items()))
+        await inbox.begin()
+        try:
+            record = (await inbox.floors([client_id])).get(client_id, Floor())
+            noted = raise_mark(record, target)
+            run = await inbox.run(client_id, record.floor, noted.mark or 0, self.chunk)
+            moved = advance(noted, noted.mark or 0, run)
+            deleted = 0
+            if moved != record:
+                deleted = await inbox.forget(client_id, moved, self._wall())
+            await inbox.commit()
+        finally:
+            await inbox.rollback()
+        self._floors[client_id] = moved
+        self.pruned += deleted
+        # Done with this mark when the floor reached it or stopped short of the chunk (a
+        # missing or rejected id): a newer mark will try again. Else: the next chunk.
+        if moved.floor >= target or len(run) < self.chunk or moved.floor == record.floor:
+            if self._marks.get(client_id) == target:
+                del self._marks[client_id]
+        else:
+            self._marks[client_id] = self._marks.pop(client_id)  # to the back: take turns
+        return deleted
+
+    async def _window_step(self, inbox: Inbox, now: float) -> int:
+        assert self.window is not None
+        cutoff = window_cutoff(
+            wall_now=self._wall(),
+            wall_at_start=self._started_wall,
+            monotonic_now=now,
+            monotonic_at_start=self._started_mono,
+            window=self.window,
+        )
+        await inbox.begin()
+        try:
+            rows = await inbox.window_rows(self._sweep_after, self.chunk)
+            keys, highest = window_victims(rows, cutoff)
+            if keys:
+                await inbox.forget_keys(keys, highest, self._wall())
+            await inbox.commit()
+        finally:
+            await inbox.rollback()
+        for client_id in highest:
+            self._floors.pop(client_id, None)  # its high-water mark changed: read it again
+        self.pruned += len(keys)
+        if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
+            self._sweep_after = None
+            self._sweep_at = now + min(self.window / 4, 60.0)
+        else:
+            self._sweep_after = (rows[-1][0], rows[-1][1])
+        return len(keys)
