@@ -57,6 +57,8 @@ class Pruner:
         self._next_at = 0.0
         self.pruned = 0
         """Rows deleted since start (``ReceiverStats.pruned``)."""
+        self.sweeps = 0
+        """Passes of the time window over the whole inbox since start."""
 
     # -- what the writer asks ------------------------------------------------------------------
 
@@ -155,6 +157,7 @@ class Pruner:
         self.pruned += len(keys)
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None
+            self.sweeps += 1
             self._sweep_at = now + min(self.window / 4, 60.0)
         else:
             self._sweep_after = (rows[-1][0], rows[-1][1])
