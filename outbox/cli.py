@@ -36,6 +36,7 @@ from .client.lease import holder
 from .errors import StoreError
 from .receiver import DEFAULT_MAX_SIZE, ConnectRequest, Receiver, serve
 from .receiver.api import Authenticate
+from .receiver.options import DEFAULT_DUPLICATE_WINDOW
 from .relay import add_relay
 
 Command = Callable[[argparse.Namespace], int]
@@ -102,6 +103,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and blank lines ignored); without it, claimed client ids are trusted",
     )
     parser.add_argument(
+        "--duplicate-window",
+        type=_window,
+        default=DEFAULT_DUPLICATE_WINDOW,
+        metavar="SECONDS",
+        help="keep the inbox rows of clients that announce no low-water mark this long, or "
+        "'forever' (default: %(default)s, a week)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -109,6 +118,18 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "0 picks a free port, printed on the second line)",
     )
     parser.set_defaults(run=_serve)
+
+
+def _window(value: str) -> float | None:
+    """``--duplicate-window``: seconds, or 'forever'."""
+    if value.strip().lower() == "forever":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds or 'forever', got {value!r}"
+        ) from None
 
 
 def _add_file_options(parser: argparse.ArgumentParser, kinds: str) -> None:
@@ -363,6 +384,7 @@ def _serve(args: argparse.Namespace) -> int:
             authenticate=authenticate,
             synchronous=args.synchronous,
             max_size=args.max_size or DEFAULT_MAX_SIZE,
+            duplicate_window=args.duplicate_window,
         )
     except (ValueError, TypeError) as exc:  # checked at construction: names the option
         print(f"outbox serve: {exc}", file=sys.stderr)
@@ -465,6 +487,7 @@ def _print_inbox_stats(stats: operate.InboxStats) -> None:
     print(f"rejected   {stats.rejected}")
     print(f"clients    {stats.clients}")
     print(f"retention  {stats.retention}")
+    print(f"floors     {stats.floors} client(s), {stats.forgotten} id(s) forgotten")
     if stats.latest:
         print()
         _table(

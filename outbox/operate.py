@@ -156,7 +156,14 @@ class InboxStats:
     clients: int
     latest: list[dict[str, Any]] = field(default_factory=list)
     """Per client (the most recent first): its row count, highest message id, last seen."""
-    retention: str = "none: inbox rows are kept forever (they are the deduplication record)"
+    retention: str = (
+        "below each client's low-water mark (the floor answers stragglers), else after "
+        "the receiver's duplicate_window"
+    )
+    floors: int = 0
+    """Clients with a floor: their rows below it were deleted (migration 0005)."""
+    forgotten: int = 0
+    """Message ids the floors cover (deleted rows, answered as duplicates if resent)."""
 
 
 def status_sql(conn: sqlite3.Connection) -> str:
@@ -220,7 +227,21 @@ def inbox_stats(conn: sqlite3.Connection, path: str, client_limit: int) -> Inbox
             (client_limit,),
         )
     ]
-    return InboxStats("inbox", path, int(rows), int(rejected), int(clients), latest)
+    floors = forgotten = 0
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'inbox_floor'").fetchone():
+        floors, forgotten = conn.execute(
+            "SELECT count(*), coalesce(sum(floor - base), 0) FROM inbox_floor WHERE floor > 0"
+        ).fetchone()
+    return InboxStats(
+        "inbox",
+        path,
+        int(rows),
+        int(rejected),
+        int(clients),
+        latest,
+        floors=int(floors),
+        forgotten=int(forgotten),
+    )
 
 
 def as_dict(stats: OutboxStats | InboxStats) -> dict[str, Any]:

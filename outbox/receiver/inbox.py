@@ -298,16 +298,18 @@ class Inbox:
     async def forget(self, client_id: str, floor: Floor, now: float) -> int:
         """Delete the client's rows in ``[floor.base, floor.floor)`` and store ``floor`` as its
         record; returns the rows deleted."""
-        cursor = await self._db.execute(
-            "DELETE FROM inbox WHERE client_id = ? AND message_id >= ? AND message_id < ?",
-            (client_id, floor.base, floor.floor),
-        )
+        # The record first: a high_water() read between the two statements (the handshake
+        # shares this connection) then never misses the deleted rows.
         await self._db.execute(
             "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET "
             "base = excluded.base, floor = excluded.floor, high_water = excluded.high_water, "
             "mark = excluded.mark, updated_at = excluded.updated_at",
             (client_id, floor.base, floor.floor, floor.high_water, floor.mark, now),
+        )
+        cursor = await self._db.execute(
+            "DELETE FROM inbox WHERE client_id = ? AND message_id >= ? AND message_id < ?",
+            (client_id, floor.base, floor.floor),
         )
         return max(0, cursor.rowcount)
 
@@ -342,6 +344,7 @@ class Inbox:
             "high_water = max(high_water, excluded.high_water), updated_at = excluded.updated_at",
             [(client_id, high, now) for client_id, high in highest.items()],
         )
+        await self._db.executemany("DELETE FROM inbox WHERE client_id = ? AND message_id = ?", keys)
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._db.executemany(_INSERT, rows)

@@ -38,12 +38,15 @@ class Pruner:
         window: float | None,
         chunk: int = 2000,
         pause: float = 0.02,
+        retry_after: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.window = window
         self.chunk = chunk
         self.pause = pause
+        self.retry_after = retry_after
+        """Seconds to wait after a step failed (the file locked, full): one log line each."""
         self._monotonic = monotonic
         self._wall = wall
         self._started_mono = monotonic()
@@ -55,6 +58,7 @@ class Pruner:
         self._sweep_at = self._started_mono + (window or 0.0)
         """When the time window's next pass starts (monotonic); mid-pass, as soon as due."""
         self._next_at = 0.0
+        self._retry_at = 0.0
         self.pruned = 0
         """Rows deleted since start (``ReceiverStats.pruned``)."""
         self.sweeps = 0
@@ -85,9 +89,15 @@ class Pruner:
         """A client's low-water mark (handshake or frame); only ever raises its own target."""
         if mark > self._marks.get(client_id, 0):
             self._marks[client_id] = mark
-            self._next_at = min(self._next_at, self._monotonic())
+            self._next_at = min(self._next_at, max(self._monotonic(), self._retry_at))
 
     # -- the work ------------------------------------------------------------------------------
+
+    def back_off(self) -> None:
+        """The last step failed: wait ``retry_after`` before the next (marks are kept)."""
+        self._next_at = self._retry_at = self._monotonic() + self.retry_after
+        if self._sweep_after is None and self.window is not None:
+            self._sweep_at = max(self._sweep_at, self._next_at)
 
     def due_in(self) -> float | None:
         """Seconds until the next step is due (0: now), None if there is nothing to do."""

@@ -198,12 +198,15 @@ class Writer:
         try:
             await pruner.step(self._inbox)
         except Exception as exc:
-            self._stats.storage_errors += 1
+            pruner.back_off()
             logger.warning(
-                "pruning the inbox failed (%s); will try again",
+                "pruning the inbox failed (%s); trying again in %ss",
                 translate(exc, self._inbox.path) if isinstance(exc, sqlite3.Error) else exc,
+                pruner.retry_after,
                 exc_info=not isinstance(exc, StoreError | sqlite3.Error),
             )
+            if self._inbox.in_transaction:
+                await self._inbox.rollback()
         self._stats.pruned = pruner.pruned
 
     def _take(self) -> Batch:
