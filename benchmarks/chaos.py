@@ -361,6 +361,13 @@ def check(outbox_db: Path, inbox_db: Path) -> dict[str, Any]:
                 "SELECT message_id FROM effects WHERE client_id = ? ORDER BY seq", (client_id,)
             )
         ]
+        # The bounded inbox deleted the rows below the client's floor: recorded, then
+        # forgotten (the effects table still shows each handled once).
+        floor = conn.execute(
+            "SELECT base, floor FROM inbox_floor WHERE client_id = ?", (client_id,)
+        ).fetchone()
+    if floor is not None:
+        inbox |= {message_id for message_id, _, _ in rows if floor[0] <= message_id < floor[1]}
     statuses: dict[str, int] = {}
     for _, status, _ in rows:
         statuses[status] = statuses.get(status, 0) + 1

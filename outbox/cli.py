@@ -103,12 +103,19 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and blank lines ignored); without it, claimed client ids are trusted",
     )
     parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="bound the inbox: delete rows below each client's low-water mark, and rows of "
+        "clients without one after --duplicate-window (off by default: without a handler "
+        "the inbox rows are the messages)",
+    )
+    parser.add_argument(
         "--duplicate-window",
         type=_window,
         default=DEFAULT_DUPLICATE_WINDOW,
         metavar="SECONDS",
-        help="keep the inbox rows of clients that announce no low-water mark this long, or "
-        "'forever' (default: %(default)s, a week)",
+        help="with --prune: keep the inbox rows of clients that announce no low-water mark "
+        "this long, or 'forever' (default: %(default)s, a week)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -385,6 +392,7 @@ def _serve(args: argparse.Namespace) -> int:
             synchronous=args.synchronous,
             max_size=args.max_size or DEFAULT_MAX_SIZE,
             duplicate_window=args.duplicate_window,
+            prune=args.prune,
         )
     except (ValueError, TypeError) as exc:  # checked at construction: names the option
         print(f"outbox serve: {exc}", file=sys.stderr)

@@ -154,6 +154,8 @@ class Handshake:
         self._stats = stats
         self.high_water: Callable[[str], Awaitable[int]] | None = None
         """Reads the highest recorded message id of a key (set once the inbox is open)."""
+        self.low_water = True
+        """Accept the ``low-water`` feature (the receiver prunes its inbox)."""
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -194,7 +196,7 @@ class Handshake:
         except MultipleValuesError:
             features = frozenset()
         connection.outbox_features = features
-        if wire.FEATURE_LOW_WATER in features:
+        if wire.FEATURE_LOW_WATER in features and self.low_water:
             try:
                 connection.outbox_low_water = wire.parse_low_water(
                     request.headers.get(wire.LOW_WATER_HEADER)
@@ -245,7 +247,7 @@ class Handshake:
             accepted = {wire.FEATURE_BATCH}
             if wire.FEATURE_BATCH_ACK in connection.outbox_features:
                 accepted.add(wire.FEATURE_BATCH_ACK)
-            if wire.FEATURE_LOW_WATER in connection.outbox_features:
+            if wire.FEATURE_LOW_WATER in connection.outbox_features and self.low_water:
                 accepted.add(wire.FEATURE_LOW_WATER)  # we take low-water frames from it
             if connection.outbox_high_water is not None:
                 accepted.add(wire.FEATURE_ID_CONFLICT)

@@ -116,6 +116,7 @@ class Receiver:
         close_timeout: float = 5.0,
         setup: Setup | None = None,
         duplicate_window: float | None = DEFAULT_DUPLICATE_WINDOW,
+        prune: bool | None = None,
     ) -> None:
         """``max_backlog``: messages and answers one connection may have waiting before its
         reader stops reading (TCP then slows the client down). ``compression``: None, or
@@ -125,7 +126,9 @@ class Receiver:
         callable run once at start with a transaction on the inbox (create the handler's
         tables there, see :data:`~outbox.receiver.api.Setup`). ``duplicate_window``: seconds
         the rows of clients that announce no low-water mark are kept (a week; None =
-        forever), docs/protocol.md "A bounded inbox". See
+        forever), docs/protocol.md "A bounded inbox". ``prune``: bound the inbox (below
+        clients' low-water marks, and by ``duplicate_window``); None = only with a handler,
+        since without one the inbox rows are the messages themselves. See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
         if setup is not None and not callable(setup):
             raise TypeError(f"setup must be an async callable or None, got {type(setup).__name__}")
@@ -158,7 +161,14 @@ class Receiver:
         self._inbox: Inbox | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
-        self._pruner = Pruner(window=self._options.duplicate_window)
+        if prune is not None and not isinstance(prune, bool):
+            raise TypeError(f"prune must be True, False or None, got {type(prune).__name__}")
+        self._pruner = (
+            Pruner(window=self._options.duplicate_window)
+            if (handler is not None if prune is None else prune)
+            else None
+        )
+        self._handshake.low_water = self._pruner is not None
         self.transaction_observers: list[Callable[[float], None]] = []
         """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
         self._peers: set[Peer] = set()
@@ -302,7 +312,7 @@ class Receiver:
         self.stats.open_connections += 1
         self._peers.add(peer)
         logger.debug("client %r connected from %s", peer.client_id, ws.remote_address)
-        if ws.outbox_low_water is not None:
+        if ws.outbox_low_water is not None and self._pruner is not None:
             self._announce(peer, ws.outbox_low_water)
         try:
             await connection.run(
@@ -316,7 +326,7 @@ class Receiver:
                     frame_messages=self._options.max_frame_messages,
                 ),
                 closing=lambda: self._closing,
-                announce=self._announce,
+                announce=self._announce if self._pruner is not None else None,
             )
         finally:
             self._peers.discard(peer)
@@ -330,6 +340,8 @@ class Receiver:
 
     def _announce(self, peer: Peer, mark: int) -> None:
         """A connection's low-water mark: it prunes that connection's own identity only."""
+        if self._pruner is None:
+            return
         self._pruner.announce(peer.client_id, mark)
         if self._writer is not None:
             self._writer.wake()

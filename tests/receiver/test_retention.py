@@ -100,7 +100,7 @@ async def test_100k_messages_keep_the_inbox_within_a_few_rounds(tmp_path: Path) 
     total, round_size = 100_000, 10_000
     peak = 0
     async with (
-        serve(None, db) as rx,
+        serve(None, db, prune=True) as rx,
         Outbox(tmp_path / "outbox.db", rx.url, **FAST) as box,
     ):
         for start in range(0, total, round_size):
@@ -268,6 +268,23 @@ async def test_a_restored_outbox_after_pruning_loses_no_new_message(
 def announcing() -> bool:
     """Is a session's low-water announcer running?"""
     return any(task.get_name() == "outbox-low-water" for task in asyncio.all_tasks())
+
+
+async def test_an_inbox_only_receiver_keeps_every_row_unless_told(tmp_path: Path) -> None:
+    """Without a handler the inbox rows are the messages themselves (python -m outbox
+    serve): no pruning by default, and ``low-water`` is not accepted, so no frames come."""
+    db = tmp_path / "inbox.db"
+    async with (
+        serve(None, db, duplicate_window=1 * MS) as rx,
+        Outbox(tmp_path / "outbox.db", rx.url, **FAST) as box,
+    ):
+        await box.send_many([{"n": n} for n in range(20)])
+        await box.drain(timeout=10)
+        assert not announcing()
+        assert rx._pruner is None and rx.stats.pruned == 0
+    assert inbox_rows(db) == 20
+    with pytest.raises(TypeError, match="prune must be True, False or None"):
+        serve(None, db, prune="yes")  # type: ignore[arg-type]
 
 
 async def test_a_seed_style_server_never_sees_a_low_water_frame(tmp_path: Path) -> None:
