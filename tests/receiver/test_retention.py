@@ -7,6 +7,7 @@ called twice for one message) or a new message into a silent ack (handled zero t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from outbox import Outbox
+from outbox import Outbox, operate
 from outbox.protocol import wire
 from outbox.receiver import Incoming, Receiver, serve
 from outbox.storage import schema
@@ -228,6 +229,9 @@ async def test_a_restarted_receiver_keeps_the_floor(tmp_path: Path, handled: Han
             assert ws.response is not None
             assert ws.response.headers[wire.HIGH_WATER_HEADER] == "30"
     assert not handled.twice() and len(handled.calls) == 30
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # what `outbox stats` prints
+        stats = operate.inbox_stats(conn, str(db), client_limit=5)
+    assert (stats.rows, stats.floors, stats.forgotten) == (0, 1, 30)
 
 
 def restore(backup: Path, db: Path) -> None:
