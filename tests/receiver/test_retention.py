@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from outbox import Outbox, operate
 from outbox.protocol import wire
-from outbox.receiver import Incoming, Receiver, serve
+from outbox.receiver import Incoming, Receiver, Reject, serve
 from outbox.storage import schema
 
 from ..support import MS, ScriptedServer, fast_options, wait_until
@@ -335,3 +335,62 @@ async def test_an_inbox_from_schema_version_4_is_migrated(tmp_path: Path, handle
             await ws.send(wire.encode_message(2, "{}"))  # forgotten, still a duplicate
             assert await recv(ws) == {"type": "ack", "messageId": 2}
     assert floor_of(db, "old") == (1, 4, 3, 4) and not handled.calls
+
+
+async def test_a_failing_prune_step_never_stops_the_acks(
+    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The prune step's transaction fails (as on a full disk): it is rolled back and logged,
+    messages go on being handled and acked, and pruning resumes after the back-off."""
+    inbox = receiver._inbox
+    pruner = receiver._pruner
+    assert inbox is not None and pruner is not None
+    pruner.retry_after = 20 * MS
+    real_forget = inbox.forget
+    failures = 0
+
+    async def forget_fails_twice(*args: Any) -> int:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_forget(*args)
+
+    inbox.forget = forget_fails_twice  # type: ignore[method-assign]
+    db = tmp_path / "inbox.db"
+    async with Outbox(tmp_path / "outbox.db", receiver.url, **FAST) as box:
+        for start in range(0, 300, 100):
+            await box.send_many([{"n": n} for n in range(start, start + 100)])
+            await box.drain(timeout=10)  # acked while steps fail
+        client_id = box.client_id
+        await wait_until(lambda: inbox_rows(db, client_id) == 0)
+    assert failures == 2 and len(handled.calls) == 300 and not handled.twice()
+    assert "pruning the inbox failed" in caplog.text
+    assert receiver.stats.storage_errors == 0  # no group commit failed
+
+
+async def test_a_dead_row_holds_the_floor_and_its_resend_is_nacked_again(tmp_path: Path) -> None:
+    """Message 3 is rejected (dead at the client): the client's mark stays at 3, the floor
+    below it, so requeue_dead() gets the same nack again from the kept row; once the dead
+    is acked the rest could go too (it never is here: it stays rejected)."""
+    db = tmp_path / "inbox.db"
+    calls: Counter[int] = Counter()
+
+    async def handler(message: Incoming) -> None:
+        calls[message.id] += 1
+        if message.data == {"n": 2}:
+            raise Reject("no such order")
+
+    async with (
+        serve(handler, db) as rx,
+        Outbox(tmp_path / "outbox.db", rx.url, **FAST) as box,
+    ):
+        await box.send_many([{"n": n} for n in range(10)])
+        await box.drain(timeout=10)
+        client_id = box.client_id
+        await wait_until(lambda: (floor_of(db, client_id) or (0, 0))[1] == 3)
+        assert inbox_rows(db, client_id) == 8  # 1 and 2 forgotten; 3 (rejected) and above kept
+        assert await box.requeue_dead() == 1
+        await box.drain(timeout=10)
+        assert box.stats().dead == 1 and calls[3] == 1  # nacked again from its row
+    assert max(calls.values()) == 1 and len(calls) == 10
