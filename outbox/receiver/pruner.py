@@ -25,6 +25,10 @@ __all__ = ["Pruner"]
 
 logger = logging.getLogger("outbox.receiver")
 
+SWEEP_EVERY = 3600.0
+"""Most seconds between two passes of the time window: a row goes at most this long after
+it is older than the window (a quarter window when that is shorter)."""
+
 _MAX_CACHED = 100_000
 """Floors kept in memory (one per client seen); past this the cache starts again."""
 
@@ -153,22 +157,25 @@ class Pruner:
             monotonic_at_start=self._started_mono,
             window=self.window,
         )
-        await inbox.begin()
-        try:
-            rows = await inbox.window_rows(self._sweep_after, self.chunk)
-            keys, highest = window_victims(rows, cutoff)
-            if keys:
+        # Read outside a transaction: only this task deletes rows, and the writer (the same
+        # task) only adds them, so the keys read are still there to delete.
+        rows = await inbox.window_rows(self._sweep_after, self.chunk)
+        keys, highest = window_victims(rows, cutoff)
+        if keys:
+            await inbox.begin()
+            try:
                 await inbox.forget_keys(keys, highest, self._wall())
-            await inbox.commit()
-        finally:
-            await inbox.rollback()
+                await inbox.commit()
+            finally:
+                await inbox.rollback()
         for client_id in highest:
             self._floors.pop(client_id, None)  # its high-water mark changed: read it again
         self.pruned += len(keys)
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None
             self.sweeps += 1
-            self._sweep_at = now + min(self.window / 4, 60.0)
+            self._sweep_at = now + min(self.window / 4, SWEEP_EVERY)
         else:
             self._sweep_after = (rows[-1][0], rows[-1][1])
+            self._next_at = now + self.pause * 5  # a pass reads every row: go gently
         return len(keys)
