@@ -27,6 +27,7 @@ Receiver (``serve``):
     outbox_receiver_messages_total          counter: first deliveries handled and acked
     outbox_receiver_duplicates_total        counter: resends answered from the inbox
     outbox_receiver_conflicts_total         counter: reused ids refused
+    outbox_receiver_pruned_total            counter: inbox rows deleted (a bounded inbox)
     outbox_receiver_rejects_total           counter: messages the handler rejected
     outbox_receiver_transactions_total      counter: group commits
     outbox_receiver_handler_errors_total    counter: handler exceptions
@@ -219,6 +220,7 @@ class _ReceiverCollector:
             ("messages", "First deliveries handled and acked.", stats.messages),
             ("duplicates", "Resends answered from the inbox.", stats.duplicates),
             ("conflicts", "Reused message ids refused.", stats.conflicts),
+            ("pruned", "Inbox rows deleted below floors or past the window.", stats.pruned),
             ("rejects", "Messages the handler rejected.", stats.rejected),
             ("transactions", "Inbox transactions (group commits).", stats.transactions),
             ("handler_errors", "Handler exceptions.", stats.handler_errors),
