@@ -39,7 +39,7 @@ from websockets.asyncio.server import serve as ws_serve
 from ..logs import WEBSOCKETS, rate_limited
 from ..protocol import wire
 from . import connection
-from .api import Authenticate, Handler, ReceiverStats, Setup
+from .api import Authenticate, BatchHandler, Handler, ReceiverStats, Setup, check_handler
 from .connection import Peer
 from .handshake import Handshake, _Connection, anonymous_id
 from .inbox import Inbox, Synchronous
@@ -93,9 +93,10 @@ class Receiver:
 
     def __init__(
         self,
-        handler: Handler | None,
+        handler: Handler | BatchHandler | None,
         db_path: str | os.PathLike[str],
         *,
+        batch: bool = False,
         host: str | None = "127.0.0.1",
         port: int = 0,
         authenticate: Authenticate | None = None,
@@ -121,11 +122,15 @@ class Receiver:
         small JSON messages). ``close_timeout``: seconds for closing handshakes, and for the
         transaction in progress to finish when the receiver closes. ``setup``: an async
         callable run once at start with a transaction on the inbox (create the handler's
-        tables there, see :data:`~outbox.receiver.api.Setup`). See
+        tables there, see :data:`~outbox.receiver.api.Setup`). ``batch``: call ``handler``
+        once per transaction with a :class:`~outbox.receiver.Batch` of every new message
+        instead of once per message (see the class docstring). See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
+        check_handler(handler, batch)
         if setup is not None and not callable(setup):
             raise TypeError(f"setup must be an async callable or None, got {type(setup).__name__}")
         self._handler = handler
+        self._batch = batch
         self._setup = setup
         self._db_path = os.fspath(db_path)
         self._authenticate = authenticate
@@ -186,6 +191,7 @@ class Receiver:
             self._inbox,
             self._handler,
             self.stats,
+            batch=self._batch,
             max_messages=self._options.max_transaction_messages,
             max_time=self._options.max_transaction_time,
             observers=self.transaction_observers,
