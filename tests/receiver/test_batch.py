@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import sqlite3
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -487,3 +489,35 @@ def test_async_callables_are_accepted(db: Path, handler: Any) -> None:
 
 def test_batch_is_exported_from_the_top() -> None:
     assert outbox.Batch is Batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's example
+# ---------------------------------------------------------------------------------------------
+
+
+def readme_example() -> str:
+    """The batch handler block of README.md ("The receiver"), indented in its list item."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^( *)```python\n(.*?)^\1```$", readme, re.M | re.S)
+    found = [textwrap.dedent(body) for _, body in blocks if "batch=True" in body]
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def test_the_readme_example_runs(tmp_path: Path) -> None:
+    namespace: dict[str, Any] = {}
+    exec(readme_example(), namespace)  # defines setup and handle, builds (not starts) a receiver
+    async with (
+        serve(
+            namespace["handle"], tmp_path / "inbox.db", batch=True, setup=namespace["setup"]
+        ) as receiver,
+        Outbox(tmp_path / "o.db", receiver.url, **fast_options()) as box,
+    ):
+        good, bad, other = await box.send_many([{"n": 1}, {"m": 2}, {"n": 3}])
+        await box.drain(timeout=10)
+        with pytest.raises(outbox.MessageDeadError, match="order without n"):
+            await box.wait_acked(bad, timeout=1)
+    with sqlite3.connect(tmp_path / "inbox.db") as conn:
+        rows = conn.execute("SELECT id, n FROM orders ORDER BY id").fetchall()
+    assert rows == [(good, 1), (other, 3)]
