@@ -139,7 +139,7 @@ class Batch(Sequence[Incoming]):
 
     ``serve(handler, db, batch=True)`` calls ``handler(batch)`` once per transaction instead
     of once per message, so a handler can write all of them with one
-    ``batch.tx.executemany`` (one thread hop) instead of three hops per message. The
+    ``batch.tx.executemany`` (one thread hop) instead of a hop per message. The
     messages are in each client's order (a client's messages are never split around
     another's), with duplicates, conflicts and malformed messages already answered and left
     out.
