@@ -403,6 +403,66 @@ async def test_the_retry_respects_max_transaction_time(db: Path) -> None:
     ]
 
 
+async def test_a_repeat_of_a_failed_first_delivery_waits_for_the_next_round(db: Path) -> None:
+    """Two connections of one client: the first delivery of 2 fails on one, so the other's
+    copy of 2 is not answered from it; it goes back to its queue and is handled next."""
+    recorder = BatchRecorder()
+    recorder.fail_once = {("c1", 2)}
+    async with serve(recorder, db, batch=True) as receiver:
+        async with (
+            connect(receiver.url, additional_headers=headers("c1")) as a,
+            connect(receiver.url, additional_headers=headers("c1")) as b,
+        ):
+            await gather_round(receiver, recorder, [(a, batch([1, 2, 3])), (b, batch([2, 3]))])
+            assert await acks(a, 1) == [1]
+            assert await closed_with(a) == CloseCode.INTERNAL_ERROR
+            assert await acks(b, 2) == [2, 3]
+        assert receiver.stats.handler_errors == 1
+    assert [call for call in recorder.calls if ("c1", 3) in call][-1] == [("c1", 2), ("c1", 3)]
+    assert [i for c, i in effects(db) if c == "c1"] == [1, 2, 3]
+
+
+async def test_a_bad_frame_after_good_messages_closes_after_acking_them(db: Path) -> None:
+    recorder = BatchRecorder()
+    async with (
+        serve(recorder, db, batch=True) as receiver,
+        connect(receiver.url, additional_headers=headers("good")) as good,
+        connect(receiver.url, additional_headers=headers("bad")) as bad,
+    ):
+        await gather_round(receiver, recorder, [(bad, batch([1, 2])), (bad, "not json")])
+        assert await acks(bad, 2) == [1, 2]
+        assert await closed_with(bad) == CloseCode.INVALID_DATA
+        await good.send(batch([1]))
+        assert await acks(good, 1) == [1]
+    assert [i for c, i in effects(db) if c == "bad"] == [1, 2]
+
+
+async def test_close_cancels_a_stuck_batch_handler_and_nothing_is_kept(db: Path) -> None:
+    entered = asyncio.Event()
+
+    async def stuck(batch: Batch) -> None:
+        await batch.tx.executemany(INSERT, [(m.client_id, m.id) for m in batch])
+        entered.set()
+        await asyncio.Event().wait()  # waiting on something that never comes
+
+    receiver = serve(stuck, db, batch=True, close_timeout=0.2)
+    await receiver.start()
+    async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+        await ws.send(batch([1, 2]))
+        await asyncio.wait_for(entered.wait(), 5)
+        await asyncio.wait_for(receiver.close(), 5)
+        assert await closed_with(ws) == CloseCode.GOING_AWAY
+    assert inbox_rows(db) == [] and effects(db) == []  # rolled back, never acked
+    recorder = BatchRecorder()
+    async with (
+        serve(recorder, db, batch=True) as receiver,
+        connect(receiver.url, additional_headers=headers("c1")) as ws,
+    ):
+        await ws.send(batch([1, 2]))
+        assert await acks(ws, 2) == [1, 2]
+    assert effects(db) == [("c1", 1), ("c1", 2)]
+
+
 @pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK"])
 async def test_a_handler_that_ends_the_transaction_is_detected(db: Path, statement: str) -> None:
     async def handler(batch: Batch) -> None:
