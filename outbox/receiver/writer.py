@@ -426,14 +426,14 @@ class Writer:
         if fresh:
             failure = await self._call_batch(handler, fresh)
             if failure is not None:
-                if len(fresh) > 1 or not isinstance(failure, Reject):
+                if len(fresh) > 1:  # a batch of one is judged (and logged) at once
                     logger.warning(
-                        "batch handler failed on a batch of %d message(s) (%s: %s); its writes "
+                        "batch handler failed on a batch of %d messages (%s: %s); its writes "
                         "are rolled back and its messages handled again one at a time",
                         len(fresh),
                         type(failure).__name__,
                         clip(str(failure)),
-                        exc_info=len(fresh) > 1 and not isinstance(failure, Reject),
+                        exc_info=not isinstance(failure, Reject),
                     )
                 await self._one_by_one(handler, plans, fresh, failure)
         return [plan.resolve(known, rows, now) for plan in plans]
