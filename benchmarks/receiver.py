@@ -26,7 +26,8 @@ the handler's table beyond one per pair. The exit status is 1 if either is not 0
 2 if a row failed to run. With ``--repeat K`` each row runs K times, interleaved (a, b, c,
 a, b, c, ...), and the table shows the attempt least disturbed by other processes (every
 attempt's rate is listed under its row). On a shared machine, the CPU other processes
-used meanwhile is measured; a row that lost more than 10% of a core to them is marked ``*``.
+used meanwhile is measured (``other``, in cores); a row that lost more than 10% of a core
+to them is marked ``*``. ``tx`` counts the receiver's transactions (group commits).
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ def format_rows(rows: Sequence[Result], all_rates: dict[str, list[float]]) -> st
     base = next((r.rate for r in rows if r.kind == "inbox" and r.error is None), None)
     header = (
         f"{'receiver':<42} {'messages':>9} {'msg/s':>9} {'CPU us/msg':>10} "
-        f"{'x inbox':>7} {'tx':>6} {'lost':>4} {'dups':>4}"
+        f"{'x inbox':>7} {'tx':>6} {'lost':>4} {'dups':>4} {'other':>5}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -315,7 +316,7 @@ def format_rows(rows: Sequence[Result], all_rates: dict[str, list[float]]) -> st
         ratio = f"{r.rate / base:.2f}x" if base else "-"
         lines.append(
             f"{title:<42} {r.messages:>9,} {r.rate:>9,.0f} {r.cpu_us:>10.1f} "
-            f"{ratio:>7} {r.transactions:>6,} {r.lost:>4} {r.dups:>4}"
+            f"{ratio:>7} {r.transactions:>6,} {r.lost:>4} {r.dups:>4} {r.other_load:>5.2f}"
         )
         if r.error:
             lines.append(f"    !! {r.error}")
