@@ -359,6 +359,34 @@ async def test_raise_in_the_middle_fails_only_the_culprits_connection(db: Path) 
     )  # each once (the UNIQUE constraint would have failed a second one)
 
 
+async def test_outbox_clients_through_many_failures_get_every_effect_once(
+    tmp_path: Path, db: Path
+) -> None:
+    """Real clients, a handler that fails once on every 37th message of each: each failure
+    costs a shared batch, a retry and a 1011 reconnect, and loses or doubles nothing."""
+    recorder = BatchRecorder()
+    async with serve(recorder, db, batch=True) as receiver:
+
+        async def client(n: int) -> tuple[str, list[int]]:
+            async with Outbox(tmp_path / f"o{n}.db", receiver.url, **fast_options()) as box:
+                # A fresh outbox numbers its messages from 1: poison them before sending.
+                recorder.fail_once |= {(box.client_id, i) for i in range(37, 151, 37)}
+                ids = await box.send_many([{"n": i} for i in range(150)])
+                assert ids == list(range(1, 151))
+                await box.drain(timeout=20)
+                assert box.stats().dead == 0
+                return box.client_id, ids
+
+        sent = dict(await asyncio.gather(*(client(n) for n in range(5))))
+        assert receiver.stats.handler_errors == 5 * 4  # each poisoned message failed once
+    rows = effects(db)
+    assert sorted(rows) == sorted((c, i) for c, ids in sent.items() for i in ids)
+    assert len(rows) == len(set(rows)) == 750  # once each (also UNIQUE in the table)
+    for client_id, ids in sent.items():
+        first_seen = list(dict.fromkeys(recorder.handled(client_id)))
+        assert first_seen == ids  # each client's messages first handled in id order
+
+
 async def test_a_handler_that_always_fails_stalls_its_client_only(db: Path) -> None:
     recorder = BatchRecorder()
     recorder.fail_always = {2}
