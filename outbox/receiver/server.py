@@ -75,6 +75,11 @@ class Receiver:
       because the fault is in the handler, not in load; our client backs off and reconnects
       on either.
 
+    With ``batch=True`` the handler is called once per transaction with a
+    :class:`~outbox.receiver.Batch` of every new message; a batch that raises is rolled back
+    and retried one message at a time, and the failing message's connection is then treated
+    as above (see :class:`~outbox.receiver.Batch`).
+
     Other close codes: 1003 for a binary frame, 1007 for a frame that is not a JSON object or
     has no usable message id, 1009 for a frame over ``max_size`` (sent by websockets), 1013
     when the inbox itself fails (locked past ``busy_timeout``, disk full), 1001 when the

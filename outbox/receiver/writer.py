@@ -22,6 +22,10 @@ is id order. The cost is that handlers run one at a time.
 One connection's failure stays that connection's: a failing handler closes its own
 connection (1011) and its SAVEPOINT is undone; only a failure of the transaction itself
 (SQLite locked or full) closes every connection that shared it (1013).
+
+A batch handler (``batch=True``) is called once per round with every new message of it;
+if it raises, its SAVEPOINT is undone and the new messages go through it again one at a
+time, which finds the failing message and gives its connection the per-message outcome.
 """
 
 from __future__ import annotations
