@@ -59,6 +59,7 @@ class Peer:
         "batch_ack",
         "client_id",
         "closed",
+        "draining",
         "failed",
         "halted",
         "outgoing",
@@ -67,6 +68,7 @@ class Peer:
         "pending_bytes",
         "pending_sizes",
         "queued",
+        "reader",
         "room",
         "wake",
         "ws",
@@ -95,6 +97,9 @@ class Peer:
         """The writer is closing this connection: drop its pending work."""
         self.closed = False
         """The connection is over: nothing more can be sent."""
+        self.draining = False
+        """The receiver stopped this connection's reader to drain it (``stop_reading``)."""
+        self.reader: asyncio.Task[None] | None = None
 
     def send(self, frame: str | Close) -> None:
         self.outgoing.append(frame)
@@ -133,6 +138,22 @@ class Peer:
             or self.pending_bytes + self.outgoing_bytes >= limits.bytes
         )
 
+    def stop_reading(self) -> None:
+        """Drain: read no more frames. What was read is still handled and answered, and
+        the connection stays open until a Close is queued (``fail``).
+
+        Cancelling ``recv()`` is safe in websockets: nothing read is lost, and what was not
+        read is the client's to resend.
+        """
+        self.draining = True
+        if self.reader is not None:
+            self.reader.cancel()
+
+    def _reading_ended(self, task: asyncio.Task[None]) -> None:
+        if not self.draining:  # the connection is over: the sender may stop when idle
+            self.closed = True
+            self.wake.set()
+
     def fail(self, close: Close) -> None:
         """Handle nothing more from this connection; close it after what is already queued."""
         if self.failed:
@@ -153,16 +174,20 @@ async def run(
     limits: Limits,
     closing: Callable[[], bool],
 ) -> None:
-    """Read until the connection ends, then let the sender finish what is queued."""
+    """Read until the connection ends, then let the sender finish what is queued.
+
+    The reader is a task of its own so that a drain can stop it (``Peer.stop_reading``)
+    while the sender goes on sending the answers and, last, the drain's Close.
+    """
     async with asyncio.TaskGroup() as group:
         group.create_task(
             send_loop(peer, limits.send_timeout), name=f"outbox-receiver-sender:{peer.client_id}"
         )
-        try:
-            await read_loop(peer, stats=stats, submit=submit, limits=limits, closing=closing)
-        finally:
-            peer.closed = True
-            peer.wake.set()
+        peer.reader = group.create_task(
+            read_loop(peer, stats=stats, submit=submit, limits=limits, closing=closing),
+            name=f"outbox-receiver-reader:{peer.client_id}",
+        )
+        peer.reader.add_done_callback(peer._reading_ended)
 
 
 async def read_loop(

@@ -41,6 +41,7 @@ from ..protocol import wire
 from . import connection
 from .api import Authenticate, Handler, ReceiverStats, Setup
 from .connection import Peer
+from .drain import RESTART, Connections, drain
 from .handshake import Handshake, _Connection, anonymous_id
 from .inbox import Inbox, Synchronous
 from .options import DEFAULT_MAX_SIZE, ReceiverOptions
@@ -77,8 +78,8 @@ class Receiver:
 
     Other close codes: 1003 for a binary frame, 1007 for a frame that is not a JSON object or
     has no usable message id, 1009 for a frame over ``max_size`` (sent by websockets), 1013
-    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1001 when the
-    receiver shuts down. None of them affects other connections.
+    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1012 (service
+    restart) when the receiver drains (``close()``). None of them affects other connections.
 
     Who the client is (the deduplication key): the id it claims, i.e. the
     ``Outbox-Client-Id`` header; else the ``client_id`` query parameter, for clients that
@@ -113,6 +114,8 @@ class Receiver:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         close_timeout: float = 5.0,
+        drain_timeout: float = 10.0,
+        health_path: str | None = "/healthz",
         setup: Setup | None = None,
     ) -> None:
         """``max_backlog``: messages and answers one connection may have waiting before its
@@ -121,7 +124,10 @@ class Receiver:
         small JSON messages). ``close_timeout``: seconds for closing handshakes, and for the
         transaction in progress to finish when the receiver closes. ``setup``: an async
         callable run once at start with a transaction on the inbox (create the handler's
-        tables there, see :data:`~outbox.receiver.api.Setup`). See
+        tables there, see :data:`~outbox.receiver.api.Setup`). ``drain_timeout``: seconds
+        ``close()`` lets the work already read be handled before closing with 1012 anyway
+        (see :mod:`~outbox.receiver.drain`). ``health_path``: answered 200 "ready" / 503
+        "draining" to plain HTTP probes; None for none. See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
         if setup is not None and not callable(setup):
             raise TypeError(f"setup must be an async callable or None, got {type(setup).__name__}")
@@ -146,16 +152,19 @@ class Receiver:
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             close_timeout=close_timeout,
+            drain_timeout=drain_timeout,
+            health_path=health_path,
         )
 
         self.stats = ReceiverStats()
-        self._handshake = Handshake(authenticate, self.stats)
+        self._handshake = Handshake(authenticate, self.stats, health_path=self._options.health_path)
         self._inbox: Inbox | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
         self.transaction_observers: list[Callable[[float], None]] = []
         """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
-        self._peers: set[Peer] = set()
+        self._connections = Connections()
+        self._peers: set[Peer] = self._connections.peers
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -222,16 +231,25 @@ class Receiver:
             )
 
     async def close(self) -> None:
-        """Stop listening, close connections with 1001, finish the transaction in progress
-        (for at most ``close_timeout`` seconds), close the inbox. Idempotent."""
+        """Drain, then stop: refuse new connections (503, the health endpoint says
+        "draining"), stop reading, handle and ack what was already read (for at most
+        ``drain_timeout`` seconds), close every connection with 1012 (service restart; for
+        at most ``close_timeout``, then drop it), stop listening, close the inbox.
+        Idempotent. See :mod:`~outbox.receiver.drain`."""
         if self._closing:
             return
         self._closing = True
+        self._handshake.draining = True
         try:
             if self._server is not None:
-                self._server.close()
-                for peer in self._peers:  # readers held by backpressure go back to recv()
-                    peer.room.set()
+                if self._writer is not None:
+                    await drain(
+                        self._connections,
+                        self._writer,
+                        drain_timeout=self._options.drain_timeout,
+                        close_timeout=self._options.close_timeout,
+                    )
+                self._server.close(code=RESTART.code, reason=RESTART.reason)
                 await self._server.wait_closed()
         finally:
             await self._stop_writer()
@@ -246,6 +264,12 @@ class Receiver:
     async def _stop_writer(self) -> None:
         if self._writer is not None:
             await self._writer.stop(self._options.close_timeout)
+
+    @property
+    def draining(self) -> bool:
+        """True once ``close()`` began: new connections are refused, the health endpoint
+        answers 503 "draining"."""
+        return self._handshake.draining
 
     # -- where it listens ----------------------------------------------------------------------
 
@@ -286,6 +310,9 @@ class Receiver:
         assert isinstance(ws, _Connection)
         writer = self._writer
         assert writer is not None
+        if self._handshake.draining:  # its handshake finished as the drain began
+            await ws.close(RESTART.code, RESTART.reason)
+            return
         peer = Peer(
             ws,
             ws.outbox_client_id or anonymous_id(),
@@ -293,7 +320,7 @@ class Receiver:
         )
         self.stats.connections += 1
         self.stats.open_connections += 1
-        self._peers.add(peer)
+        self._connections.add(peer)
         logger.debug("client %r connected from %s", peer.client_id, ws.remote_address)
         try:
             await connection.run(
@@ -309,7 +336,7 @@ class Receiver:
                 closing=lambda: self._closing,
             )
         finally:
-            self._peers.discard(peer)
+            self._connections.discard(peer)
             self.stats.open_connections -= 1
             logger.debug(
                 "client %r disconnected (%s %s)",
