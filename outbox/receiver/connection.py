@@ -68,7 +68,6 @@ class Peer:
         "pending_bytes",
         "pending_sizes",
         "queued",
-        "reader",
         "room",
         "wake",
         "ws",
@@ -98,8 +97,7 @@ class Peer:
         self.closed = False
         """The connection is over: nothing more can be sent."""
         self.draining = False
-        """The receiver stopped this connection's reader to drain it (``stop_reading``)."""
-        self.reader: asyncio.Task[None] | None = None
+        """The receiver is draining: frames read from now on are dropped (``stop_reading``)."""
 
     def send(self, frame: str | Close) -> None:
         self.outgoing.append(frame)
@@ -139,20 +137,13 @@ class Peer:
         )
 
     def stop_reading(self) -> None:
-        """Drain: read no more frames. What was read is still handled and answered, and
-        the connection stays open until a Close is queued (``fail``).
-
-        Cancelling ``recv()`` is safe in websockets: nothing read is lost, and what was not
-        read is the client's to resend.
-        """
+        """Drain: take no more work from this connection. What was read before is still
+        handled and answered, and the connection stays open until a Close is queued
+        (``fail``). Frames that come in meanwhile are read and dropped, unanswered (the
+        client resends them after it reconnects): reading on, rather than not at all, lets
+        the client's close frame through behind them."""
         self.draining = True
-        if self.reader is not None:
-            self.reader.cancel()
-
-    def _reading_ended(self, task: asyncio.Task[None]) -> None:
-        if not self.draining:  # the connection is over: the sender may stop when idle
-            self.closed = True
-            self.wake.set()
+        self.room.set()  # a reader held by backpressure goes back to reading
 
     def fail(self, close: Close) -> None:
         """Handle nothing more from this connection; close it after what is already queued."""
@@ -174,20 +165,16 @@ async def run(
     limits: Limits,
     closing: Callable[[], bool],
 ) -> None:
-    """Read until the connection ends, then let the sender finish what is queued.
-
-    The reader is a task of its own so that a drain can stop it (``Peer.stop_reading``)
-    while the sender goes on sending the answers and, last, the drain's Close.
-    """
+    """Read until the connection ends, then let the sender finish what is queued."""
     async with asyncio.TaskGroup() as group:
         group.create_task(
             send_loop(peer, limits.send_timeout), name=f"outbox-receiver-sender:{peer.client_id}"
         )
-        peer.reader = group.create_task(
-            read_loop(peer, stats=stats, submit=submit, limits=limits, closing=closing),
-            name=f"outbox-receiver-reader:{peer.client_id}",
-        )
-        peer.reader.add_done_callback(peer._reading_ended)
+        try:
+            await read_loop(peer, stats=stats, submit=submit, limits=limits, closing=closing)
+        finally:
+            peer.closed = True
+            peer.wake.set()
 
 
 async def read_loop(
@@ -217,7 +204,7 @@ async def read_loop(
                 )
             return
         stats.frames += 1
-        if peer.halted or peer.failed:
+        if peer.halted or peer.failed or peer.draining:
             continue  # a close is on its way; keep reading so its handshake can finish
         items: Sequence[Item]
         try:
@@ -235,7 +222,7 @@ async def read_loop(
                 _note_protocol_errors(peer, items, stats)
         if items:
             submit(peer, items, len(frame))
-        while peer.backlog_full(limits) and not (peer.failed or closing()):
+        while peer.backlog_full(limits) and not (peer.failed or peer.draining or closing()):
             peer.room.clear()
             await peer.room.wait()
 
