@@ -102,6 +102,9 @@ def add_health(
         default=5.0,
         help="seconds to wait for the answer (default: %(default)s)",
     )
+    parser.add_argument(
+        "--cafile", help="PEM file of the CA that signed the receiver's certificate (wss://)"
+    )
     parser.set_defaults(run=run_health)
 
 
@@ -114,7 +117,14 @@ def run_health(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         print(f"outbox health: --timeout must be positive, got {args.timeout}", file=sys.stderr)
         return 2
-    health = probe(url, timeout=args.timeout)
+    context = None
+    if args.cafile:
+        try:
+            context = ssl.create_default_context(cafile=args.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"outbox health: cannot use --cafile {args.cafile}: {exc}", file=sys.stderr)
+            return 2
+    health = probe(url, timeout=args.timeout, context=context)
     if health.status is None:
         print(f"unreachable: {health.detail}")
     else:

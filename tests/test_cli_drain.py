@@ -15,7 +15,7 @@ from outbox import Outbox
 
 from .chaos_support import check_end_state
 from .support import MS, fast_options, wait_until
-from .test_cli import ROOT, start_serve
+from .test_cli import ROOT, run_cli, start_serve
 
 
 async def outbox_health(*args: str) -> tuple[int, str]:
@@ -101,3 +101,27 @@ async def test_sigterm_drains_a_streaming_client_and_exits_0(
 async def test_health_command_refuses_a_bad_url() -> None:
     status, _ = await outbox_health("not-a-url")
     assert status == 2
+
+
+async def test_serve_health_path_moves_the_probe(tmp_path: Path) -> None:
+    process = await start_serve(tmp_path / "inbox.db", "--health-path", "/up")
+    try:
+        url = await url_of(process)
+        assert await outbox_health(url, "--path", "/up") == (0, "ready (HTTP 200)\n")
+        status, said = await outbox_health(url)  # /healthz is a WebSocket path again
+        assert status == 1 and "HTTP 426" in said, said
+        code, stderr = await terminate(process)
+        assert code == 0, stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_serve_refuses_a_bad_health_path_or_drain_timeout(tmp_path: Path) -> None:
+    for flag, value, words in [
+        ("--health-path", "up", "health_path must be a URL path starting with '/'"),
+        ("--drain-timeout", "-1", "drain_timeout must be a number of seconds >= 0"),
+    ]:
+        done = run_cli("serve", "--db", str(tmp_path / "inbox.db"), flag, value)
+        assert done.returncode == 2 and words in done.stderr, done.stderr

@@ -397,3 +397,22 @@ def test_health_url_from_a_receiver_url() -> None:
     assert health_url("ws://h:1/", "/up") == "http://h:1/up"
     with pytest.raises(ValueError, match="not a receiver URL"):
         health_url("h:1")
+
+
+async def test_health_over_tls_is_https_on_the_same_port(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with serve(None, tmp_path / "inbox.db", ssl=server_context) as receiver:
+        url = health_url(receiver.url)
+        assert url.startswith("https://127.0.0.1:")
+        trusted = await asyncio.to_thread(probe, url, context=client_context)
+        assert trusted == Health(200, "ready")
+        untrusted = await asyncio.to_thread(probe, url)  # the system CAs do not know it
+        assert untrusted.status is None and "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
