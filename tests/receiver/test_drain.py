@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from outbox.health import Health, health_url, probe
 from outbox.protocol import wire
 from outbox.receiver import ConnectRequest, Incoming, Receiver, Transaction, serve
 
-from ..chaos_support import check_end_state, create_effects_table, record_effect
+from ..chaos_support import check_end_state, create_effects_table, record_effect, report
 from ..support import MS, fast_options, wait_until
 
 HEADERS = {wire.CLIENT_ID_HEADER: "c1", wire.FEATURES_HEADER: "batch, batch-ack"}
@@ -165,7 +166,9 @@ async def test_close_during_a_stream_loses_nothing_and_clients_come_back_with_ji
             ]
             producers = [asyncio.ensure_future(produce(box)) for box in boxes]
             await wait_until(lambda: first.stats.messages >= 200, timeout=20)
+            started = time.monotonic()
             await asyncio.wait_for(first.close(), 10)
+            drain_seconds = time.monotonic() - started
             second = serve(record_effect, inbox, port=port)
             await second.start()
             await wait_until(lambda: second is not None and second.stats.messages >= 200, 20)
@@ -178,9 +181,11 @@ async def test_close_during_a_stream_loses_nothing_and_clients_come_back_with_ji
         await first.close()
         if second is not None:
             await second.close()
+    messages = 0
     for path in outboxes:
         state = check_end_state(path, inbox, context="drain during a stream")
         assert state.acked == state.messages > 0
+        messages += state.messages
     restarts = [r for r in caplog.records if "(code 1012," in r.getMessage()]
     assert len(restarts) == len(outboxes), [r.getMessage() for r in restarts]
     assert {r.levelno for r in restarts} == {logging.INFO}
@@ -191,6 +196,13 @@ async def test_close_during_a_stream_loses_nothing_and_clients_come_back_with_ji
     # Each client's own delay: in the jittered first step of its backoff, not all the same.
     assert all(0.5 * interval - 0.01 <= d <= interval + 0.01 for d in delays), delays
     assert len(set(delays)) > 1, delays
+    assert second is not None
+    report(
+        f"[drain during a stream] clients={len(outboxes)} messages={messages} lost=0 "
+        f"handled_twice=0 handled_by_first={first.stats.messages} drain_s={drain_seconds:.3f} "
+        f"duplicates_answered_by_second={second.stats.duplicates} "
+        f"reconnect_delays_s={sorted(delays)}"
+    )
 
 
 async def test_a_drain_that_times_out_closes_anyway_and_the_client_resends(
@@ -228,6 +240,12 @@ async def test_a_drain_that_times_out_closes_anyway_and_the_client_resends(
     assert "drain_timeout" in caplog.text
     state = check_end_state(outbox_db, inbox, context="drain timed out")
     assert state.acked == state.delivered == len(ids)
+    assert second is not None
+    report(
+        f"[drain timed out] messages={len(ids)} lost=0 handled_twice=0 "
+        f"handled_by_first={handled_by_first} handled_by_second={second.stats.messages} "
+        f"duplicates_answered_by_second={second.stats.duplicates}"
+    )
 
 
 async def test_a_client_that_never_reads_does_not_hold_the_drain(tmp_path: Path) -> None:
