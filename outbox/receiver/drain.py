@@ -5,8 +5,9 @@ restart drains its connections instead of dropping them:
 
 1. the health endpoint answers 503 "draining" and new WebSocket handshakes are refused with
    503 (the listener stays open until the end, so a probe sees "draining", not a refusal);
-2. every connection's reader stops: no new frame is read (what the client sent after that
-   is its to resend, as after any drop);
+2. every connection's reader stops taking work: frames that arrive from now on are read and
+   dropped, unanswered (what the client sent after that is its to resend, as after any
+   drop; reading on lets the client's close frame through behind them);
 3. the writer handles and commits what the readers had already queued, and the answers
    (acks, nacks) are queued after it: at most ``drain_timeout`` seconds;
 4. each connection is closed with 1012 (service restart) after its answers, so a client
