@@ -41,6 +41,7 @@ from ..protocol import wire
 from . import connection
 from .api import Authenticate, BatchHandler, Handler, ReceiverStats, Setup, check_handler
 from .connection import Peer
+from .drain import RESTART, Connections, drain
 from .handshake import Handshake, _Connection, anonymous_id
 from .inbox import Inbox, Synchronous
 from .options import DEFAULT_MAX_SIZE, ReceiverOptions
@@ -82,8 +83,8 @@ class Receiver:
 
     Other close codes: 1003 for a binary frame, 1007 for a frame that is not a JSON object or
     has no usable message id, 1009 for a frame over ``max_size`` (sent by websockets), 1013
-    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1001 when the
-    receiver shuts down. None of them affects other connections.
+    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1012 (service
+    restart) when the receiver drains (``close()``). None of them affects other connections.
 
     Who the client is (the deduplication key): the id it claims, i.e. the
     ``Outbox-Client-Id`` header; else the ``client_id`` query parameter, for clients that
@@ -119,6 +120,8 @@ class Receiver:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         close_timeout: float = 5.0,
+        drain_timeout: float = 10.0,
+        health_path: str | None = "/healthz",
         setup: Setup | None = None,
     ) -> None:
         """``max_backlog``: messages and answers one connection may have waiting before its
@@ -129,7 +132,10 @@ class Receiver:
         callable run once at start with a transaction on the inbox (create the handler's
         tables there, see :data:`~outbox.receiver.api.Setup`). ``batch``: call ``handler``
         once per transaction with a :class:`~outbox.receiver.Batch` of every new message
-        instead of once per message (see the class docstring). See
+        instead of once per message (see the class docstring). ``drain_timeout``: seconds
+        ``close()`` lets the work already read be handled before closing with 1012 anyway
+        (see :mod:`~outbox.receiver.drain`). ``health_path``: answered 200 "ready" / 503
+        "draining" to plain HTTP probes; None for none. See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
         check_handler(handler, batch)
         if setup is not None and not callable(setup):
@@ -156,16 +162,19 @@ class Receiver:
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             close_timeout=close_timeout,
+            drain_timeout=drain_timeout,
+            health_path=health_path,
         )
 
         self.stats = ReceiverStats()
-        self._handshake = Handshake(authenticate, self.stats)
+        self._handshake = Handshake(authenticate, self.stats, health_path=self._options.health_path)
         self._inbox: Inbox | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
         self.transaction_observers: list[Callable[[float], None]] = []
         """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
-        self._peers: set[Peer] = set()
+        self._connections = Connections()
+        self._peers: set[Peer] = self._connections.peers
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -233,16 +242,25 @@ class Receiver:
             )
 
     async def close(self) -> None:
-        """Stop listening, close connections with 1001, finish the transaction in progress
-        (for at most ``close_timeout`` seconds), close the inbox. Idempotent."""
+        """Drain, then stop: refuse new connections (503, the health endpoint says
+        "draining"), stop reading, handle and ack what was already read (for at most
+        ``drain_timeout`` seconds), close every connection with 1012 (service restart; for
+        at most ``close_timeout``, then drop it), stop listening, close the inbox.
+        Idempotent. See :mod:`~outbox.receiver.drain`."""
         if self._closing:
             return
         self._closing = True
+        self._handshake.draining = True
         try:
             if self._server is not None:
-                self._server.close()
-                for peer in self._peers:  # readers held by backpressure go back to recv()
-                    peer.room.set()
+                if self._writer is not None:
+                    await drain(
+                        self._connections,
+                        self._writer,
+                        drain_timeout=self._options.drain_timeout,
+                        close_timeout=self._options.close_timeout,
+                    )
+                self._server.close(code=RESTART.code, reason=RESTART.reason)
                 await self._server.wait_closed()
         finally:
             await self._stop_writer()
@@ -257,6 +275,12 @@ class Receiver:
     async def _stop_writer(self) -> None:
         if self._writer is not None:
             await self._writer.stop(self._options.close_timeout)
+
+    @property
+    def draining(self) -> bool:
+        """True once ``close()`` began: new connections are refused, the health endpoint
+        answers 503 "draining"."""
+        return self._handshake.draining
 
     # -- where it listens ----------------------------------------------------------------------
 
@@ -297,6 +321,9 @@ class Receiver:
         assert isinstance(ws, _Connection)
         writer = self._writer
         assert writer is not None
+        if self._handshake.draining:  # its handshake finished as the drain began
+            await ws.close(RESTART.code, RESTART.reason)
+            return
         peer = Peer(
             ws,
             ws.outbox_client_id or anonymous_id(),
@@ -304,7 +331,7 @@ class Receiver:
         )
         self.stats.connections += 1
         self.stats.open_connections += 1
-        self._peers.add(peer)
+        self._connections.add(peer)
         logger.debug("client %r connected from %s", peer.client_id, ws.remote_address)
         try:
             await connection.run(
@@ -320,7 +347,7 @@ class Receiver:
                 closing=lambda: self._closing,
             )
         finally:
-            self._peers.discard(peer)
+            self._connections.discard(peer)
             self.stats.open_connections -= 1
             logger.debug(
                 "client %r disconnected (%s %s)",

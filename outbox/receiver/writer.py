@@ -128,6 +128,9 @@ class Writer:
         self._work = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._in_round = False
+        self._settled = asyncio.Event()
+        """Set after each round (see ``drained``)."""
 
     def start(self, name: str) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
@@ -139,6 +142,14 @@ class Writer:
             peer.queued = True
             self._ready.append(peer)
             self._work.set()
+
+    async def drained(self) -> None:
+        """Return once everything submitted so far is handled and its answers queued: no
+        connection has work waiting and no round is running. A drain calls it after
+        stopping the readers, so nothing new comes in meanwhile."""
+        while self._ready or self._in_round:
+            self._settled.clear()
+            await self._settled.wait()
 
     async def stop(self, timeout: float) -> None:
         """Let the round in progress finish for at most ``timeout`` seconds, then cancel it."""
@@ -170,13 +181,18 @@ class Writer:
                 return
             batch = self._take()
             if not batch:
+                self._settled.set()
                 continue
+            self._in_round = True
             try:
                 await self._commit(batch)
             except Exception:  # a bug here must not stop every other connection's messages
                 logger.exception("the receiver's writer failed; closing the connections involved")
                 for peer, _, _ in batch:
                     peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
+            finally:
+                self._in_round = False
+                self._settled.set()
 
     def _take(self) -> Batch:
         """Take an equal share of every ready connection's queue (waking its reader).
