@@ -31,7 +31,16 @@ from .errors import (
 )
 from .protocol.backoff import Backoff
 from .protocol.window import SendWindow
-from .receiver import ConnectRequest, Incoming, Receiver, ReceiverStats, Refuse, Reject, serve
+from .receiver import (
+    Batch,
+    ConnectRequest,
+    Incoming,
+    Receiver,
+    ReceiverStats,
+    Refuse,
+    Reject,
+    serve,
+)
 from .transactional import (
     enqueue,
     enqueue_async,
@@ -47,6 +56,7 @@ logging.getLogger("outbox").addHandler(logging.NullHandler())
 
 __all__ = [
     "Backoff",
+    "Batch",
     "ConnectRequest",
     "DatabaseCorruptError",
     "DatabaseMissingError",

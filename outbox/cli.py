@@ -34,6 +34,7 @@ from collections.abc import Callable
 from . import operate
 from .client.lease import holder
 from .errors import StoreError
+from .health import add_health
 from .receiver import DEFAULT_MAX_SIZE, ConnectRequest, Receiver, serve
 from .receiver.api import Authenticate
 from .receiver.options import DEFAULT_DUPLICATE_WINDOW
@@ -72,7 +73,8 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         parents=[_common()],
         help="receive messages into a SQLite inbox",
         description="Run a receiver: every message is stored once in the inbox table of "
-        "--db and acked after it is committed. Stops cleanly on Ctrl-C or SIGTERM.",
+        "--db and acked after it is committed. On Ctrl-C or SIGTERM it drains (what was read "
+        "is handled and acked, then connections close with 1012) and exits 0.",
     )
     parser.add_argument("--db", required=True, help="SQLite inbox file (created if missing)")
     parser.add_argument(
@@ -123,6 +125,19 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="serve Prometheus metrics on http://HOST:PORT/metrics (needs outbox[metrics]; "
         "0 picks a free port, printed on the second line)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="on a signal, seconds to handle and ack what was already read before closing "
+        "the connections with 1012 anyway (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--health-path",
+        default="/healthz",
+        help="HTTP GET path answered 200 'ready' / 503 'draining'; 'none' for no health "
+        "endpoint (default: %(default)s)",
     )
     parser.set_defaults(run=_serve)
 
@@ -282,7 +297,19 @@ def _add_relay(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_relay(subparsers, parents=[_common()])  # the command lives in relay.py
 
 
-_COMMANDS = (_add_serve, _add_stats, _add_list, _add_requeue, _add_purge, _add_relay)
+def _add_health(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_health(subparsers, parents=[_common()])  # the command lives in health.py
+
+
+_COMMANDS = (
+    _add_serve,
+    _add_stats,
+    _add_list,
+    _add_requeue,
+    _add_purge,
+    _add_relay,
+    _add_health,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +420,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_size=args.max_size or DEFAULT_MAX_SIZE,
             duplicate_window=args.duplicate_window,
             prune=args.prune,
+            drain_timeout=args.drain_timeout,
+            health_path=None if args.health_path.lower() == "none" else args.health_path,
         )
     except (ValueError, TypeError) as exc:  # checked at construction: names the option
         print(f"outbox serve: {exc}", file=sys.stderr)

@@ -61,6 +61,12 @@ RETRYABLE: tuple[type[Exception], ...] = (
 """What a network, a server or a disk does: reconnecting after a delay may cure it."""
 
 
+CLEAN_CLOSE_CODES = (1000, 1001, 1012)
+"""Close codes a server sends on purpose (normal, going away, service restart): logged at
+INFO. The reconnect still waits its jittered backoff delay, so clients that one receiver's
+drain closed together do not come back together."""
+
+
 def process_exception(exc: Exception) -> Exception | None:
     """None if ``exc`` is a failure that retrying may cure; ``exc`` itself if it is a bug.
 
@@ -253,8 +259,9 @@ class Supervisor:
                 bug = self.process_exception(exc)
                 self.last_error = describe_failure(exc) if bug is None else describe_bug(bug)
                 too_large = isinstance(exc, FrameTooLarge)
-                # 1000 / 1001: the server said goodbye on purpose (e.g. it is restarting).
-                clean_close = isinstance(exc, SessionEnded) and exc.code in (1000, 1001)
+                # 1000 / 1001 / 1012: the server said goodbye on purpose (a drain, a
+                # rolling restart): INFO, not a failure; the backoff delay applies all the same.
+                clean_close = isinstance(exc, SessionEnded) and exc.code in CLEAN_CLOSE_CODES
             finally:
                 self.ws = None
             # A server that sends an oversized frame on every connection would otherwise be

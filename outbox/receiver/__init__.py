@@ -16,6 +16,8 @@ from __future__ import annotations
 from ..protocol.wire import Close, Malformed, ack_frames, close_reason, salvage
 from .api import (
     Authenticate,
+    Batch,
+    BatchHandler,
     ConnectRequest,
     Handler,
     Incoming,
@@ -34,6 +36,8 @@ __all__ = [
     "CLIENT_ID_PARAM",
     "DEFAULT_MAX_SIZE",
     "Authenticate",
+    "Batch",
+    "BatchHandler",
     "Close",
     "ConnectRequest",
     "Handler",

@@ -6,10 +6,11 @@ handshake and the writer build these objects and read them back.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, overload
 
 from websockets.datastructures import Headers
 
@@ -17,6 +18,8 @@ from .inbox import Inbox, Transaction
 
 __all__ = [
     "Authenticate",
+    "Batch",
+    "BatchHandler",
     "ConnectRequest",
     "Handler",
     "Incoming",
@@ -95,12 +98,20 @@ class Incoming:
 
     __slots__ = ("_inbox", "_tx", "client_id", "data", "id")
 
-    def __init__(self, client_id: str, message_id: int, data: Any, inbox: Inbox) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        message_id: int,
+        data: Any,
+        inbox: Inbox,
+        tx: Transaction | None = None,
+    ) -> None:
         self.client_id = client_id
         self.id = message_id
         self.data = data
         self._inbox = inbox
-        self._tx: Transaction | None = None
+        self._tx = tx
+        """In a :class:`Batch`, the batch's shared transaction; else opened on first use."""
 
     @property
     def message_id(self) -> int:
@@ -121,6 +132,124 @@ class Incoming:
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
+
+
+class Batch(Sequence[Incoming]):
+    """The new messages of one group-commit transaction, as a batch handler sees them.
+
+    ``serve(handler, db, batch=True)`` calls ``handler(batch)`` once per transaction instead
+    of once per message, so a handler can write all of them with one
+    ``batch.tx.executemany`` (one thread hop) instead of a hop per message. The
+    messages are in each client's order (a client's messages are never split around
+    another's), with duplicates, conflicts and malformed messages already answered and left
+    out.
+
+    ``tx`` is the open transaction shared by the whole batch (the same API as
+    ``message.tx``, and each message's ``tx`` is this one): its writes commit in the same
+    ``COMMIT`` as the messages' inbox rows. ``reject(message, reason)`` refuses one message
+    for good, without touching the others: it is recorded with the reason and nacked, and a
+    resend is nacked again without calling the handler. Because the transaction is shared,
+    the receiver cannot tell which writes belong to which message, so **writes made for a
+    rejected message are kept** (they commit with the batch): decide first, then write only
+    the messages you accept.
+
+    If the handler raises, all of the batch's writes are rolled back and its messages are
+    handled again one at a time (each as a batch of one) to find the one that fails; see
+    :class:`~outbox.receiver.Receiver`. Raising :class:`Reject` from a batch of one rejects
+    that message; from a larger batch it is a failure like any other (use ``reject``).
+    """
+
+    __slots__ = ("_index", "_messages", "_open", "_rejected", "_tx")
+
+    def __init__(self, messages: Sequence[Incoming], tx: Transaction) -> None:
+        self._messages = tuple(messages)
+        self._tx = tx
+        self._rejected: dict[int, str] = {}
+        """Position in the batch -> reject reason."""
+        self._index: dict[int, int] | None = None
+        self._open = True
+
+    @property
+    def tx(self) -> Transaction:
+        """The transaction shared by every message of the batch."""
+        return self._tx
+
+    def reject(self, message: Incoming, reason: str) -> None:
+        """Refuse ``message`` for good: recorded with ``reason`` and nacked (see the class)."""
+        if not self._open:
+            raise RuntimeError(
+                "this batch is over: call batch.reject() only while the handler runs"
+            )
+        if not isinstance(reason, str):
+            raise TypeError(f"reject reason must be a str, got {type(reason).__name__}")
+        if self._index is None:
+            self._index = {id(each): i for i, each in enumerate(self._messages)}
+        position = self._index.get(id(message))
+        if position is None:
+            raise ValueError(
+                f"{message!r} is not a message of this batch: reject only the Incoming "
+                "objects the batch holds"
+            )
+        self._rejected[position] = reason or "rejected by the receiver"
+
+    def _close(self) -> list[str | None]:
+        """The handler is done: each message's verdict (None = accepted, str = rejected)."""
+        self._open = False
+        rejected = self._rejected
+        return [rejected.get(i) for i in range(len(self._messages))]
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    @overload
+    def __getitem__(self, index: int) -> Incoming: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Incoming]: ...
+
+    def __getitem__(self, index: int | slice) -> Incoming | Sequence[Incoming]:
+        return self._messages[index]
+
+    def __iter__(self) -> Iterator[Incoming]:
+        return iter(self._messages)
+
+    def __repr__(self) -> str:
+        return f"<Batch of {len(self._messages)} message(s)>"
+
+
+BatchHandler = Callable[[Batch], Awaitable[None]]
+"""``serve(handler, db, batch=True)``: called once per transaction with a :class:`Batch`."""
+
+
+def check_handler(handler: object, batch: object) -> None:
+    """Refuse at construction what would fail on every message later: a handler that is
+    not an async callable, a ``batch`` that is not a bool, ``batch=True`` without a handler."""
+    if not isinstance(batch, bool):
+        raise TypeError(f"batch must be True or False, got {type(batch).__name__}")
+    if handler is None:
+        if batch:
+            raise ValueError(
+                "batch=True needs a handler: pass an async function taking a Batch, or "
+                "batch=False to only store messages in the inbox"
+            )
+        return
+    takes = "a Batch" if batch else "an Incoming"
+    if not callable(handler):
+        raise TypeError(
+            f"handler must be an async function taking {takes} (async def handler(...)), "
+            f"or None; got {type(handler).__name__}"
+        )
+    if not (
+        inspect.iscoroutinefunction(handler)
+        or inspect.iscoroutinefunction(type(handler).__call__)  # an object with async __call__
+    ):
+        name = getattr(handler, "__qualname__", type(handler).__name__)
+        raise TypeError(
+            f"handler {name!r} is not an async function: the receiver awaits it, so define "
+            f"it with `async def` (taking {takes}); a blocking call inside it should go "
+            "through asyncio.to_thread"
+        )
+
 
 Setup = Callable[[Transaction], Awaitable[None]]
 """``serve(..., setup=...)``: run once at start, before listening, with a transaction on the

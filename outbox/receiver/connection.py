@@ -62,6 +62,7 @@ class Peer:
         "batch_ack",
         "client_id",
         "closed",
+        "draining",
         "failed",
         "halted",
         "outgoing",
@@ -98,6 +99,8 @@ class Peer:
         """The writer is closing this connection: drop its pending work."""
         self.closed = False
         """The connection is over: nothing more can be sent."""
+        self.draining = False
+        """The receiver is draining: frames read from now on are dropped (``stop_reading``)."""
 
     def send(self, frame: str | Close) -> None:
         self.outgoing.append(frame)
@@ -135,6 +138,15 @@ class Peer:
             len(self.pending) + len(self.outgoing) >= limits.messages
             or self.pending_bytes + self.outgoing_bytes >= limits.bytes
         )
+
+    def stop_reading(self) -> None:
+        """Drain: take no more work from this connection. What was read before is still
+        handled and answered, and the connection stays open until a Close is queued
+        (``fail``). Frames that come in meanwhile are read and dropped, unanswered (the
+        client resends them after it reconnects): reading on, rather than not at all, lets
+        the client's close frame through behind them."""
+        self.draining = True
+        self.room.set()  # a reader held by backpressure goes back to reading
 
     def fail(self, close: Close) -> None:
         """Handle nothing more from this connection; close it after what is already queued."""
@@ -204,7 +216,7 @@ async def read_loop(
                 )
             return
         stats.frames += 1
-        if peer.halted or peer.failed:
+        if peer.halted or peer.failed or peer.draining:
             continue  # a close is on its way; keep reading so its handshake can finish
         items: Sequence[Item]
         try:
@@ -226,7 +238,7 @@ async def read_loop(
                 _note_protocol_errors(peer, items, stats)
         if items:
             submit(peer, items, len(frame))
-        while peer.backlog_full(limits) and not (peer.failed or closing()):
+        while peer.backlog_full(limits) and not (peer.failed or peer.draining or closing()):
             peer.room.clear()
             await peer.room.wait()
 

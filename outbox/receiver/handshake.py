@@ -34,6 +34,7 @@ __all__ = [
     "claimed_client_id",
     "dedup_key",
     "describe_peer",
+    "draining_response",
     "parse_target",
     "refusal_response",
     "run_hook",
@@ -146,12 +147,29 @@ def refusal_response(connection: ServerConnection, refusal: Refuse) -> Response:
     return response
 
 
+def draining_response(connection: ServerConnection) -> Response:
+    """503 to a new connection during a drain: a client retries after its backoff, and a
+    load balancer sends it to another receiver."""
+    return connection.respond(
+        HTTPStatus.SERVICE_UNAVAILABLE, "the receiver is restarting (draining); retry later\n"
+    )
+
+
 class Handshake:
     """The websockets ``process_request`` / ``process_response`` hooks of one receiver."""
 
-    def __init__(self, authenticate: Authenticate | None, stats: ReceiverStats) -> None:
+    def __init__(
+        self,
+        authenticate: Authenticate | None,
+        stats: ReceiverStats,
+        *,
+        health_path: str | None = None,
+    ) -> None:
         self._authenticate = authenticate
         self._stats = stats
+        self._health_path = health_path
+        self.draining = False
+        """Set when the receiver starts draining: refuse new connections with 503."""
         self.high_water: Callable[[str], Awaitable[int]] | None = None
         """Reads the highest recorded message id of a key (set once the inbox is open)."""
         self.low_water = True
@@ -164,6 +182,10 @@ class Handshake:
         or repeated claimed id, 401/403/... from ``authenticate``, 500 if it fails."""
         assert isinstance(connection, _Connection)
         path, query = parse_target(request.path)
+        if path == self._health_path:
+            return self._health(connection)
+        if self.draining:
+            return draining_response(connection)
         try:
             claimed = claimed_client_id(request.headers, query)
         except ValueError as exc:
@@ -214,6 +236,16 @@ class Handshake:
                 logger.warning("could not read the high-water mark of %r: %s", key, exc)
         return None
 
+    def _health(self, connection: ServerConnection) -> Response:
+        """The probe's answer: no authentication (an orchestrator has no token) and not a
+        refused handshake in the stats; it tells nothing but the state."""
+        if self.draining:
+            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        else:
+            response = connection.respond(HTTPStatus.OK, "ready\n")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     async def _ask_hook(
         self,
         authenticate: Authenticate,
@@ -243,6 +275,8 @@ class Handshake:
         """Announce the features we accept: ``batch`` always, ``batch-ack`` when the client
         asked for it (we then send batched acks)."""
         if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
+            if self.draining:  # the drain began while ``authenticate`` or the inbox ran
+                return draining_response(connection)
             assert isinstance(connection, _Connection)
             accepted = {wire.FEATURE_BATCH}
             if wire.FEATURE_BATCH_ACK in connection.outbox_features:

@@ -20,7 +20,7 @@ import hashlib
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -121,7 +121,9 @@ class Transaction:
     The first statement opens a SAVEPOINT for this message, so if the handler then raises
     (or raises :class:`~outbox.receiver.Reject`), only this message's writes are rolled back;
     the other messages of the same transaction keep theirs. A handler that uses no SQL pays
-    nothing for this.
+    nothing for this, and one that does pays no extra thread hop: the SAVEPOINT goes to the
+    connection's thread with the first statement, and the RELEASE of a kept one waits for
+    the next message's first statement (or the COMMIT, which releases every savepoint).
 
     The inbox rows of a transaction are written after its handlers have run, so a handler
     does not see, in the ``inbox`` table, the messages handled just before it.
@@ -131,42 +133,66 @@ class Transaction:
     the handle after the handler returns: it refuses to be used then.
     """
 
-    __slots__ = ("_db", "_state")
+    __slots__ = ("_db", "_held", "_state")
 
     _FRESH, _OPEN, _DONE = 0, 1, 2
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, held: _Held | None = None) -> None:
         self._db = db
+        self._held = held
+        """Shared by the transactions of one inbox: whether a kept SAVEPOINT still waits for
+        its RELEASE. None (the setup hook): RELEASE at once, which commits."""
         self._state = self._FRESH
 
-    async def _enter(self) -> None:
+    def _opening(self) -> bool | None:
+        """None if open already; else open it now (before any await: a second statement
+        issued concurrently then queues behind the first on the connection's thread) and
+        say whether a kept SAVEPOINT must be released first."""
         if self._state == self._OPEN:
-            return
+            return None
         if self._state == self._DONE:
             raise RuntimeError(
                 "this message's transaction is over: use message.tx only while the handler runs"
             )
-        # Open before awaiting: a second statement issued concurrently by the handler then
-        # queues behind the SAVEPOINT on the connection's thread instead of taking another.
         self._state = self._OPEN
-        await self._db.execute(f"SAVEPOINT {_SAVEPOINT}")
+        held = self._held
+        if held is None or not held.pending:
+            return False
+        held.pending = False
+        return True
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(sqlite3 connection, *args)`` on the connection's thread: one hop."""
+        run = cast(Callable[..., Awaitable[Any]], self._db._execute)  # untyped upstream
+        return await run(fn, self._db._conn, *args)
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> aiosqlite.Cursor:
         """Run one statement inside the message's transaction (like sqlite3's ``execute``)."""
-        await self._enter()
-        return await self._db.execute(sql, parameters)
+        release = self._opening()
+        if release is None:
+            return await self._db.execute(sql, parameters)
+        cursor = await self._call(_open_then, release, sqlite3.Connection.execute, sql, parameters)
+        return aiosqlite.Cursor(self._db, cursor)
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> aiosqlite.Cursor:
         """Run one statement for each parameter tuple, in one thread hop."""
-        await self._enter()
-        return await self._db.executemany(sql, parameters)
+        release = self._opening()
+        if release is None:
+            return await self._db.executemany(sql, parameters)
+        cursor = await self._call(
+            _open_then, release, sqlite3.Connection.executemany, sql, parameters
+        )
+        return aiosqlite.Cursor(self._db, cursor)
 
     async def execute_fetchall(
         self, sql: str, parameters: Sequence[Any] = ()
     ) -> Iterable[sqlite3.Row]:
         """Run a query and return all its rows, in one thread hop."""
-        await self._enter()
-        return await self._db.execute_fetchall(sql, parameters)
+        release = self._opening()
+        if release is None:
+            return await self._db.execute_fetchall(sql, parameters)
+        rows: list[sqlite3.Row] = await self._call(_open_then, release, _fetchall, sql, parameters)
+        return rows
 
     async def _finish(self, keep: bool) -> None:
         """Called by the receiver when the handler is done: keep or undo its writes."""
@@ -174,8 +200,44 @@ class Transaction:
         if state != self._OPEN:
             return
         if not keep:
-            await self._db.execute(f"ROLLBACK TO {_SAVEPOINT}")
-        await self._db.execute(f"RELEASE {_SAVEPOINT}")
+            await self._call(_undo)
+        elif self._held is not None:
+            self._held.pending = True  # released by the next SAVEPOINT's hop, or the COMMIT
+        else:
+            await self._db.execute(f"RELEASE {_SAVEPOINT}")
+
+
+class _Held:
+    """Whether a kept handler SAVEPOINT is still open, waiting for its RELEASE."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = False
+
+
+def _open_then(
+    conn: sqlite3.Connection,
+    release: bool,
+    call: Callable[[sqlite3.Connection, str, Any], Any],
+    sql: str,
+    parameters: Any,
+) -> Any:
+    """On the connection's thread: (release the kept SAVEPOINT,) open one, run ``call``."""
+    if release:
+        conn.execute(f"RELEASE {_SAVEPOINT}")
+    conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+    return call(conn, sql, parameters)
+
+
+def _fetchall(conn: sqlite3.Connection, sql: str, parameters: Any) -> list[Any]:
+    return conn.execute(sql, parameters).fetchall()
+
+
+def _undo(conn: sqlite3.Connection) -> None:
+    """On the connection's thread: drop the message's writes and its SAVEPOINT, one hop."""
+    conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+    conn.execute(f"RELEASE {_SAVEPOINT}")
 
 
 class Inbox:
@@ -185,6 +247,7 @@ class Inbox:
         self.path = path
         self._db = db
         self._keys_per_query = keys_per_query
+        self._held = _Held()
 
     @classmethod
     async def open(
@@ -221,7 +284,7 @@ class Inbox:
 
     def transaction(self) -> Transaction:
         """A handle for one message's handler (see :class:`Transaction`)."""
-        return Transaction(self._db)
+        return Transaction(self._db, self._held)
 
     async def setup(self, setup: Callable[[Transaction], Awaitable[None]]) -> None:
         """Run the application's setup hook in a transaction of its own; commit it."""
@@ -235,6 +298,7 @@ class Inbox:
 
     async def begin(self) -> None:
         """Take the write lock now, not at the first write, so busy_timeout applies here."""
+        self._held.pending = False
         await self._db.execute("BEGIN IMMEDIATE")
 
     async def seen(self, keys: Sequence[Key]) -> dict[Key, Recorded]:
@@ -350,10 +414,12 @@ class Inbox:
         await self._db.executemany(_INSERT, rows)
 
     async def commit(self) -> None:
-        await self._db.execute("COMMIT")
+        await self._db.execute("COMMIT")  # also releases a kept handler SAVEPOINT
+        self._held.pending = False
 
     async def rollback(self) -> None:
         """Undo the open transaction, if any (SQLite may already have rolled it back)."""
+        self._held.pending = False
         if self._db.in_transaction:
             await self._db.execute("ROLLBACK")
 

@@ -73,6 +73,14 @@ class ReceiverOptions:
     """Seconds the inbox keeps the rows of clients that never announced a low-water mark
     (seed-style clients); a resend after it is handled again. None = keep them forever.
     Clients that announce a mark are pruned below it instead, whatever their age."""
+    drain_timeout: float = 10.0
+    """Seconds ``close()`` (SIGTERM for ``outbox serve``) lets the work already read be
+    handled and acked before it closes the connections with 1012 anyway; what was not
+    committed by then is not acked, so its client resends it."""
+    health_path: str | None = "/healthz"
+    """HTTP path answered 200 "ready" while serving and 503 "draining" during a drain, for
+    an orchestrator's probe; None = no health endpoint (the path is then a WebSocket path
+    like any other)."""
 
     def __post_init__(self) -> None:
         if self.host is not None and not isinstance(self.host, str):
@@ -92,7 +100,7 @@ class ReceiverOptions:
             count = _integer(name, getattr(self, name))
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count!r}")
-        for name in ("busy_timeout", "close_timeout"):
+        for name in ("busy_timeout", "close_timeout", "drain_timeout"):
             seconds = _number(name, getattr(self, name))
             if not seconds >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {seconds!r}")
@@ -108,8 +116,26 @@ class ReceiverOptions:
                     f"{name} must be a positive number of seconds or None, got {value!r}"
                 )
         self._check_synchronous()
+        self._check_health_path()
         if self.compression not in _COMPRESSION:
             raise ValueError(f"compression must be None or 'deflate', got {self.compression!r}")
+
+    def _check_health_path(self) -> None:
+        path = self.health_path
+        if path is None:
+            return
+        if not isinstance(path, str):
+            raise TypeError(f"health_path must be a str or None, got {type(path).__name__}")
+        if not path.startswith("/") or "?" in path or "#" in path or not path.isprintable():
+            raise ValueError(
+                "health_path must be a URL path starting with '/' (no query, no fragment), "
+                f"e.g. '/healthz', or None for no health endpoint; got {path!r}"
+            )
+        if path == "/":
+            raise ValueError(
+                "health_path must not be '/': clients connect there (ws://host:port/) and "
+                "would be answered 'ready' instead of upgraded; use e.g. '/healthz'"
+            )
 
     def _check_synchronous(self) -> None:
         value = self.synchronous

@@ -39,8 +39,9 @@ from websockets.asyncio.server import serve as ws_serve
 from ..logs import WEBSOCKETS, rate_limited
 from ..protocol import wire
 from . import connection
-from .api import Authenticate, Handler, ReceiverStats, Setup
+from .api import Authenticate, BatchHandler, Handler, ReceiverStats, Setup, check_handler
 from .connection import Peer
+from .drain import RESTART, Connections, drain
 from .handshake import Handshake, _Connection, anonymous_id
 from .inbox import Inbox, Synchronous
 from .options import DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_SIZE, ReceiverOptions
@@ -76,10 +77,15 @@ class Receiver:
       because the fault is in the handler, not in load; our client backs off and reconnects
       on either.
 
+    With ``batch=True`` the handler is called once per transaction with a
+    :class:`~outbox.receiver.Batch` of every new message; a batch that raises is rolled back
+    and retried one message at a time, and the failing message's connection is then treated
+    as above (see :class:`~outbox.receiver.Batch`).
+
     Other close codes: 1003 for a binary frame, 1007 for a frame that is not a JSON object or
     has no usable message id, 1009 for a frame over ``max_size`` (sent by websockets), 1013
-    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1001 when the
-    receiver shuts down. None of them affects other connections.
+    when the inbox itself fails (locked past ``busy_timeout``, disk full), 1012 (service
+    restart) when the receiver drains (``close()``). None of them affects other connections.
 
     Who the client is (the deduplication key): the id it claims, i.e. the
     ``Outbox-Client-Id`` header; else the ``client_id`` query parameter, for clients that
@@ -94,9 +100,10 @@ class Receiver:
 
     def __init__(
         self,
-        handler: Handler | None,
+        handler: Handler | BatchHandler | None,
         db_path: str | os.PathLike[str],
         *,
+        batch: bool = False,
         host: str | None = "127.0.0.1",
         port: int = 0,
         authenticate: Authenticate | None = None,
@@ -114,6 +121,8 @@ class Receiver:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         close_timeout: float = 5.0,
+        drain_timeout: float = 10.0,
+        health_path: str | None = "/healthz",
         setup: Setup | None = None,
         duplicate_window: float | None = DEFAULT_DUPLICATE_WINDOW,
         prune: bool | None = None,
@@ -124,15 +133,22 @@ class Receiver:
         small JSON messages). ``close_timeout``: seconds for closing handshakes, and for the
         transaction in progress to finish when the receiver closes. ``setup``: an async
         callable run once at start with a transaction on the inbox (create the handler's
-        tables there, see :data:`~outbox.receiver.api.Setup`). ``duplicate_window``: seconds
-        the rows of clients that announce no low-water mark are kept (a week; None =
-        forever), docs/protocol.md "A bounded inbox". ``prune``: bound the inbox (below
-        clients' low-water marks, and by ``duplicate_window``); None = only with a handler,
-        since without one the inbox rows are the messages themselves. See
+        tables there, see :data:`~outbox.receiver.api.Setup`). ``batch``: call ``handler``
+        once per transaction with a :class:`~outbox.receiver.Batch` of every new message
+        instead of once per message (see the class docstring). ``drain_timeout``: seconds
+        ``close()`` lets the work already read be handled before closing with 1012 anyway
+        (see :mod:`~outbox.receiver.drain`). ``health_path``: answered 200 "ready" / 503
+        "draining" to plain HTTP probes; None for none. ``duplicate_window``: seconds the rows
+        of clients that announce no low-water mark are kept (a week; None = forever),
+        docs/protocol.md "A bounded inbox". ``prune``: bound the inbox (below clients'
+        low-water marks, and by ``duplicate_window``); None = only with a handler, since
+        without one the inbox rows are the messages themselves. See
         :class:`~outbox.receiver.options.ReceiverOptions`; a bad value raises here."""
+        check_handler(handler, batch)
         if setup is not None and not callable(setup):
             raise TypeError(f"setup must be an async callable or None, got {type(setup).__name__}")
         self._handler = handler
+        self._batch = batch
         self._setup = setup
         self._db_path = os.fspath(db_path)
         self._authenticate = authenticate
@@ -154,10 +170,12 @@ class Receiver:
             ping_timeout=ping_timeout,
             close_timeout=close_timeout,
             duplicate_window=duplicate_window,
+            drain_timeout=drain_timeout,
+            health_path=health_path,
         )
 
         self.stats = ReceiverStats()
-        self._handshake = Handshake(authenticate, self.stats)
+        self._handshake = Handshake(authenticate, self.stats, health_path=self._options.health_path)
         self._inbox: Inbox | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
@@ -171,7 +189,8 @@ class Receiver:
         self._handshake.low_water = self._pruner is not None
         self.transaction_observers: list[Callable[[float], None]] = []
         """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
-        self._peers: set[Peer] = set()
+        self._connections = Connections()
+        self._peers: set[Peer] = self._connections.peers
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -202,6 +221,7 @@ class Receiver:
             self._inbox,
             self._handler,
             self.stats,
+            batch=self._batch,
             max_messages=self._options.max_transaction_messages,
             max_time=self._options.max_transaction_time,
             observers=self.transaction_observers,
@@ -239,16 +259,25 @@ class Receiver:
             )
 
     async def close(self) -> None:
-        """Stop listening, close connections with 1001, finish the transaction in progress
-        (for at most ``close_timeout`` seconds), close the inbox. Idempotent."""
+        """Drain, then stop: refuse new connections (503, the health endpoint says
+        "draining"), stop reading, handle and ack what was already read (for at most
+        ``drain_timeout`` seconds), close every connection with 1012 (service restart; for
+        at most ``close_timeout``, then drop it), stop listening, close the inbox.
+        Idempotent. See :mod:`~outbox.receiver.drain`."""
         if self._closing:
             return
         self._closing = True
+        self._handshake.draining = True
         try:
             if self._server is not None:
-                self._server.close()
-                for peer in self._peers:  # readers held by backpressure go back to recv()
-                    peer.room.set()
+                if self._writer is not None:
+                    await drain(
+                        self._connections,
+                        self._writer,
+                        drain_timeout=self._options.drain_timeout,
+                        close_timeout=self._options.close_timeout,
+                    )
+                self._server.close(code=RESTART.code, reason=RESTART.reason)
                 await self._server.wait_closed()
         finally:
             await self._stop_writer()
@@ -263,6 +292,12 @@ class Receiver:
     async def _stop_writer(self) -> None:
         if self._writer is not None:
             await self._writer.stop(self._options.close_timeout)
+
+    @property
+    def draining(self) -> bool:
+        """True once ``close()`` began: new connections are refused, the health endpoint
+        answers 503 "draining"."""
+        return self._handshake.draining
 
     # -- where it listens ----------------------------------------------------------------------
 
@@ -303,6 +338,9 @@ class Receiver:
         assert isinstance(ws, _Connection)
         writer = self._writer
         assert writer is not None
+        if self._handshake.draining:  # its handshake finished as the drain began
+            await ws.close(RESTART.code, RESTART.reason)
+            return
         peer = Peer(
             ws,
             ws.outbox_client_id or anonymous_id(),
@@ -310,7 +348,7 @@ class Receiver:
         )
         self.stats.connections += 1
         self.stats.open_connections += 1
-        self._peers.add(peer)
+        self._connections.add(peer)
         logger.debug("client %r connected from %s", peer.client_id, ws.remote_address)
         if ws.outbox_low_water is not None and self._pruner is not None:
             self._announce(peer, ws.outbox_low_water)
@@ -329,7 +367,7 @@ class Receiver:
                 announce=self._announce if self._pruner is not None else None,
             )
         finally:
-            self._peers.discard(peer)
+            self._connections.discard(peer)
             self.stats.open_connections -= 1
             logger.debug(
                 "client %r disconnected (%s %s)",

@@ -22,6 +22,10 @@ is id order. The cost is that handlers run one at a time.
 One connection's failure stays that connection's: a failing handler closes its own
 connection (1011) and its SAVEPOINT is undone; only a failure of the transaction itself
 (SQLite locked or full) closes every connection that shared it (1013).
+
+A batch handler (``batch=True``) is called once per round with every new message of it;
+if it raises, its SAVEPOINT is undone and the new messages go through it again one at a
+time, which finds the failing message and gives its connection the per-message outcome.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.frames import CloseCode
 
@@ -40,7 +45,8 @@ from ..errors import StoreError
 from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
-from .api import Handler, Incoming, ReceiverStats, Reject
+from .api import Batch as HandlerBatch
+from .api import BatchHandler, Handler, Incoming, ReceiverStats, Reject
 from .connection import Peer
 from .handshake import describe_peer
 from .inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest, translate
@@ -99,9 +105,10 @@ class Writer:
     def __init__(
         self,
         inbox: Inbox,
-        handler: Handler | None,
+        handler: Handler | BatchHandler | None,
         stats: ReceiverStats,
         *,
+        batch: bool = False,
         max_messages: int = 1000,
         max_time: float = 0.1,
         observers: Sequence[Callable[[float], None]] = (),
@@ -112,7 +119,12 @@ class Writer:
         """Deletes what the floors and the time window allow, between rounds (pruner.py)."""
         self._observers = observers
         """Called with each committed transaction's duration in seconds (metrics)."""
-        self._handler = handler
+        self._handler: Handler | None = None
+        self._batch_handler: BatchHandler | None = None
+        if batch:
+            self._batch_handler = handler  # type: ignore[assignment]
+        else:
+            self._handler = handler  # type: ignore[assignment]
         self._stats = stats
         self._max_messages = max_messages
         self._max_time = max_time
@@ -121,6 +133,9 @@ class Writer:
         self._work = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._in_round = False
+        self._settled = asyncio.Event()
+        """Set after each round (see ``drained``)."""
 
     def start(self, name: str) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
@@ -132,6 +147,14 @@ class Writer:
             peer.queued = True
             self._ready.append(peer)
             self._work.set()
+
+    async def drained(self) -> None:
+        """Return once everything submitted so far is handled and its answers queued: no
+        connection has work waiting and no round is running. A drain calls it after
+        stopping the readers, so nothing new comes in meanwhile."""
+        while self._ready or self._in_round:
+            self._settled.clear()
+            await self._settled.wait()
 
     async def stop(self, timeout: float) -> None:
         """Let the round in progress finish for at most ``timeout`` seconds, then cancel it."""
@@ -167,6 +190,7 @@ class Writer:
                 return
             batch = self._take()
             if batch:
+                self._in_round = True
                 try:
                     await self._commit(batch)
                 except Exception:  # a bug here must not stop every other connection's messages
@@ -175,6 +199,11 @@ class Writer:
                     )
                     for peer, _, _ in batch:
                         peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
+                finally:
+                    self._in_round = False
+                    self._settled.set()  # also when cancelled: drained() must wake
+            else:
+                self._settled.set()
             await self._prune()
 
     async def _wait(self) -> None:
@@ -325,9 +354,7 @@ class Writer:
         rows: list[InboxRow] = []
         now = time.time()
         self._deadline = asyncio.get_running_loop().time() + self._max_time
-        results = [
-            (peer, await self._apply(peer, items, known, rows, now)) for peer, items, _ in batch
-        ]
+        results = await self._apply_all(batch, known, rows, now)
         if keys:
             if rows:
                 await inbox.record(rows)
@@ -344,6 +371,16 @@ class Writer:
                 observe(elapsed)
             except Exception:
                 logger.exception("a transaction observer failed; ignored")
+
+    async def _apply_all(
+        self, batch: Batch, known: dict[Key, Recorded], rows: list[InboxRow], now: float
+    ) -> list[tuple[Peer, _Outcome]]:
+        """Every connection's share: through the batch handler, or one message at a time."""
+        if self._batch_handler is not None:
+            return await self._apply_batch(self._batch_handler, batch, known, rows, now)
+        return [
+            (peer, await self._apply(peer, items, known, rows, now)) for peer, items, _ in batch
+        ]
 
     # -- one connection's share, one message at a time -----------------------------------------
 
@@ -442,6 +479,249 @@ class Writer:
                 "committed or rolled back through message.tx, or SQLite rolled back after an "
                 "error"
             )
+
+    # -- every connection's share at once, through a batch handler ------------------------------
+
+    async def _apply_batch(
+        self,
+        handler: BatchHandler,
+        batch: Batch,
+        known: dict[Key, Recorded],
+        rows: list[InboxRow],
+        now: float,
+    ) -> list[tuple[Peer, _Outcome]]:
+        """Handle the whole round with one call of the batch handler.
+
+        Each connection's items are first sorted out (malformed, duplicate, conflict, new),
+        then every new message goes to the handler in one :class:`Batch`. If it raises, its
+        writes are undone and the new messages are handled again one at a time, in order,
+        to find the one that fails: that connection is closed with 1011 after what came
+        before it (as for a failing per-message handler), the others are unaffected.
+        """
+        pending: set[Key] = set()
+        covers = None if self._pruner is None else self._pruner.covers
+        plans = [_plan(peer, items, known, pending, covers) for peer, items, _ in batch]
+        fresh = [new for plan in plans for new in plan.fresh]
+        if fresh:
+            failure = await self._call_batch(handler, fresh)
+            if failure is not None:
+                if len(fresh) > 1:  # a batch of one is judged (and logged) at once
+                    logger.warning(
+                        "batch handler failed on a batch of %d messages (%s: %s); its writes "
+                        "are rolled back and its messages handled again one at a time",
+                        len(fresh),
+                        type(failure).__name__,
+                        clip(str(failure)),
+                        exc_info=not isinstance(failure, Reject),
+                    )
+                await self._one_by_one(handler, plans, fresh, failure)
+        return [plan.resolve(known, rows, now) for plan in plans]
+
+    async def _call_batch(self, handler: BatchHandler, fresh: list[_New]) -> Exception | None:
+        """One handler call in a SAVEPOINT; the verdicts go to each ``_New``. Returns the
+        handler's exception (its writes then undone), or None."""
+        tx = self._inbox.transaction()
+        view = HandlerBatch(
+            [Incoming(new.client_id, new.item.id, new.item.data, self._inbox, tx) for new in fresh],
+            tx,
+        )
+        try:
+            await handler(view)
+        except Exception as exc:
+            view._close()
+            self._check_transaction(fresh[0].item.id)
+            await tx._finish(keep=False)
+            return exc
+        verdicts = view._close()
+        self._check_transaction(fresh[0].item.id)
+        await tx._finish(keep=True)
+        for new, verdict in zip(fresh, verdicts, strict=True):
+            new.verdict = verdict
+            new.done = True
+        return None
+
+    async def _one_by_one(
+        self,
+        handler: BatchHandler,
+        plans: list[_Plan],
+        fresh: list[_New],
+        failure: Exception,
+    ) -> None:
+        """After a failed batch: each new message as a batch of one, in order.
+
+        A connection stops at its first failure (later ones would break its order) and the
+        round stops calling the handler after ``max_time``, like the per-message path.
+        """
+        loop = asyncio.get_running_loop()
+        if len(fresh) == 1:  # nothing to retry: this is the culprit (or a Reject of it)
+            self._single_failed(fresh[0], failure)
+            return
+        decided = 0
+        for new in fresh:
+            plan = new.plan
+            if plan.stop is not None and plan.stop <= new.index:
+                continue  # this connection already failed, or was cut
+            if decided and loop.time() >= self._deadline:
+                plan.cut(new.index)  # the next round starts with it
+                continue
+            error = await self._call_batch(handler, [new])
+            if error is not None:
+                self._single_failed(new, error)
+            decided += 1
+
+    def _single_failed(self, new: _New, error: Exception) -> None:
+        """A batch of one raised: Reject rejects it; anything else fails its connection."""
+        if isinstance(error, Reject):
+            new.verdict = error.reason or "rejected by the receiver"
+            new.done = True
+            return
+        logger.error(
+            "batch handler failed on message %s from client %r; not acked, closing the "
+            "connection with 1011 so the client resends it",
+            new.item.id,
+            new.client_id,
+            exc_info=error,
+        )
+        close = Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {new.item.id}")
+        new.plan.fail(new.index, close)
+
+
+@dataclass(slots=True, eq=False)
+class _New:
+    """A first delivery waiting for the batch handler."""
+
+    plan: _Plan
+    index: int
+    """Position among the connection's items of the round."""
+    client_id: str
+    item: wire.Message
+    payload: str
+    digest: str
+    verdict: str | None = None
+    done: bool = False
+
+
+# What a connection's item needs once the handler has run, in item order:
+_NACK, _AGAIN, _CONFLICT, _FRESH, _REPEAT = range(5)
+_Step = tuple[int, int, Any]
+"""``(kind, index among the items, detail)``."""
+
+
+@dataclass(slots=True, eq=False)
+class _Plan:
+    """One connection's share of a batch round, sorted out before the handler runs."""
+
+    peer: Peer
+    count: int
+    """Items in the share."""
+    steps: list[_Step] = field(default_factory=list)
+    fresh: list[_New] = field(default_factory=list)
+    close: Close | None = None
+    """A Close item ended the share (a frame the reader could not use)."""
+    stop: int | None = None
+    """Index of the first item not to answer in this round: a failure or a cut."""
+    failed: Close | None = None
+
+    def cut(self, index: int) -> None:
+        """Leave the items from ``index`` on for the next round."""
+        if self.stop is None or index < self.stop:
+            self.stop = index
+
+    def fail(self, index: int, close: Close) -> None:
+        self.cut(index)
+        self.failed = close
+
+    def resolve(
+        self, known: dict[Key, Recorded], rows: list[InboxRow], now: float
+    ) -> tuple[Peer, _Outcome]:
+        """After the handler: the answers, in item order, and the inbox rows of the new."""
+        out = _Outcome()
+        client_id = self.peer.client_id
+        for kind, index, detail in self.steps:
+            if self.stop is not None and index >= self.stop:
+                break
+            if kind in (_NACK, _CONFLICT):
+                message_id, reason = detail
+                (out.nacks if kind == _NACK else out.conflicts).append((message_id, reason))
+            elif kind == _AGAIN:
+                out.answer_again(*detail)
+            elif kind == _FRESH:
+                new: _New = detail
+                assert new.done, "a new message left without a verdict"
+                rows.append((client_id, new.item.id, new.payload, now, new.verdict, new.digest))
+                known[(client_id, new.item.id)] = (new.verdict, new.digest)
+                out.decided(new.item.id, new.verdict)
+            else:  # a repeat of a message first delivered in this same round
+                message_id, digest = detail
+                recorded = known.get((client_id, message_id))
+                if recorded is None:  # the first one was not handled: try it next round
+                    self.cut(index)
+                    break
+                if recorded[1] == digest:
+                    out.answer_again(message_id, recorded[0])
+                else:
+                    out.conflicts.append((message_id, _conflict_reason(message_id)))
+        if self.failed is not None:
+            out.handler_failed = True
+            out.close = self.failed
+        elif self.stop is not None:
+            out.unreached = self.count - self.stop
+        else:
+            out.close = self.close
+        return self.peer, out
+
+
+def _plan(
+    peer: Peer,
+    items: list[Item],
+    known: dict[Key, Recorded],
+    pending: set[Key],
+    covers: Callable[[str, int], bool] | None = None,
+) -> _Plan:
+    """Sort one connection's items out before the batch handler runs (no I/O).
+
+    A repeat of an id first delivered earlier in the same round (by this connection, or by
+    another of the same client) is answered once that first delivery's outcome is known.
+    ``covers``: is an id below the client's floor (handled and forgotten, see ``_apply``)?
+    """
+    plan = _Plan(peer, len(items))
+    steps = plan.steps
+    client_id = peer.client_id
+    for index, item in enumerate(items):
+        if isinstance(item, Malformed):
+            steps.append((_NACK, index, (item.id, item.reason)))
+            continue
+        if isinstance(item, Close):
+            plan.close = item
+            break
+        try:
+            payload = encode_payload(item.data)
+        except (TypeError, ValueError) as exc:  # the parse-time checks make this rare
+            steps.append((_NACK, index, (item.id, f"cannot be stored: {clip(str(exc))}")))
+            continue
+        digest = payload_digest(payload)
+        key = (client_id, item.id)
+        recorded = known.get(key)
+        if recorded is not None:
+            if recorded[1] == digest:
+                steps.append((_AGAIN, index, (item.id, recorded[0])))
+            else:
+                steps.append((_CONFLICT, index, (item.id, _conflict_reason(item.id))))
+            continue
+        if covers is not None and covers(client_id, item.id):
+            if _renumbers(peer):
+                steps.append((_CONFLICT, index, (item.id, _below_floor_reason(item.id))))
+            else:
+                steps.append((_AGAIN, index, (item.id, None)))
+            continue
+        if key in pending:
+            steps.append((_REPEAT, index, (item.id, digest)))
+            continue
+        new = _New(plan, index, client_id, item, payload, digest)
+        pending.add(key)
+        steps.append((_FRESH, index, new))
+        plan.fresh.append(new)
+    return plan
 
 
 def _conflict_reason(message_id: int) -> str:

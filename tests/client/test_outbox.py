@@ -245,7 +245,7 @@ async def test_refused_handshake_backs_off_instead_of_hot_looping(db: Path) -> N
     assert statuses(db) == {"pending": 1}
 
 
-@pytest.mark.parametrize("code", [1012, 1013])
+@pytest.mark.parametrize("code", [1001, 1012, 1013])
 async def test_server_restarting_close_codes_get_a_backoff(db: Path, code: int) -> None:
     async with ScriptedServer(close_code=code) as server:
         options = {**FAST, "reconnect_interval": 50 * MS, "reconnect_max_interval": 50 * MS}

@@ -676,14 +676,14 @@ async def test_tls_with_a_self_signed_certificate(db: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_close_says_going_away_and_releases_the_file(db: Path) -> None:
+async def test_close_says_service_restart_and_releases_the_file(db: Path) -> None:
     receiver = serve(None, db)
     await receiver.start()
     async with connect(receiver.url, additional_headers=headers("c1")) as ws:
         await ws.send(message(1, "x"))
         assert await acks(ws, 1) == [1]
         await receiver.close()
-        assert await closed_with(ws) == CloseCode.GOING_AWAY
+        assert await closed_with(ws) == CloseCode.SERVICE_RESTART
     await receiver.close()  # idempotent
     with sqlite3.connect(db) as conn:  # nothing left locked
         conn.execute("BEGIN IMMEDIATE")
@@ -732,13 +732,13 @@ async def test_close_cancels_a_stuck_handler_and_the_message_is_handled_after_re
             cancelled.set()
             raise
 
-    receiver = serve(stuck, db, close_timeout=0.2)
+    receiver = serve(stuck, db, close_timeout=0.2, drain_timeout=0.2)
     await receiver.start()
     async with connect(receiver.url, additional_headers=headers("c1")) as ws:
         await ws.send(message(1, "x"))
         await asyncio.wait_for(entered.wait(), 5)
         await asyncio.wait_for(receiver.close(), 5)
-        assert await closed_with(ws) == CloseCode.GOING_AWAY
+        assert await closed_with(ws) == CloseCode.SERVICE_RESTART
     assert cancelled.is_set()
     assert inbox_rows(db) == []  # rolled back, never acked
 
