@@ -40,7 +40,13 @@ from .inbox import InboxRow, Key, Recorded
 if TYPE_CHECKING:
     import asyncpg
 
-__all__ = ["DriverMissingError", "PostgresInbox", "PostgresTransaction", "display_url"]
+__all__ = [
+    "DriverMissingError",
+    "PostgresInbox",
+    "PostgresTransaction",
+    "check_url",
+    "display_url",
+]
 
 LOCK_KEY = 0x6F7574626F78  # "outbox": the advisory lock of migrations and setup hooks
 CONNECT_TIMEOUT = 10.0
@@ -98,7 +104,7 @@ def display_url(url: str) -> str:
         return "postgresql://(unparsable URL)"
 
 
-def _check_url(url: str) -> None:
+def check_url(url: str) -> None:
     """Refuse a URL asyncpg would misread, naming what is wrong."""
     try:
         split = urllib.parse.urlsplit(url)
@@ -207,7 +213,7 @@ class PostgresInbox:
     @classmethod
     async def open(cls, url: str, *, timeout: float = CONNECT_TIMEOUT) -> PostgresInbox:
         """Check the URL, connect, apply the migrations (under the advisory lock)."""
-        _check_url(url)
+        check_url(url)
         asyncpg = _driver()
         try:
             conn = await asyncpg.connect(url, timeout=timeout)

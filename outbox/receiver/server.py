@@ -130,6 +130,9 @@ class Receiver:
         self._setup = setup
         self._db_path = os.fspath(db_path)
         if is_postgres_url(self._db_path):
+            from .postgres import check_url  # asyncpg itself is imported at start()
+
+            check_url(self._db_path)
             _refuse_sqlite_options(synchronous, busy_timeout)
         self._authenticate = authenticate
         self._options = ReceiverOptions(
