@@ -25,6 +25,7 @@ __all__ = [
     "SUPERSEDED",
     "HandlerTransaction",
     "InboxBackend",
+    "StatementFailed",
     "is_postgres_url",
     "open_inbox",
 ]
@@ -35,6 +36,12 @@ sharing the database): its work is dropped unhandled and unacked, the client res
 its newest connection. In the application range (4000-4999), after HTTP 409 Conflict."""
 
 SetupHook = Callable[[Any], Awaitable[None]]
+
+
+class StatementFailed(Exception):
+    """A handler returned after one of its statements failed (PostgreSQL aborts the rest of
+    the transaction then): its SAVEPOINT was undone and the message counts as a handler
+    failure (1011), so the other messages of the group still commit."""
 
 
 class HandlerTransaction(Protocol):

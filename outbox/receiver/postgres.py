@@ -35,6 +35,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SchemaTooNewError, StoreError
+from .backend import StatementFailed
 from .inbox import InboxRow, Key, Recorded
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ LOCK_KEY = 0x6F7574626F78  # "outbox": the advisory lock of migrations and setup
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_POOL = 4
 """Connections for handshakes (claim, high-water mark), apart from the writer's."""
+CLAIM_LOCK_TIMEOUT = 10.0
+"""Seconds a handshake's claim waits for the group commit in flight for its identity (on any
+receiver) before it answers 503 and the client retries."""
 
 _SAVEPOINT = "outbox_handler"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -152,17 +156,19 @@ class PostgresTransaction:
     writes commit with the message's inbox row; no BEGIN/COMMIT/ROLLBACK/RELEASE of your own;
     the handle refuses to be used after the handler returns. SQL uses asyncpg's placeholders
     (``$1``, ``$2``...), and one statement at a time (an asyncpg connection runs no two at
-    once). A statement that fails aborts the message: let its exception propagate (catching
-    it and returning fails the whole group, which PostgreSQL has aborted, with 1013).
+    once). A statement that fails aborts the message: even if the handler catches the error
+    and returns, its writes are undone and the message fails like a raise (1011), since
+    PostgreSQL refuses every statement after an error until the SAVEPOINT is rolled back.
     """
 
-    __slots__ = ("_conn", "_state")
+    __slots__ = ("_conn", "_failed", "_state")
 
     _FRESH, _OPEN, _DONE = 0, 1, 2
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
         self._state = self._FRESH
+        self._failed: BaseException | None = None
 
     async def _enter(self) -> None:
         if self._state == self._OPEN:
@@ -177,27 +183,44 @@ class PostgresTransaction:
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> str:
         """Run one statement; returns its status (``"INSERT 0 1"``), like asyncpg's."""
         await self._enter()
-        return await self._conn.execute(sql, *parameters)
+        try:
+            return await self._conn.execute(sql, *parameters)
+        except Exception as exc:
+            self._failed = exc
+            raise
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> None:
         """Run one statement for each parameter tuple (asyncpg pipelines them)."""
         await self._enter()
-        await self._conn.executemany(sql, parameters)
+        try:
+            await self._conn.executemany(sql, parameters)
+        except Exception as exc:
+            self._failed = exc
+            raise
 
     async def execute_fetchall(
         self, sql: str, parameters: Sequence[Any] = ()
     ) -> list[asyncpg.Record]:
         """Run a query and return all its rows."""
         await self._enter()
-        return await self._conn.fetch(sql, *parameters)
+        try:
+            return await self._conn.fetch(sql, *parameters)
+        except Exception as exc:
+            self._failed = exc
+            raise
 
     async def _finish(self, keep: bool) -> None:
         state, self._state = self._state, self._DONE
         if state != self._OPEN:
             return
-        if not keep:
+        if not keep or self._failed is not None:
             await self._conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
         await self._conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        if keep and self._failed is not None:
+            raise StatementFailed(
+                f"the handler returned after its statement failed ({self._failed}); "
+                "PostgreSQL aborts the transaction after an error, so its writes were undone"
+            )
 
 
 class PostgresInbox:
@@ -221,8 +244,14 @@ class PostgresInbox:
             raise _connect_error(exc, url) from exc
         try:
             await _migrate(conn, display_url(url))
+            # A claim waits for the group commits in flight for its identity; a receiver
+            # whose handler hangs must not hang every handshake here: 503 after this.
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=HANDSHAKE_POOL, timeout=timeout
+                url,
+                min_size=1,
+                max_size=HANDSHAKE_POOL,
+                timeout=timeout,
+                server_settings={"lock_timeout": f"{int(CLAIM_LOCK_TIMEOUT * 1000)}"},
             )
         except BaseException as exc:
             await conn.close()

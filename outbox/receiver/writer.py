@@ -44,7 +44,7 @@ from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
 from .api import Handler, Incoming, ReceiverStats, Reject
-from .backend import SUPERSEDED, InboxBackend
+from .backend import SUPERSEDED, InboxBackend, StatementFailed
 from .connection import Peer
 from .handshake import describe_peer
 from .inbox import InboxRow, Key, Recorded, encode_payload, payload_digest
@@ -406,7 +406,13 @@ class Writer:
             await message._finish(keep=False)
             return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
         self._check_transaction(item.id)
-        await message._finish(keep=True)
+        try:
+            await message._finish(keep=True)
+        except StatementFailed as exc:  # PostgreSQL: the handler swallowed a failed statement
+            logger.error(
+                "message %s from client %r: %s; closing with 1011", item.id, client_id, exc
+            )
+            return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
         return None
 
     def _check_transaction(self, message_id: int) -> None:

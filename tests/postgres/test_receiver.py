@@ -9,6 +9,7 @@ conforming client would not send). The handler writes one ``effects`` row per ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -439,3 +440,38 @@ async def test_outbox_client_moving_between_receivers_sees_exactly_once(
         await box.wait_acked(second[-1], timeout=20)
     [client_id] = {c for c, _ in recorder_a.calls}
     assert await effects(pg_url) == [(client_id, i) for i in first + second]
+
+
+async def test_a_failed_statement_fails_only_its_message_even_if_the_handler_swallows_it(
+    pg_url: str,
+) -> None:
+    """PostgreSQL aborts the transaction after an error; the SAVEPOINT keeps it that
+    message's: the others of the same group commit, it is closed 1011 and resent."""
+    bad = {2}
+
+    async def handler(message: Incoming) -> None:
+        await message.tx.execute(
+            "INSERT INTO effects (client_id, message_id) VALUES ($1, $2)",
+            (message.client_id, message.id),
+        )
+        if message.id in bad:
+            bad.clear()
+            # Swallowed: the message must still not commit.
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                await message.tx.execute("SELECT * FROM no_such_table")
+
+    async with serve(handler, pg_url, setup=create_effects) as receiver:
+        async with (
+            connect(receiver.url, additional_headers=headers("c1")) as ws,
+            connect(receiver.url, additional_headers=headers("c2")) as other,
+        ):
+            await other.send(message(1, "x"))
+            await ws.send(batch([1, 2, 3]))
+            assert await acks(ws, 1) == [1]
+            assert await closed_with(ws) == CloseCode.INTERNAL_ERROR
+            assert await acks(other, 1) == [1]
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(batch([2, 3]))
+            assert await acks(ws, 2) == [2, 3]
+        assert receiver.stats.handler_errors == 1 and receiver.stats.storage_errors == 0
+    assert await effects(pg_url, "c1") == [("c1", 1), ("c1", 2), ("c1", 3)]
