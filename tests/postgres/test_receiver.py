@@ -475,3 +475,26 @@ async def test_a_failed_statement_fails_only_its_message_even_if_the_handler_swa
             assert await acks(ws, 2) == [2, 3]
         assert receiver.stats.handler_errors == 1 and receiver.stats.storage_errors == 0
     assert await effects(pg_url, "c1") == [("c1", 1), ("c1", 2), ("c1", 3)]
+
+
+async def test_group_commit_takes_the_same_round_trips_for_1000_messages_as_for_1(
+    pg_url: str,
+) -> None:
+    """One frame of n messages is one transaction of a fixed set of statements (BEGIN,
+    fence, dedup, INSERT, COMMIT) on the writer's connection, whatever n."""
+    async with serve(None, pg_url) as receiver:
+        inbox = receiver._inbox
+        assert isinstance(inbox, PostgresInbox)
+        statements: list[str] = []
+        inbox._conn.add_query_logger(lambda record: statements.append(record.query))
+        counts = []
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            start = 1
+            for n in (1, 1, 1000, 10):  # the first also pays asyncpg's type introspection
+                statements.clear()
+                await ws.send(batch(list(range(start, start + n))))
+                assert await acks(ws, n) == list(range(start, start + n))
+                await wait_until(lambda: bool(statements) and statements[-1] == "COMMIT")
+                counts.append(len(statements))
+                start += n
+    assert counts[1:] == [5, 5, 5], counts
