@@ -498,3 +498,25 @@ async def test_group_commit_takes_the_same_round_trips_for_1000_messages_as_for_
                 counts.append(len(statements))
                 start += n
     assert counts[1:] == [5, 5, 5], counts
+
+
+async def test_a_lost_database_connection_fails_the_group_with_1013_and_the_resend_is_handled_once(
+    pg_url: str, postgres: Any
+) -> None:
+    """The writer's connection is killed server-side: the group in progress fails (1013, not
+    acked), the next transaction reconnects, and the client's resend is handled once."""
+    recorder = Recorder()
+    async with serve(recorder, pg_url, setup=create_effects) as receiver:
+        inbox = receiver._inbox
+        assert isinstance(inbox, PostgresInbox)
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(message(1, {"n": 1}))
+            assert await acks(ws, 1) == [1]
+            postgres.psql(f"SELECT pg_terminate_backend({inbox._conn.get_server_pid()})")
+            await ws.send(message(2, {"n": 2}))
+            assert await closed_with(ws) == CloseCode.TRY_AGAIN_LATER
+        assert receiver.stats.storage_errors == 1
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(batch([2, 3]))
+            assert await acks(ws, 2) == [2, 3]
+    assert await effects(pg_url) == [("c1", 1), ("c1", 2), ("c1", 3)]
