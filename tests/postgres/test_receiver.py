@@ -550,3 +550,29 @@ async def test_a_handler_that_writes_costs_two_statements_per_message(pg_url: st
                 start += n
     assert counts[1:] == [5 + 2, 5 + 2 * 50], counts
     assert await effects(pg_url) == [("c1", i) for i in range(1, 53)]
+
+
+async def test_a_database_gone_away_refuses_handshakes_with_503_and_close_still_works(
+    tmp_path: Path,
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    from ..postgres_server import PostgresServer
+
+    with PostgresServer() as own:
+        url = own.create_database()
+        receiver = serve(None, url)
+        await receiver.start()
+        try:
+            async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+                await ws.send(message(1, "x"))
+                assert await acks(ws, 1) == [1]
+            await asyncio.to_thread(own.stop)
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(receiver.url, additional_headers=headers("c1")):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert receiver.stats.refused == 1
+        finally:
+            async with asyncio.timeout(30):
+                await receiver.close()
