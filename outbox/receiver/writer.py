@@ -501,7 +501,7 @@ class Writer:
                         len(fresh),
                         type(failure).__name__,
                         clip(str(failure)),
-                        exc_info=not isinstance(failure, Reject),
+                        exc_info=None if isinstance(failure, Reject) else failure,
                     )
                 await self._one_by_one(handler, plans, fresh, failure)
         return [plan.resolve(known, rows, now) for plan in plans]
