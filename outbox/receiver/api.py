@@ -14,7 +14,7 @@ from typing import Any, overload
 
 from websockets.datastructures import Headers
 
-from .inbox import Inbox, Transaction
+from .backend import HandlerTransaction, InboxBackend
 
 __all__ = [
     "Authenticate",
@@ -92,8 +92,10 @@ class Incoming:
     """One message, as the handler sees it.
 
     ``tx`` is the open write transaction that will record this message in the inbox (see
-    :class:`~outbox.receiver.inbox.Transaction`): writes made through it commit atomically
-    with that record, which is what makes their effect exactly-once.
+    :class:`~outbox.receiver.inbox.Transaction`, or on PostgreSQL
+    :class:`~outbox.receiver.postgres.PostgresTransaction`, whose SQL uses ``$1`` placeholders):
+    writes made through it commit atomically with that record, which is what makes their
+    effect exactly-once.
     """
 
     __slots__ = ("_inbox", "_tx", "client_id", "data", "id")
@@ -103,14 +105,14 @@ class Incoming:
         client_id: str,
         message_id: int,
         data: Any,
-        inbox: Inbox,
-        tx: Transaction | None = None,
+        inbox: InboxBackend,
+        tx: HandlerTransaction | None = None,
     ) -> None:
         self.client_id = client_id
         self.id = message_id
         self.data = data
         self._inbox = inbox
-        self._tx = tx
+        self._tx: HandlerTransaction | None = tx
         """In a :class:`Batch`, the batch's shared transaction; else opened on first use."""
 
     @property
@@ -118,7 +120,7 @@ class Incoming:
         return self.id
 
     @property
-    def tx(self) -> Transaction:
+    def tx(self) -> HandlerTransaction:
         if self._tx is None:
             self._tx = self._inbox.transaction()
         return self._tx
@@ -161,7 +163,7 @@ class Batch(Sequence[Incoming]):
 
     __slots__ = ("_index", "_messages", "_open", "_rejected", "_tx")
 
-    def __init__(self, messages: Sequence[Incoming], tx: Transaction) -> None:
+    def __init__(self, messages: Sequence[Incoming], tx: HandlerTransaction) -> None:
         self._messages = tuple(messages)
         self._tx = tx
         self._rejected: dict[int, str] = {}
@@ -170,7 +172,7 @@ class Batch(Sequence[Incoming]):
         self._open = True
 
     @property
-    def tx(self) -> Transaction:
+    def tx(self) -> HandlerTransaction:
         """The transaction shared by every message of the batch."""
         return self._tx
 
@@ -251,9 +253,10 @@ def check_handler(handler: object, batch: object) -> None:
         )
 
 
-Setup = Callable[[Transaction], Awaitable[None]]
+Setup = Callable[[Any], Awaitable[None]]
 """``serve(..., setup=...)``: run once at start, before listening, with a transaction on the
-inbox connection (the same handle as ``message.tx``): create the handler's tables here
+inbox connection (the same handle as ``message.tx``: a ``Transaction`` on SQLite, a
+``PostgresTransaction`` on PostgreSQL): create the handler's tables here
 (``CREATE TABLE IF NOT EXISTS``). Its writes commit before the first message is handled; if
 it raises, they are rolled back and ``start()`` fails with that error."""
 
@@ -286,6 +289,9 @@ class ReceiverStats:
     """Malformed frames or messages (nacked, or closed with 1003, 1007 or 1009)."""
     transactions: int = 0
     """Group commits."""
+    superseded: int = 0
+    """Connections fenced out (PostgreSQL) because their identity connected again: their
+    work dropped unhandled and unacked, closed with 4409."""
     storage_errors: int = 0
     """Transactions that failed in SQLite (connections involved closed with 1013)."""
     pruned: int = 0

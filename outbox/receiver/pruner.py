@@ -1,6 +1,8 @@
 """The bounded inbox at work: delete what the floor and the time window allow, in chunks.
 
-The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py``. This module decides
+The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py`` (:class:`FloorStore`
+is what this module needs of a backend: the SQLite inbox has it; PostgreSQL does not yet,
+and a receiver on PostgreSQL keeps every row). This module decides
 *when*: the writer task calls :meth:`Pruner.step` between group commits, never inside one,
 and each step is one small transaction of at most ``chunk`` rows, so deleting never holds
 the acks of a group commit back by more than one chunk (a few milliseconds). Steps are
@@ -17,11 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from ..protocol.floor import Floor, advance, covers, raise_mark, window_cutoff, window_victims
-from .inbox import Inbox, Key
+from .inbox import Key
 
-__all__ = ["Pruner"]
+__all__ = ["FloorStore", "Pruner"]
 
 logger = logging.getLogger("outbox.receiver")
 
@@ -31,6 +34,33 @@ it is older than the window (a quarter window when that is shorter)."""
 
 _MAX_CACHED = 100_000
 """Floors kept in memory (one per client seen); past this the cache starts again."""
+
+
+class FloorStore(Protocol):
+    """The bounded inbox's SQL, as ``inbox.Inbox`` implements it (see its methods for the
+    contract); ``begin``/``commit``/``rollback`` wrap each chunk."""
+
+    async def begin(self) -> None: ...
+
+    async def commit(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+    async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]: ...
+
+    async def run(
+        self, client_id: str, start: int, end: int, limit: int
+    ) -> list[tuple[int, bool]]: ...
+
+    async def forget(self, client_id: str, floor: Floor, now: float) -> int: ...
+
+    async def window_rows(
+        self, after: Key | None, limit: int
+    ) -> list[tuple[str, int, float, bool]]: ...
+
+    async def forget_keys(
+        self, keys: Sequence[Key], highest: dict[str, int], now: float
+    ) -> None: ...
 
 
 class Pruner:
@@ -63,6 +93,8 @@ class Pruner:
         """When the time window's next pass starts (monotonic); mid-pass, as soon as due."""
         self._next_at = 0.0
         self._retry_at = 0.0
+        self.inbox: FloorStore | None = None
+        """Set by the receiver once the inbox is open (the writer's own connection)."""
         self.pruned = 0
         """Rows deleted since start (``ReceiverStats.pruned``)."""
         self.sweeps = 0
@@ -70,8 +102,10 @@ class Pruner:
 
     # -- what the writer asks ------------------------------------------------------------------
 
-    async def load(self, inbox: Inbox, client_ids: Sequence[str]) -> None:
+    async def load(self, client_ids: Sequence[str]) -> None:
         """Make sure the floors of these clients are cached (one query for those missing)."""
+        inbox = self.inbox
+        assert inbox is not None
         missing = [c for c in dict.fromkeys(client_ids) if c not in self._floors]
         if not missing:
             return
@@ -112,9 +146,11 @@ class Pruner:
         at = self._sweep_at if self._sweep_after is None else self._next_at
         return max(0.0, at - self._monotonic())
 
-    async def step(self, inbox: Inbox) -> int:
+    async def step(self) -> int:
         """One chunk in its own transaction: a client's rows below its mark, else a range of
         the time window's sweep. Returns the rows deleted. Call only with no transaction open."""
+        inbox = self.inbox
+        assert inbox is not None
         now = self._monotonic()
         self._next_at = now + self.pause
         if self._marks:
@@ -123,7 +159,7 @@ class Pruner:
             return await self._window_step(inbox, now)
         return 0
 
-    async def _mark_step(self, inbox: Inbox) -> int:
+    async def _mark_step(self, inbox: FloorStore) -> int:
         client_id, target = next(iter(self._marks.items()))
         await inbox.begin()
         try:
@@ -148,7 +184,7 @@ class Pruner:
             self._marks[client_id] = self._marks.pop(client_id)  # to the back: take turns
         return deleted
 
-    async def _window_step(self, inbox: Inbox, now: float) -> int:
+    async def _window_step(self, inbox: FloorStore, now: float) -> int:
         assert self.window is not None
         cutoff = window_cutoff(
             wall_now=self._wall(),

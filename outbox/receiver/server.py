@@ -40,6 +40,7 @@ from ..logs import WEBSOCKETS, rate_limited
 from ..protocol import wire
 from . import connection
 from .api import Authenticate, BatchHandler, Handler, ReceiverStats, Setup, check_handler
+from .backend import InboxBackend, is_postgres_url, open_inbox
 from .connection import Peer
 from .drain import RESTART, Connections, drain
 from .handshake import Handshake, _Connection, anonymous_id
@@ -151,6 +152,11 @@ class Receiver:
         self._batch = batch
         self._setup = setup
         self._db_path = os.fspath(db_path)
+        if is_postgres_url(self._db_path):
+            from .postgres import check_url  # asyncpg itself is imported at start()
+
+            check_url(self._db_path)
+            _refuse_sqlite_options(synchronous, busy_timeout)
         self._authenticate = authenticate
         self._options = ReceiverOptions(
             host=host,
@@ -176,14 +182,20 @@ class Receiver:
 
         self.stats = ReceiverStats()
         self._handshake = Handshake(authenticate, self.stats, health_path=self._options.health_path)
-        self._inbox: Inbox | None = None
+        self._inbox: InboxBackend | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
         if prune is not None and not isinstance(prune, bool):
             raise TypeError(f"prune must be True, False or None, got {type(prune).__name__}")
+        if prune and is_postgres_url(self._db_path):
+            raise ValueError(
+                "prune=True needs a SQLite inbox: on PostgreSQL the bounded inbox is not "
+                "implemented yet and every row is kept (leave prune unset)"
+            )
+        wanted = handler is not None if prune is None else prune
         self._pruner = (
             Pruner(window=self._options.duplicate_window)
-            if (handler is not None if prune is None else prune)
+            if wanted and not is_postgres_url(self._db_path)
             else None
         )
         self._handshake.low_water = self._pruner is not None
@@ -207,7 +219,7 @@ class Receiver:
         if self._inbox is not None:
             raise RuntimeError("this receiver was already started")
         opts = self._options
-        self._inbox = await Inbox.open(
+        self._inbox = await open_inbox(
             self._db_path, synchronous=opts.synchronous, busy_timeout=opts.busy_timeout
         )
         if self._setup is not None:
@@ -217,6 +229,10 @@ class Receiver:
                 await self._inbox.close()
                 raise
         self._handshake.high_water = self._inbox.high_water
+        self._handshake.claim = self._inbox.claim
+        if self._pruner is not None:
+            assert isinstance(self._inbox, Inbox)  # the bounded inbox's SQL is SQLite's
+            self._pruner.inbox = self._inbox
         self._writer = Writer(
             self._inbox,
             self._handler,
@@ -227,7 +243,7 @@ class Receiver:
             observers=self.transaction_observers,
             pruner=self._pruner,
         )
-        self._writer.start(name=f"outbox-receiver-writer:{self._db_path}")
+        self._writer.start(name=f"outbox-receiver-writer:{self._inbox.path}")
         listening = False
         try:
             self._server = await ws_serve(
@@ -250,7 +266,7 @@ class Receiver:
             if not listening:  # e.g. the port is taken: leave nothing running
                 await self._stop_writer()
                 await self._inbox.close()
-        logger.info("receiving on %s (inbox %s)", self.url, self._db_path)
+        logger.info("receiving on %s (inbox %s)", self.url, self._inbox.path)
         if self._authenticate is None:
             logger.warning(
                 "no authenticate hook: claimed client ids are trusted without authentication, "
@@ -285,7 +301,7 @@ class Receiver:
                 try:
                     await self._inbox.rollback()
                 except Exception:
-                    logger.exception("rollback failed while closing %s", self._db_path)
+                    logger.exception("rollback failed while closing %s", self.db_path)
                 finally:
                     await self._inbox.close()
 
@@ -316,7 +332,11 @@ class Receiver:
 
     @property
     def db_path(self) -> str:
-        """The inbox file."""
+        """The inbox file, or the PostgreSQL URL without its password."""
+        if is_postgres_url(self._db_path):
+            from .postgres import display_url
+
+            return display_url(self._db_path)
         return self._db_path
 
     @property
@@ -383,6 +403,22 @@ class Receiver:
         self._pruner.announce(peer.client_id, mark)
         if self._writer is not None:
             self._writer.wake()
+
+
+def _refuse_sqlite_options(synchronous: str, busy_timeout: float) -> None:
+    """synchronous and busy_timeout tune the SQLite file; on PostgreSQL they would be
+    silently meaningless, so anything but their defaults is refused."""
+    if str(synchronous).upper() != "FULL":
+        raise ValueError(
+            "synchronous applies to a SQLite inbox only; on PostgreSQL durability is the "
+            "server's synchronous_commit setting: leave synchronous at its default"
+        )
+    if busy_timeout != 5.0:
+        raise ValueError(
+            "busy_timeout applies to a SQLite inbox only; on PostgreSQL set lock_timeout or "
+            "statement_timeout on the server or in the URL (?options=...): leave busy_timeout "
+            "at its default"
+        )
 
 
 serve = Receiver

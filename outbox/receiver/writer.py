@@ -26,6 +26,11 @@ connection (1011) and its SAVEPOINT is undone; only a failure of the transaction
 A batch handler (``batch=True``) is called once per round with every new message of it;
 if it raises, its SAVEPOINT is undone and the new messages go through it again one at a
 time, which finds the failing message and gives its connection the per-message outcome.
+
+On PostgreSQL (``backend.InboxBackend``, ``postgres``) several receivers may share the inbox:
+each round first fences the identities it carries, and a connection superseded by a newer
+one for its identity (on any receiver) has its items dropped, unhandled and unacked, and is
+closed with 4409 (``backend.SUPERSEDED``); its client resends them on its newer connection.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,9 +51,10 @@ from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
 from .api import Batch as HandlerBatch
 from .api import BatchHandler, Handler, Incoming, ReceiverStats, Reject
+from .backend import SUPERSEDED, InboxBackend, StatementFailed
 from .connection import Peer
 from .handshake import describe_peer
-from .inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest, translate
+from .inbox import InboxRow, Key, Recorded, encode_payload, payload_digest
 from .pruner import Pruner
 
 __all__ = ["Writer"]
@@ -80,6 +85,8 @@ class _Outcome:
     handler_failed: bool = False
     unreached: int = 0
     """Items at the end of this connection's share that the round's time ran out before."""
+    superseded: bool = False
+    """Fenced out: a newer connection holds this identity (nothing else was done)."""
 
     def answer_again(self, message_id: int, reason: str | None) -> None:
         """A resend of a recorded message: the same answer as the first time."""
@@ -104,7 +111,7 @@ class Writer:
 
     def __init__(
         self,
-        inbox: Inbox,
+        inbox: InboxBackend,
         handler: Handler | BatchHandler | None,
         stats: ReceiverStats,
         *,
@@ -225,14 +232,15 @@ class Writer:
         if delay is None or delay > 0:
             return
         try:
-            await pruner.step(self._inbox)
+            await pruner.step()
         except Exception as exc:
             pruner.back_off()
+            described = self._inbox.describe_error(exc)
             logger.warning(
                 "pruning the inbox failed (%s); trying again in %ss",
-                translate(exc, self._inbox.path) if isinstance(exc, sqlite3.Error) else exc,
+                described,
                 pruner.retry_after,
-                exc_info=not isinstance(exc, StoreError | sqlite3.Error),
+                exc_info=described is exc and not isinstance(exc, StoreError),
             )
             if self._inbox.in_transaction:
                 await self._inbox.rollback()
@@ -276,6 +284,7 @@ class Writer:
             results = await self._transaction(batch)
         except Exception as exc:
             self._stats.storage_errors += 1
+            described = inbox.describe_error(exc)
             clients = sorted({clip(peer.client_id, 80) for peer, _, _ in batch})
             logger.error(
                 "inbox transaction failed for %d connection(s) (%s): %s; closing them with "
@@ -283,8 +292,8 @@ class Writer:
                 len(batch),
                 ", ".join(clients[:5]) + (", ..." if len(clients) > 5 else ""),
                 # Say what to do about it (locked, full, corrupt), not only what SQLite said.
-                translate(exc, inbox.path) if isinstance(exc, sqlite3.Error) else exc,
-                exc_info=not isinstance(exc, StoreError | sqlite3.Error),
+                described,
+                exc_info=not isinstance(described, StoreError),
             )
             for peer, _, _ in batch:
                 peer.fail(Close(CloseCode.TRY_AGAIN_LATER, "inbox unavailable, resend later"))
@@ -324,6 +333,7 @@ class Writer:
         stats.conflicts += len(out.conflicts)
         stats.nacks += len(out.nacks) + len(out.conflicts)
         stats.handler_errors += int(out.handler_failed)
+        stats.superseded += int(out.superseded)
         for frame in ack_frames(out.acks, out.nacks, peer.batch_ack):
             peer.send(frame)
         if out.conflicts:
@@ -344,18 +354,25 @@ class Writer:
         ]
         known: dict[Key, Recorded] = {}
         started = time.perf_counter()
-        if keys:
+        superseded: set[Peer] = set()
+        began = bool(keys)
+        if began:
             await inbox.begin()
-            known = await inbox.seen(keys)
-            if self._pruner is not None:
-                unknown = [key[0] for key in keys if key not in known]
-                if unknown:
-                    await self._pruner.load(inbox, unknown)
+            superseded = await self._fence(batch)
+            if superseded:
+                gone = _identities(superseded, batch)
+                keys = [key for key in keys if key[0] not in gone]
+            if keys:
+                known = await inbox.seen(keys)
+                if self._pruner is not None:
+                    unknown = [key[0] for key in keys if key not in known]
+                    if unknown:
+                        await self._pruner.load(unknown)
         rows: list[InboxRow] = []
         now = time.time()
         self._deadline = asyncio.get_running_loop().time() + self._max_time
-        results = await self._apply_all(batch, known, rows, now)
-        if keys:
+        results = await self._apply_all(batch, known, rows, now, superseded)
+        if began:
             if rows:
                 await inbox.record(rows)
             await inbox.commit()
@@ -363,6 +380,15 @@ class Writer:
             if self._observers:
                 self._observe(time.perf_counter() - started)
         return results
+
+    async def _fence(self, batch: Batch) -> set[Peer]:
+        """The connections of ``batch`` superseded by a newer one for their identity (their
+        epoch is not the identity's current one, read with its row locked until COMMIT)."""
+        fenced = [peer for peer, _, _ in batch if _epoch(peer) is not None]
+        if not fenced:
+            return set()
+        current = await self._inbox.fence([peer.client_id for peer in fenced])
+        return {peer for peer in fenced if current.get(peer.client_id) != _epoch(peer)}
 
     def _observe(self, elapsed: float) -> None:
         """After COMMIT: a failing observer (metrics) must not look like a failed commit."""
@@ -373,13 +399,30 @@ class Writer:
                 logger.exception("a transaction observer failed; ignored")
 
     async def _apply_all(
-        self, batch: Batch, known: dict[Key, Recorded], rows: list[InboxRow], now: float
+        self,
+        batch: Batch,
+        known: dict[Key, Recorded],
+        rows: list[InboxRow],
+        now: float,
+        superseded: set[Peer],
     ) -> list[tuple[Peer, _Outcome]]:
-        """Every connection's share: through the batch handler, or one message at a time."""
+        """Every connection's share: through the batch handler, or one message at a time.
+        A superseded connection's share is dropped, unhandled (see ``_superseded``)."""
         if self._batch_handler is not None:
-            return await self._apply_batch(self._batch_handler, batch, known, rows, now)
+            live = [entry for entry in batch if entry[0] not in superseded]
+            handled = iter(await self._apply_batch(self._batch_handler, live, known, rows, now))
+            return [
+                (peer, _superseded()) if peer in superseded else next(handled)
+                for peer, _, _ in batch
+            ]
         return [
-            (peer, await self._apply(peer, items, known, rows, now)) for peer, items, _ in batch
+            (
+                peer,
+                _superseded()
+                if peer in superseded
+                else await self._apply(peer, items, known, rows, now),
+            )
+            for peer, items, _ in batch
         ]
 
     # -- one connection's share, one message at a time -----------------------------------------
@@ -469,7 +512,13 @@ class Writer:
             await message._finish(keep=False)
             return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
         self._check_transaction(item.id)
-        await message._finish(keep=True)
+        try:
+            await message._finish(keep=True)
+        except StatementFailed as exc:  # PostgreSQL: the handler swallowed a failed statement
+            logger.error(
+                "message %s from client %r: %s; closing with 1011", item.id, client_id, exc
+            )
+            return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
         return None
 
     def _check_transaction(self, message_id: int) -> None:
@@ -512,7 +561,7 @@ class Writer:
                         len(fresh),
                         type(failure).__name__,
                         clip(str(failure)),
-                        exc_info=not isinstance(failure, Reject),
+                        exc_info=None if isinstance(failure, Reject) else failure,
                     )
                 await self._one_by_one(handler, plans, fresh, failure)
         return [plan.resolve(known, rows, now) for plan in plans]
@@ -534,7 +583,10 @@ class Writer:
             return exc
         verdicts = view._close()
         self._check_transaction(fresh[0].item.id)
-        await tx._finish(keep=True)
+        try:
+            await tx._finish(keep=True)
+        except StatementFailed as exc:  # PostgreSQL: the handler swallowed a failed statement
+            return exc
         for new, verdict in zip(fresh, verdicts, strict=True):
             new.verdict = verdict
             new.done = True
@@ -722,6 +774,27 @@ def _plan(
         steps.append((_FRESH, index, new))
         plan.fresh.append(new)
     return plan
+
+
+def _epoch(peer: Peer) -> int | None:
+    """The epoch the handshake claimed for this connection; None where nothing is fenced."""
+    epoch: int | None = getattr(peer.ws, "outbox_epoch", None)
+    return epoch
+
+
+def _identities(superseded: set[Peer], batch: Batch) -> set[str]:
+    """Identities none of whose connections in ``batch`` is current: their keys need no
+    dedup (a current connection of the same identity keeps its keys)."""
+    current = {peer.client_id for peer, _, _ in batch if peer not in superseded}
+    return {peer.client_id for peer in superseded} - current
+
+
+def _superseded() -> _Outcome:
+    """A superseded connection: nothing handled, recorded or answered; closed with 4409."""
+    return _Outcome(
+        close=Close(SUPERSEDED, "superseded: this client id connected again; resend there"),
+        superseded=True,
+    )
 
 
 def _conflict_reason(message_id: int) -> str:

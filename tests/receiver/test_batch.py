@@ -473,13 +473,13 @@ async def test_close_cancels_a_stuck_batch_handler_and_nothing_is_kept(db: Path)
         entered.set()
         await asyncio.Event().wait()  # waiting on something that never comes
 
-    receiver = serve(stuck, db, batch=True, close_timeout=0.2)
+    receiver = serve(stuck, db, batch=True, close_timeout=0.2, drain_timeout=0.2)
     await receiver.start()
     async with connect(receiver.url, additional_headers=headers("c1")) as ws:
         await ws.send(batch([1, 2]))
         await asyncio.wait_for(entered.wait(), 5)
         await asyncio.wait_for(receiver.close(), 5)
-        assert await closed_with(ws) == CloseCode.GOING_AWAY
+        assert await closed_with(ws) == CloseCode.SERVICE_RESTART
     assert inbox_rows(db) == [] and effects(db) == []  # rolled back, never acked
     recorder = BatchRecorder()
     async with (
