@@ -361,6 +361,14 @@ class Inbox:
                 found[client_id] = Floor(base, floor, high_water, mark)
         return found
 
+    async def unfinished(self) -> list[tuple[str, int]]:
+        """``(client id, mark)`` of the records whose floor has not reached their mark yet:
+        the work a receiver stopped in the middle of, resumed at start."""
+        rows = await self._db.execute_fetchall(
+            "SELECT client_id, mark FROM inbox_floor WHERE mark IS NOT NULL AND mark > floor"
+        )
+        return [(str(client_id), int(mark)) for client_id, mark in rows]
+
     async def run(self, client_id: str, start: int, end: int, limit: int) -> list[tuple[int, bool]]:
         """``(message id, rejected)`` of the client's rows with ``start <= id < end``, in id
         order, at most ``limit``: one range of the primary key."""

@@ -48,6 +48,8 @@ class FloorStore(Protocol):
 
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]: ...
 
+    async def unfinished(self) -> list[tuple[str, int]]: ...
+
     async def run(
         self, client_id: str, start: int, end: int, limit: int
     ) -> list[tuple[int, bool]]: ...
@@ -99,6 +101,13 @@ class Pruner:
         """Rows deleted since start (``ReceiverStats.pruned``)."""
         self.sweeps = 0
         """Passes of the time window over the whole inbox since start."""
+
+    async def resume(self, inbox: FloorStore) -> None:
+        """Use ``inbox`` and take up the marks a previous run had not worked through (a
+        client that never comes back still gets its rows below its last mark deleted)."""
+        self.inbox = inbox
+        for client_id, mark in await inbox.unfinished():
+            self.announce(client_id, mark)
 
     # -- what the writer asks ------------------------------------------------------------------
 

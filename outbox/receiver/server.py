@@ -232,7 +232,11 @@ class Receiver:
         self._handshake.claim = self._inbox.claim
         if self._pruner is not None:
             assert isinstance(self._inbox, Inbox)  # the bounded inbox's SQL is SQLite's
-            self._pruner.inbox = self._inbox
+            try:
+                await self._pruner.resume(self._inbox)
+            except BaseException:
+                await self._inbox.close()
+                raise
         self._writer = Writer(
             self._inbox,
             self._handler,
