@@ -445,3 +445,13 @@ async def test_a_restarted_receiver_finishes_the_pruning_it_stopped_in(
         await wait_until(lambda: floor_of(db, "gone") == (1, 8, 7, 8))
         await wait_until(lambda: rx.stats.pruned == 4)  # 4 to 7; 1 to 3 were gone already
     assert inbox_rows(db, "gone") == 3  # 8, 9, 10: at and above the mark
+
+
+def test_serve_duplicate_window_takes_seconds_or_forever() -> None:
+    import argparse
+
+    from outbox.cli import _window
+
+    assert _window("3600") == 3600.0 and _window("Forever") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="seconds or 'forever'"):
+        _window("a week")
