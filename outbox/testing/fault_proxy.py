@@ -85,9 +85,13 @@ class Fault(enum.StrEnum):
     CHAOS_TRUNCATE = "chaos_truncate"
     CHAOS_STALL = "chaos_stall"
     CHAOS_REFUSE = "chaos_refuse"
+    CUT_UPSTREAM = "cut_upstream"
+    """A round-robin proxy's connections to one upstream, cut because it was killed."""
 
 
-_CUTS = frozenset({Fault.CUT_ALL, Fault.CUT_AFTER, Fault.CHAOS_CUT, Fault.CHAOS_TRUNCATE})
+_CUTS = frozenset(
+    {Fault.CUT_ALL, Fault.CUT_AFTER, Fault.CHAOS_CUT, Fault.CHAOS_TRUNCATE, Fault.CUT_UPSTREAM}
+)
 _REFUSALS = frozenset({Fault.REFUSE, Fault.CHAOS_REFUSE})
 
 
@@ -522,13 +526,11 @@ class FaultProxy:
     async def _run_link(self, link: _Link, client_reader: asyncio.StreamReader) -> None:
         completed = False
         try:
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-            except (OSError, TimeoutError) as exc:
+            opened = await self._open_upstream(link)
+            if opened is None:
                 self.stats.upstream_failures += 1
-                logger.debug("fault proxy: upstream %s unreachable: %r", self._upstream, exc)
                 return
+            up_reader, up_writer = opened
             link.upstream = up_writer
             async with asyncio.TaskGroup() as group:
                 pipes: tuple[tuple[Direction, asyncio.StreamReader, asyncio.StreamWriter], ...] = (
@@ -552,6 +554,18 @@ class FaultProxy:
                 link.kill()
             self._links.discard(link)
             self._notify()
+
+    async def _open_upstream(
+        self, link: _Link
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect ``link`` to the upstream; None if it cannot be reached. A subclass that
+        spreads connections over several upstreams overrides this alone."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await asyncio.open_connection(*self._upstream)
+        except (OSError, TimeoutError) as exc:
+            logger.debug("fault proxy: upstream %s unreachable: %r", self._upstream, exc)
+            return None
 
     async def _read(
         self,
