@@ -4,6 +4,9 @@
 ``inbox_db``, ``outbox_db`` and ``receiver``: for the fault suites, a receiver whose handler
 records an effect per message through the inbox transaction, and the two SQLite files
 ``chaos_support.check_end_state`` reads at the end of a scenario.
+``postgres`` (session) and ``pg_url`` (a fresh database per test): a throwaway PostgreSQL server
+(tests/postgres_server.py); they skip where no PostgreSQL binaries exist, and fail instead
+under ``OUTBOX_REQUIRE_POSTGRES=1`` (CI).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ import pytest
 from outbox import Receiver, logs, serve
 
 from .chaos_support import create_effects_table, record_effect
+from .postgres_server import PostgresServer, Unavailable, required
 from .support import ScriptedServer
 
 
@@ -50,6 +54,29 @@ def outbox_db(tmp_path: Path) -> Path:
 async def receiver(inbox_db: Path) -> AsyncIterator[Receiver]:
     async with serve(record_effect, inbox_db) as rx:
         yield rx
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole session, stopped (no process left) at the
+    end. Skips without binaries; with OUTBOX_REQUIRE_POSTGRES=1 a missing server fails."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except Unavailable as exc:
+        if required():
+            pytest.fail(f"OUTBOX_REQUIRE_POSTGRES=1 but {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL tests skipped: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A fresh, empty database on the session's server, as a postgresql:// URL."""
+    return postgres.create_database()
 
 
 @pytest.fixture(autouse=True)
