@@ -80,8 +80,11 @@ def _free_port() -> int:
 class PostgresServer:
     """One throwaway cluster; see the module docstring."""
 
-    def __init__(self, bindir: Path | None = None) -> None:
+    def __init__(self, bindir: Path | None = None, *, fsync: bool = False) -> None:
+        """``fsync=True`` keeps PostgreSQL's durable defaults (fsync, full_page_writes): for
+        benchmarks, whose commits must cost what they cost in production."""
         self._bindir = bindir
+        self._fsync = fsync
         self._dir: Path | None = None
         self._names = itertools.count(1)
         self.port = 0
@@ -126,9 +129,10 @@ class PostgresServer:
         )
         # Loopback only, trust (initdb --auth=trust wrote the hba lines); no fsync: a test
         # cluster is thrown away, durability across a power cut is not what we test.
+        durability = "" if self._fsync else "-c fsync=off -c full_page_writes=off "
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-            f"-c unix_socket_directories={self._dir} -c fsync=off -c full_page_writes=off "
+            f"-c unix_socket_directories={self._dir} {durability}"
             "-c max_connections=200 -c shared_buffers=32MB"
         )
         try:
