@@ -256,6 +256,9 @@ class _Link:
         self.upstream: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
         self.dead = False
+        self.flowing = asyncio.Event()
+        """Cleared: this connection alone is blackholed (see ``RoundRobinProxy.partition``)."""
+        self.flowing.set()
         # One stream of draws per connection and direction, so the chaos decisions for one
         # connection do not depend on how the other connections' chunks interleave.
         self.rngs: dict[Direction, random.Random] = {
@@ -612,6 +615,7 @@ class FaultProxy:
                     self._notify()
                     await asyncio.sleep(fate.stall)
                 await self._flowing.wait()
+                await link.flowing.wait()
 
                 keep, cut = fate.keep, fate.fault if fate.fault in _CUTS else None
                 armed = self._cut_after[direction]

@@ -10,7 +10,9 @@ loopback, for tests and benchmarks:
   skipped, and the client is reset only when none accepts;
 - :meth:`~RoundRobinProxy.kill_upstream` resets every connection to one upstream at once (a
   killed instance: the kernel would close them too, this makes it immediate and counted);
-- :meth:`~RoundRobinProxy.replace` points one slot at a restarted instance's new port.
+- :meth:`~RoundRobinProxy.replace` points one slot at a restarted instance's new port;
+- :meth:`~RoundRobinProxy.partition` silences one upstream's connections without closing
+  them: the client times out and moves on while the instance keeps its stale half-open end.
 
 It is a :class:`~outbox.testing.fault_proxy.FaultProxy` that picks its upstream per
 connection, so every fault of that proxy (cuts, delay, blackhole, refuse, chaos) works here
@@ -73,6 +75,7 @@ class RoundRobinProxy(FaultProxy):
         self._slots = checked
         self._next = 0
         self._link_slot: dict[_Link, int] = {}
+        self._partitioned: set[int] = set()
         self.connections_to: Counter[int] = Counter()
 
     # The fleet
@@ -102,6 +105,32 @@ class RoundRobinProxy(FaultProxy):
         for link in links:
             self._cut(link, Fault.CUT_UPSTREAM)
         return len(links)
+
+    def partition(self, index: int, on: bool = True) -> int:
+        """Hold every byte to and from slot ``index``, without closing anything: its
+        connections stay open at both ends, silent (a network partition, or a host that
+        froze). A client gives up on its own (heartbeat) and reconnects elsewhere, while the
+        instance still holds its stale half of the connection; when the partition lifts, the
+        held bytes are delivered in order. New connections to the slot are held too, so
+        :meth:`remove` it meanwhile if the clients are to reach the others. Returns how many
+        live connections changed."""
+        self._check(index)
+        if on:
+            self._partitioned.add(index)
+        else:
+            self._partitioned.discard(index)
+        links = [link for link in self._live(index) if link.flowing.is_set() == on]
+        for link in links:
+            if on:
+                link.flowing.clear()
+            else:
+                link.flowing.set()
+        self._notify()
+        return len(links)
+
+    def partitioned(self, index: int) -> bool:
+        self._check(index)
+        return index in self._partitioned
 
     def active_to(self, index: int) -> int:
         """Connections currently proxied to slot ``index``."""
@@ -143,6 +172,8 @@ class RoundRobinProxy(FaultProxy):
                 continue
             self._next = (index + 1) % count
             self._link_slot[link] = index
+            if index in self._partitioned:
+                link.flowing.clear()
             self.connections_to[index] += 1
             return opened
         logger.debug("round-robin proxy: no upstream accepted connection %d", link.number)

@@ -180,6 +180,30 @@ async def test_replace_and_remove(proxy: RoundRobinProxy, servers: list[NamedSer
         await restarted.stop()
 
 
+async def test_partition_holds_one_upstream_without_closing(
+    proxy: RoundRobinProxy, servers: list[NamedServer]
+) -> None:
+    async with clients(proxy, 3) as group:
+        assert proxy.partition(1) == 1
+        assert proxy.partitioned(1)
+        group[1].writer.write(b"held")
+        # The others carry on; the held bytes are inside the proxy, so nothing can arrive.
+        assert [await group[i].ask("free") for i in (0, 2)] == ["a", "c"]
+        async with asyncio.timeout(STEP):
+            await proxy.wait_until(lambda: proxy.stats.received["upstream"] >= 3 * 7 + 8 + 4)
+        assert proxy.stats.forwarded["upstream"] == proxy.stats.received["upstream"] - 4
+        assert proxy.active_to(1) == 1  # still open at both ends
+        # Removed, the partitioned slot takes no new connection: it goes to the next one.
+        proxy.remove(1)
+        async with clients(proxy, 1) as (moved,):
+            assert moved.upstream == "a"
+        assert proxy.partition(1, on=False) == 1
+        async with asyncio.timeout(STEP):
+            reply = await group[1].reader.read(1024)
+        assert reply == b"b:held"
+    assert servers[1].accepted == 1
+
+
 async def test_faults_of_the_fault_proxy_apply_to_every_upstream(proxy: RoundRobinProxy) -> None:
     async with clients(proxy, 3) as group:
         assert proxy.cut_all() == 3
