@@ -256,6 +256,8 @@ class _Link:
         self.upstream: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
         self.dead = False
+        self.client_done = False
+        """The client closed its side (EOF): nobody is waiting on this connection's answers."""
         self.flowing = asyncio.Event()
         """Cleared: this connection alone is blackholed (see ``RoundRobinProxy.partition``)."""
         self.flowing.set()
@@ -586,6 +588,9 @@ class FaultProxy:
         except OSError:
             link.kill()  # the peer reset: pass the reset on to the other side
             return
+        if direction == "upstream":
+            link.client_done = True
+            self._notify()
         await queue.put(None)
 
     async def _write(

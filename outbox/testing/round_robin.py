@@ -132,6 +132,12 @@ class RoundRobinProxy(FaultProxy):
         self._check(index)
         return index in self._partitioned
 
+    def clients_on(self, index: int) -> int:
+        """Connections to slot ``index`` whose client has not closed its side: the clients
+        that would notice if the slot went silent."""
+        self._check(index)
+        return sum(1 for link in self._live(index) if not link.dead and not link.client_done)
+
     def active_to(self, index: int) -> int:
         """Connections currently proxied to slot ``index``."""
         self._check(index)

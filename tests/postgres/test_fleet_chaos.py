@@ -4,12 +4,14 @@ Three receiver processes (``tests/procs/fleet_receiver.py``) share one inbox beh
 round-robin proxy (``outbox.testing.round_robin``), like several instances behind a load
 balancer with no sticky sessions. Several ``Outbox`` clients, each with its own file (so its
 own client id), send through the proxy. Meanwhile a seeded random schedule SIGKILLs one
-receiver at a time, restarts it on a new port, and now and then cuts every client's
-connection at the proxy while the receivers live on (so an instance may still be working on
-a client's frames when the client's reconnect lands on another one: the case that fencing
-exists for). Every kill comes after the clients made progress since the last one (a
-condition polled with a deadline), so the schedule bites during traffic however slow the
-machine is.
+receiver (sometimes two) and restarts it on a new port, now and then cuts every client's
+connection at the proxy while the receivers live on, and partitions one receiver: its
+connections stay open but silent until their clients gave up (heartbeat) and reconnected
+elsewhere, then the instance gets the frames it missed on its stale half-open connections.
+So an instance may still be working on a client's frames when the client's reconnect lands
+on another one: the case that fencing exists for. Every event comes after the clients made
+progress since the last one (a condition polled with a deadline), so the schedule bites
+during traffic however slow the machine is.
 
 At the end, read from the database with its own client (psql, sqlite3), not from the
 objects under test:
@@ -58,6 +60,8 @@ MESSAGES = 250
 KILLS = 6
 CUTS = 2
 """Times every client connection is cut at the proxy, receivers alive."""
+PARTITIONS = 2
+"""Times one receiver is silenced without closing anything, until its clients moved on."""
 CHUNK = 10
 """Messages per send_many() call."""
 DEADLINE = 60.0
@@ -224,19 +228,61 @@ async def progress(boxes: list[Outbox], at_least: int) -> None:
         await asyncio.sleep(0.005)
 
 
+async def until(what: str, predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {DEADLINE}s")
+        await asyncio.sleep(0.005)
+
+
+async def partition(fleet: Fleet, boxes: list[Outbox], slot: Slot) -> int:
+    """Silence ``slot`` until each of its clients gave its connection up and connected
+    elsewhere (or closed its side: one that was already leaving); then let the
+    stale connections speak again at once, so the instance reads the frames it missed after
+    their sender moved on (within the client's close_timeout, before it aborts the socket),
+    and put the slot back in the rotation. Returns how many clients were held."""
+    proxy = fleet.proxy
+    assert proxy is not None
+    address = proxy.upstreams[slot.index]
+    assert address is not None
+    proxy.remove(slot.index)
+
+    def connects() -> int:
+        return sum(box.stats().counters.connects for box in boxes)
+
+    before = connects()
+    held = proxy.clients_on(slot.index)
+    proxy.partition(slot.index)
+    # Each held client either reconnects elsewhere or closes its side before noticing.
+    await until(
+        f"the {held} clients held on {slot.index} moving on",
+        lambda: connects() - before + held - proxy.clients_on(slot.index) >= held,
+    )
+    proxy.partition(slot.index, on=False)
+    proxy.replace(slot.index, *address)
+    return held
+
+
 async def chaos(fleet: Fleet, boxes: list[Outbox], rng: random.Random) -> dict[str, int]:
-    """KILLS kills and CUTS cuts, in a seeded order, each after some seeded progress."""
+    """KILLS kills, CUTS cuts and PARTITIONS partitions in a seeded order, each after some
+    seeded progress."""
     assert fleet.proxy is not None
     total = CLIENTS * MESSAGES
-    events = ["kill"] * KILLS + ["cut"] * CUTS
+    events = ["kill"] * KILLS + ["cut"] * CUTS + ["partition"] * PARTITIONS
     rng.shuffle(events)
     step = total // (len(events) + 2)
-    done = {"kills": 0, "cuts": 0, "connections_cut": 0}
+    done = {"kills": 0, "cuts": 0, "connections_cut": 0, "partitions": 0, "connections_held": 0}
     for number, event in enumerate(events, start=1):
         await progress(boxes, number * step + rng.randrange(step // 2))
         if event == "cut":
             done["connections_cut"] += fleet.proxy.cut_all()
             done["cuts"] += 1
+            continue
+        if event == "partition":
+            slot = rng.choice(fleet.slots)
+            done["connections_held"] += await partition(fleet, boxes, slot)
+            done["partitions"] += 1
             continue
         slot = rng.choice(fleet.slots)
         await fleet.kill(slot)
@@ -307,7 +353,15 @@ async def test_fleet_chaos(database: Database, tmp_path: Path) -> None:
     rng = random.Random(seed)
     context = f"seed {seed}, OUTBOX_FLEET_SEED={seed} replays it; logs in {tmp_path}"
     began = time.monotonic()
-    options = fast_options(max_attempts=None, ack_timeout=5.0)
+    # A silent connection is given up after about a second (0.3 s of silence, then two
+    # missed pongs of 0.4 s), so a partitioned client moves on well within the schedule.
+    options = fast_options(
+        max_attempts=None,
+        ack_timeout=5.0,
+        heartbeat_interval=0.3,
+        heartbeat_timeout=0.4,
+        max_missed_heartbeats=2,
+    )
     async with fleet_up(database, tmp_path, seed) as fleet:
         assert fleet.proxy is not None
         url = fleet.proxy.url()
@@ -351,6 +405,7 @@ async def test_fleet_chaos(database: Database, tmp_path: Path) -> None:
         f"[fleet chaos, {'postgresql' if database.url.startswith('postgres') else 'sqlite'}] "
         f"seed={seed} messages={CLIENTS * MESSAGES} clients={CLIENTS} receivers={RECEIVERS} "
         f"kills={done['kills']} cuts={done['cuts']} connections_cut={done['connections_cut']} "
+        f"partitions={done['partitions']} connections_held={done['connections_held']} "
         f"upstream_connections={connections_to} proxy_upstream_cuts={proxy_stats['cut_upstream']} "
         f"client_reconnects={client_counters['reconnects']} "
         f"client_resends={client_counters['resends']} "

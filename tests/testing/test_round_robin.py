@@ -204,6 +204,18 @@ async def test_partition_holds_one_upstream_without_closing(
     assert servers[1].accepted == 1
 
 
+async def test_clients_on_leaves_out_clients_that_closed_their_side(
+    proxy: RoundRobinProxy,
+) -> None:
+    async with clients(proxy, 4) as group:
+        assert [proxy.clients_on(i) for i in range(3)] == [2, 1, 1]
+        proxy.partition(0)  # the upstream cannot answer the EOF: the connection stays
+        group[3].writer.write_eof()
+        async with asyncio.timeout(STEP):
+            await proxy.wait_until(lambda: proxy.clients_on(0) == 1)
+        assert proxy.active_to(0) == 2
+
+
 async def test_faults_of_the_fault_proxy_apply_to_every_upstream(proxy: RoundRobinProxy) -> None:
     async with clients(proxy, 3) as group:
         assert proxy.cut_all() == 3
