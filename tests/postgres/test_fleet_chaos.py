@@ -280,7 +280,9 @@ async def chaos(fleet: Fleet, boxes: list[Outbox], rng: random.Random) -> dict[s
             done["cuts"] += 1
             continue
         if event == "partition":
-            slot = rng.choice(fleet.slots)
+            proxy = fleet.proxy
+            # The instance with the most clients on it, so the partition strands someone.
+            slot = max(fleet.slots, key=lambda s: (proxy.clients_on(s.index), rng.random()))
             done["connections_held"] += await partition(fleet, boxes, slot)
             done["partitions"] += 1
             continue
