@@ -69,11 +69,16 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "serve",
         parents=[_common()],
-        help="receive messages into a SQLite inbox",
+        help="receive messages into a SQLite or PostgreSQL inbox",
         description="Run a receiver: every message is stored once in the inbox table of "
         "--db and acked after it is committed. Stops cleanly on Ctrl-C or SIGTERM.",
     )
-    parser.add_argument("--db", required=True, help="SQLite inbox file (created if missing)")
+    parser.add_argument(
+        "--db",
+        required=True,
+        help="SQLite inbox file (created if missing), or a postgresql:// URL (needs "
+        "outbox[postgres]; several receivers may share one database)",
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
     )
@@ -86,7 +91,7 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="FULL",
         type=str.upper,
         help="SQLite durability: FULL survives power loss, NORMAL a process crash "
-        "(default: %(default)s)",
+        "(default: %(default)s; SQLite only, refused with a postgresql:// --db)",
     )
     parser.add_argument("--certfile", help="PEM certificate (chain) to serve wss:// with")
     parser.add_argument("--keyfile", help="PEM private key for --certfile, if separate")

@@ -13,7 +13,7 @@ from typing import Any
 
 from websockets.datastructures import Headers
 
-from .inbox import Inbox, Transaction
+from .backend import HandlerTransaction, InboxBackend
 
 __all__ = [
     "Authenticate",
@@ -89,25 +89,27 @@ class Incoming:
     """One message, as the handler sees it.
 
     ``tx`` is the open write transaction that will record this message in the inbox (see
-    :class:`~outbox.receiver.inbox.Transaction`): writes made through it commit atomically
-    with that record, which is what makes their effect exactly-once.
+    :class:`~outbox.receiver.inbox.Transaction`, or on PostgreSQL
+    :class:`~outbox.receiver.postgres.PostgresTransaction`, whose SQL uses ``$1`` placeholders):
+    writes made through it commit atomically with that record, which is what makes their
+    effect exactly-once.
     """
 
     __slots__ = ("_inbox", "_tx", "client_id", "data", "id")
 
-    def __init__(self, client_id: str, message_id: int, data: Any, inbox: Inbox) -> None:
+    def __init__(self, client_id: str, message_id: int, data: Any, inbox: InboxBackend) -> None:
         self.client_id = client_id
         self.id = message_id
         self.data = data
         self._inbox = inbox
-        self._tx: Transaction | None = None
+        self._tx: HandlerTransaction | None = None
 
     @property
     def message_id(self) -> int:
         return self.id
 
     @property
-    def tx(self) -> Transaction:
+    def tx(self) -> HandlerTransaction:
         if self._tx is None:
             self._tx = self._inbox.transaction()
         return self._tx
@@ -122,9 +124,10 @@ class Incoming:
 
 Handler = Callable[[Incoming], Awaitable[None]]
 
-Setup = Callable[[Transaction], Awaitable[None]]
+Setup = Callable[[Any], Awaitable[None]]
 """``serve(..., setup=...)``: run once at start, before listening, with a transaction on the
-inbox connection (the same handle as ``message.tx``): create the handler's tables here
+inbox connection (the same handle as ``message.tx``: a ``Transaction`` on SQLite, a
+``PostgresTransaction`` on PostgreSQL): create the handler's tables here
 (``CREATE TABLE IF NOT EXISTS``). Its writes commit before the first message is handled; if
 it raises, they are rolled back and ``start()`` fails with that error."""
 
@@ -157,5 +160,8 @@ class ReceiverStats:
     """Malformed frames or messages (nacked, or closed with 1003, 1007 or 1009)."""
     transactions: int = 0
     """Group commits."""
+    superseded: int = 0
+    """Connections fenced out (PostgreSQL) because their identity connected again: their
+    work dropped unhandled and unacked, closed with 4409."""
     storage_errors: int = 0
     """Transactions that failed in SQLite (connections involved closed with 1013)."""

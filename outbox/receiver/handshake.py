@@ -66,6 +66,8 @@ class _Connection(ServerConnection):
     outbox_features: frozenset[str] = frozenset()
     outbox_high_water: int | None = None
     """The highest message id recorded under this key, for clients that asked."""
+    outbox_epoch: int | None = None
+    """The epoch claimed for this key (PostgreSQL fencing); None: not fenced."""
 
 
 def dedup_key(principal: str | None, claimed: str) -> str:
@@ -152,6 +154,8 @@ class Handshake:
         self._stats = stats
         self.high_water: Callable[[str], Awaitable[int]] | None = None
         """Reads the highest recorded message id of a key (set once the inbox is open)."""
+        self.claim: Callable[[str], Awaitable[int]] | None = None
+        """Takes a new epoch for a key, fencing out its older connections (PostgreSQL)."""
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -185,8 +189,20 @@ class Handshake:
                 return decided
             principal = decided
         connection.outbox_principal = principal
+        anonymous = claimed is None
         connection.outbox_claimed = claimed = claimed or anonymous_id()
         connection.outbox_client_id = key = dedup_key(principal, claimed)
+        if self.claim is not None and not anonymous:
+            # Before the high-water mark: the claim waits for the commits in flight of the
+            # older connections, so the mark read after it includes them.
+            try:
+                connection.outbox_epoch = await self.claim(key)
+            except Exception as exc:
+                logger.warning("could not claim client id %r in the inbox: %s", key, exc)
+                self._stats.refused += 1
+                return connection.respond(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "inbox unavailable, try again later\n"
+                )
         try:
             features = wire.parse_features(request.headers.get(wire.FEATURES_HEADER))
         except MultipleValuesError:

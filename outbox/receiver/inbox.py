@@ -178,12 +178,24 @@ class Transaction:
 
 
 class Inbox:
-    """The receiver's SQLite file. Open with ``await Inbox.open(path)``."""
+    """The receiver's SQLite file. Open with ``await Inbox.open(path)``.
+
+    One of the two ``backend.InboxBackend`` implementations; SQLite has one writer per file,
+    so it does not fence identities (``claim`` is None, ``fence`` answers ``{}``).
+    """
+
+    claim: Callable[[str], Awaitable[int]] | None = None
 
     def __init__(self, path: str, db: aiosqlite.Connection, keys_per_query: int) -> None:
         self.path = path
         self._db = db
         self._keys_per_query = keys_per_query
+
+    async def fence(self, client_ids: Sequence[str]) -> dict[str, int]:
+        return {}
+
+    def describe_error(self, exc: BaseException) -> BaseException:
+        return translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
 
     @classmethod
     async def open(

@@ -40,9 +40,10 @@ from ..logs import WEBSOCKETS, rate_limited
 from ..protocol import wire
 from . import connection
 from .api import Authenticate, Handler, ReceiverStats, Setup
+from .backend import InboxBackend, is_postgres_url, open_inbox
 from .connection import Peer
 from .handshake import Handshake, _Connection, anonymous_id
-from .inbox import Inbox, Synchronous
+from .inbox import Synchronous
 from .options import DEFAULT_MAX_SIZE, ReceiverOptions
 from .writer import Writer
 
@@ -128,6 +129,11 @@ class Receiver:
         self._handler = handler
         self._setup = setup
         self._db_path = os.fspath(db_path)
+        if is_postgres_url(self._db_path):
+            from .postgres import check_url  # asyncpg itself is imported at start()
+
+            check_url(self._db_path)
+            _refuse_sqlite_options(synchronous, busy_timeout)
         self._authenticate = authenticate
         self._options = ReceiverOptions(
             host=host,
@@ -150,7 +156,7 @@ class Receiver:
 
         self.stats = ReceiverStats()
         self._handshake = Handshake(authenticate, self.stats)
-        self._inbox: Inbox | None = None
+        self._inbox: InboxBackend | None = None
         self._server: Server | None = None
         self._writer: Writer | None = None
         self.transaction_observers: list[Callable[[float], None]] = []
@@ -172,7 +178,7 @@ class Receiver:
         if self._inbox is not None:
             raise RuntimeError("this receiver was already started")
         opts = self._options
-        self._inbox = await Inbox.open(
+        self._inbox = await open_inbox(
             self._db_path, synchronous=opts.synchronous, busy_timeout=opts.busy_timeout
         )
         if self._setup is not None:
@@ -182,6 +188,7 @@ class Receiver:
                 await self._inbox.close()
                 raise
         self._handshake.high_water = self._inbox.high_water
+        self._handshake.claim = self._inbox.claim
         self._writer = Writer(
             self._inbox,
             self._handler,
@@ -190,7 +197,7 @@ class Receiver:
             max_time=self._options.max_transaction_time,
             observers=self.transaction_observers,
         )
-        self._writer.start(name=f"outbox-receiver-writer:{self._db_path}")
+        self._writer.start(name=f"outbox-receiver-writer:{self._inbox.path}")
         listening = False
         try:
             self._server = await ws_serve(
@@ -213,7 +220,7 @@ class Receiver:
             if not listening:  # e.g. the port is taken: leave nothing running
                 await self._stop_writer()
                 await self._inbox.close()
-        logger.info("receiving on %s (inbox %s)", self.url, self._db_path)
+        logger.info("receiving on %s (inbox %s)", self.url, self._inbox.path)
         if self._authenticate is None:
             logger.warning(
                 "no authenticate hook: claimed client ids are trusted without authentication, "
@@ -239,7 +246,7 @@ class Receiver:
                 try:
                     await self._inbox.rollback()
                 except Exception:
-                    logger.exception("rollback failed while closing %s", self._db_path)
+                    logger.exception("rollback failed while closing %s", self.db_path)
                 finally:
                     await self._inbox.close()
 
@@ -264,7 +271,11 @@ class Receiver:
 
     @property
     def db_path(self) -> str:
-        """The inbox file."""
+        """The inbox file, or the PostgreSQL URL without its password."""
+        if is_postgres_url(self._db_path):
+            from .postgres import display_url
+
+            return display_url(self._db_path)
         return self._db_path
 
     @property
@@ -317,6 +328,22 @@ class Receiver:
                 ws.close_code,
                 ws.close_reason or "",
             )
+
+
+def _refuse_sqlite_options(synchronous: str, busy_timeout: float) -> None:
+    """synchronous and busy_timeout tune the SQLite file; on PostgreSQL they would be
+    silently meaningless, so anything but their defaults is refused."""
+    if str(synchronous).upper() != "FULL":
+        raise ValueError(
+            "synchronous applies to a SQLite inbox only; on PostgreSQL durability is the "
+            "server's synchronous_commit setting: leave synchronous at its default"
+        )
+    if busy_timeout != 5.0:
+        raise ValueError(
+            "busy_timeout applies to a SQLite inbox only; on PostgreSQL set lock_timeout or "
+            "statement_timeout on the server or in the URL (?options=...): leave busy_timeout "
+            "at its default"
+        )
 
 
 serve = Receiver

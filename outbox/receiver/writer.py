@@ -22,13 +22,17 @@ is id order. The cost is that handlers run one at a time.
 One connection's failure stays that connection's: a failing handler closes its own
 connection (1011) and its SAVEPOINT is undone; only a failure of the transaction itself
 (SQLite locked or full) closes every connection that shared it (1013).
+
+On PostgreSQL (``backend.InboxBackend``, ``postgres``) several receivers may share the inbox:
+each round first fences the identities it carries, and a connection superseded by a newer
+one for its identity (on any receiver) has its items dropped, unhandled and unacked, and is
+closed with 4409 (``backend.SUPERSEDED``); its client resends them on its newer connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,9 +44,10 @@ from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, ack_frames, clip
 from .api import Handler, Incoming, ReceiverStats, Reject
+from .backend import SUPERSEDED, InboxBackend, StatementFailed
 from .connection import Peer
 from .handshake import describe_peer
-from .inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest, translate
+from .inbox import InboxRow, Key, Recorded, encode_payload, payload_digest
 
 __all__ = ["Writer"]
 
@@ -72,6 +77,8 @@ class _Outcome:
     handler_failed: bool = False
     unreached: int = 0
     """Items at the end of this connection's share that the round's time ran out before."""
+    superseded: bool = False
+    """Fenced out: a newer connection holds this identity (nothing else was done)."""
 
     def answer_again(self, message_id: int, reason: str | None) -> None:
         """A resend of a recorded message: the same answer as the first time."""
@@ -96,7 +103,7 @@ class Writer:
 
     def __init__(
         self,
-        inbox: Inbox,
+        inbox: InboxBackend,
         handler: Handler | None,
         stats: ReceiverStats,
         *,
@@ -204,6 +211,7 @@ class Writer:
             results = await self._transaction(batch)
         except Exception as exc:
             self._stats.storage_errors += 1
+            described = inbox.describe_error(exc)
             clients = sorted({clip(peer.client_id, 80) for peer, _, _ in batch})
             logger.error(
                 "inbox transaction failed for %d connection(s) (%s): %s; closing them with "
@@ -211,8 +219,8 @@ class Writer:
                 len(batch),
                 ", ".join(clients[:5]) + (", ..." if len(clients) > 5 else ""),
                 # Say what to do about it (locked, full, corrupt), not only what SQLite said.
-                translate(exc, inbox.path) if isinstance(exc, sqlite3.Error) else exc,
-                exc_info=not isinstance(exc, StoreError | sqlite3.Error),
+                described,
+                exc_info=not isinstance(described, StoreError),
             )
             for peer, _, _ in batch:
                 peer.fail(Close(CloseCode.TRY_AGAIN_LATER, "inbox unavailable, resend later"))
@@ -252,6 +260,7 @@ class Writer:
         stats.conflicts += len(out.conflicts)
         stats.nacks += len(out.nacks) + len(out.conflicts)
         stats.handler_errors += int(out.handler_failed)
+        stats.superseded += int(out.superseded)
         for frame in ack_frames(out.acks, out.nacks, peer.batch_ack):
             peer.send(frame)
         if out.conflicts:
@@ -272,16 +281,29 @@ class Writer:
         ]
         known: dict[Key, Recorded] = {}
         started = time.perf_counter()
-        if keys:
+        superseded: set[Peer] = set()
+        began = bool(keys)
+        if began:
             await inbox.begin()
-            known = await inbox.seen(keys)
+            superseded = await self._fence(batch)
+            if superseded:
+                gone = _identities(superseded, batch)
+                keys = [key for key in keys if key[0] not in gone]
+            if keys:
+                known = await inbox.seen(keys)
         rows: list[InboxRow] = []
         now = time.time()
         self._deadline = asyncio.get_running_loop().time() + self._max_time
         results = [
-            (peer, await self._apply(peer, items, known, rows, now)) for peer, items, _ in batch
+            (
+                peer,
+                _superseded()
+                if peer in superseded
+                else await self._apply(peer, items, known, rows, now),
+            )
+            for peer, items, _ in batch
         ]
-        if keys:
+        if began:
             if rows:
                 await inbox.record(rows)
             await inbox.commit()
@@ -289,6 +311,15 @@ class Writer:
             if self._observers:
                 self._observe(time.perf_counter() - started)
         return results
+
+    async def _fence(self, batch: Batch) -> set[Peer]:
+        """The connections of ``batch`` superseded by a newer one for their identity (their
+        epoch is not the identity's current one, read with its row locked until COMMIT)."""
+        fenced = [peer for peer, _, _ in batch if _epoch(peer) is not None]
+        if not fenced:
+            return set()
+        current = await self._inbox.fence([peer.client_id for peer in fenced])
+        return {peer for peer in fenced if current.get(peer.client_id) != _epoch(peer)}
 
     def _observe(self, elapsed: float) -> None:
         """After COMMIT: a failing observer (metrics) must not look like a failed commit."""
@@ -375,7 +406,13 @@ class Writer:
             await message._finish(keep=False)
             return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
         self._check_transaction(item.id)
-        await message._finish(keep=True)
+        try:
+            await message._finish(keep=True)
+        except StatementFailed as exc:  # PostgreSQL: the handler swallowed a failed statement
+            logger.error(
+                "message %s from client %r: %s; closing with 1011", item.id, client_id, exc
+            )
+            return Close(CloseCode.INTERNAL_ERROR, f"handler failed on message {item.id}")
         return None
 
     def _check_transaction(self, message_id: int) -> None:
@@ -385,6 +422,27 @@ class Writer:
                 "committed or rolled back through message.tx, or SQLite rolled back after an "
                 "error"
             )
+
+
+def _epoch(peer: Peer) -> int | None:
+    """The epoch the handshake claimed for this connection; None where nothing is fenced."""
+    epoch: int | None = getattr(peer.ws, "outbox_epoch", None)
+    return epoch
+
+
+def _identities(superseded: set[Peer], batch: Batch) -> set[str]:
+    """Identities none of whose connections in ``batch`` is current: their keys need no
+    dedup (a current connection of the same identity keeps its keys)."""
+    current = {peer.client_id for peer, _, _ in batch if peer not in superseded}
+    return {peer.client_id for peer in superseded} - current
+
+
+def _superseded() -> _Outcome:
+    """A superseded connection: nothing handled, recorded or answered; closed with 4409."""
+    return _Outcome(
+        close=Close(SUPERSEDED, "superseded: this client id connected again; resend there"),
+        superseded=True,
+    )
 
 
 def _conflict_reason(message_id: int) -> str:

@@ -1,0 +1,397 @@
+"""The inbox on PostgreSQL (asyncpg): the SQLite inbox's rules, plus fencing for a fleet.
+
+``serve(handler, "postgresql://user@host/db")`` uses this module instead of ``inbox``. The rules
+are the same: one row per ``(identity, message id)`` in the ``inbox`` table, written in the
+handler's transaction; answers after ``COMMIT``; a repeat is answered from its row, or refused
+as a conflict when its payload digest differs.
+
+Group commit on one dedicated connection, a fixed number of round trips whatever the number of
+messages: ``BEGIN``, the fence (``SELECT ... FOR SHARE`` of the identities carried, skipped
+when there are none), one dedup ``SELECT`` over ``unnest`` of the keys, one ``INSERT ...
+SELECT FROM unnest(...)`` of the new rows, ``COMMIT`` (plus whatever SQL the handlers run).
+asyncpg over psycopg 3 by measurement: README, "PostgreSQL".
+
+Fencing: several receivers may share the database. ``claim`` (the handshake, on a small pool
+of other connections) takes a new epoch for the identity, ``epoch = epoch + 1``; that UPDATE
+waits for the row lock every group commit carrying the identity holds until its COMMIT. A
+group commit locks the rows of its identities (``FOR SHARE``, in client id order so two
+commits never deadlock on each other) before its dedup query, and a connection whose epoch is
+no longer the row's has its items dropped: so once a newer connection is claimed, no older
+one commits anything for that identity, and the newer one's dedup sees all that the older
+ones committed. Anonymous identities (unique per connection) are not fenced.
+
+Migrations: numbered files in ``postgres_migrations/``, each applied in its own transaction
+with its row in ``outbox_schema``, under ``pg_advisory_xact_lock`` so receivers that start
+at once apply each one once. ``setup`` hooks run under the same lock.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SchemaTooNewError, StoreError
+from .backend import StatementFailed
+from .inbox import InboxRow, Key, Recorded
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "DriverMissingError",
+    "PostgresInbox",
+    "PostgresTransaction",
+    "check_url",
+    "display_url",
+]
+
+LOCK_KEY = 0x6F7574626F78  # "outbox": the advisory lock of migrations and setup hooks
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_POOL = 4
+"""Connections for handshakes (claim, high-water mark), apart from the writer's."""
+CLAIM_LOCK_TIMEOUT = 10.0
+"""Seconds a handshake's claim waits for the group commit in flight for its identity (on any
+receiver) before it answers 503 and the client retries."""
+
+_SAVEPOINT = "outbox_handler"
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+_FENCE = (
+    "SELECT client_id, epoch FROM outbox_fence WHERE client_id = ANY($1::text[]) "
+    "ORDER BY client_id FOR SHARE"
+)
+_SEEN = (
+    "SELECT i.client_id, i.message_id, i.reject_reason, i.payload_sha256 "
+    "FROM unnest($1::text[], $2::bigint[]) AS k(c, m) "
+    "JOIN inbox AS i ON i.client_id = k.c AND i.message_id = k.m"
+)
+_INSERT = (
+    "INSERT INTO inbox (client_id, message_id, payload, received_at, reject_reason, "
+    "payload_sha256) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], "
+    "$4::float8[], $5::text[], $6::text[])"
+)
+_CLAIM = (
+    "INSERT INTO outbox_fence (client_id, epoch) VALUES ($1, 1) ON CONFLICT (client_id) "
+    "DO UPDATE SET epoch = outbox_fence.epoch + 1, claimed_at = now() RETURNING epoch"
+)
+_HIGH_WATER = "SELECT max(message_id) FROM inbox WHERE client_id = $1"
+
+
+class DriverMissingError(StoreError, ImportError):
+    """A postgresql:// inbox without asyncpg installed."""
+
+
+def _driver() -> Any:
+    try:
+        import asyncpg
+    except ImportError as exc:
+        raise DriverMissingError(
+            "a postgresql:// inbox needs the asyncpg driver: pip install 'outbox[postgres]'"
+        ) from exc
+    return asyncpg
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for logs, metrics labels and errors."""
+    try:
+        split = urllib.parse.urlsplit(url)
+        if split.password is None:
+            return url
+        netloc = split.netloc.rsplit("@", 1)[1]
+        user = split.username or ""
+        return urllib.parse.urlunsplit(split._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return "postgresql://(unparsable URL)"
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL asyncpg would misread, naming what is wrong."""
+    try:
+        split = urllib.parse.urlsplit(url)
+        split.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(
+            f"not a usable PostgreSQL URL ({display_url(url)}): {exc}; "
+            "expected postgresql://user[:password]@host[:port]/dbname"
+        ) from None
+    if split.scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {display_url(url)}")
+    if not split.path.strip("/") and "dbname" not in split.query:
+        raise ValueError(
+            f"the PostgreSQL URL {display_url(url)} names no database; "
+            "expected postgresql://user[:password]@host[:port]/dbname"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available() -> list[Migration]:
+    """The PostgreSQL migrations shipped with this version of outbox, in order."""
+    found = []
+    for entry in resources.files("outbox.receiver.postgres_migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"PostgreSQL migrations must be numbered 1..n without gaps: {versions}")
+    return found
+
+
+class PostgresTransaction:
+    """``message.tx`` on PostgreSQL: statements inside the group's open transaction.
+
+    The same rules as the SQLite :class:`~outbox.receiver.inbox.Transaction`: the first
+    statement opens a SAVEPOINT for this message, undone if the handler raises (or rejects);
+    writes commit with the message's inbox row; no BEGIN/COMMIT/ROLLBACK/RELEASE of your own;
+    the handle refuses to be used after the handler returns. SQL uses asyncpg's placeholders
+    (``$1``, ``$2``...), and one statement at a time (an asyncpg connection runs no two at
+    once). A statement that fails aborts the message: even if the handler catches the error
+    and returns, its writes are undone and the message fails like a raise (1011), since
+    PostgreSQL refuses every statement after an error until the SAVEPOINT is rolled back.
+    """
+
+    __slots__ = ("_conn", "_failed", "_state")
+
+    _FRESH, _OPEN, _DONE = 0, 1, 2
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._state = self._FRESH
+        self._failed: BaseException | None = None
+
+    async def _enter(self) -> None:
+        if self._state == self._OPEN:
+            return
+        if self._state == self._DONE:
+            raise RuntimeError(
+                "this message's transaction is over: use message.tx only while the handler runs"
+            )
+        self._state = self._OPEN
+        await self._conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> str:
+        """Run one statement; returns its status (``"INSERT 0 1"``), like asyncpg's."""
+        await self._enter()
+        try:
+            return await self._conn.execute(sql, *parameters)
+        except Exception as exc:
+            self._failed = exc
+            raise
+
+    async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> None:
+        """Run one statement for each parameter tuple (asyncpg pipelines them)."""
+        await self._enter()
+        try:
+            await self._conn.executemany(sql, parameters)
+        except Exception as exc:
+            self._failed = exc
+            raise
+
+    async def execute_fetchall(
+        self, sql: str, parameters: Sequence[Any] = ()
+    ) -> list[asyncpg.Record]:
+        """Run a query and return all its rows."""
+        await self._enter()
+        try:
+            return await self._conn.fetch(sql, *parameters)
+        except Exception as exc:
+            self._failed = exc
+            raise
+
+    async def _finish(self, keep: bool) -> None:
+        state, self._state = self._state, self._DONE
+        if state != self._OPEN:
+            return
+        if not keep or self._failed is not None:
+            await self._conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        await self._conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        if keep and self._failed is not None:
+            raise StatementFailed(
+                f"the handler returned after its statement failed ({self._failed}); "
+                "PostgreSQL aborts the transaction after an error, so its writes were undone"
+            )
+
+
+class PostgresInbox:
+    """The receiver's PostgreSQL database. Open with ``await PostgresInbox.open(url)``."""
+
+    def __init__(self, url: str, conn: asyncpg.Connection, pool: asyncpg.Pool) -> None:
+        self.url = url
+        self.path = display_url(url)
+        self._conn = conn
+        self._pool = pool
+        self.claim: Callable[[str], Awaitable[int]] | None = self._claim
+
+    @classmethod
+    async def open(cls, url: str, *, timeout: float = CONNECT_TIMEOUT) -> PostgresInbox:
+        """Check the URL, connect, apply the migrations (under the advisory lock)."""
+        check_url(url)
+        asyncpg = _driver()
+        try:
+            conn = await asyncpg.connect(url, timeout=timeout)
+        except Exception as exc:
+            raise _connect_error(exc, url) from exc
+        try:
+            await _migrate(conn, display_url(url))
+            # A claim waits for the group commits in flight for its identity; a receiver
+            # whose handler hangs must not hang every handshake here: 503 after this.
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=HANDSHAKE_POOL,
+                timeout=timeout,
+                server_settings={"lock_timeout": f"{int(CLAIM_LOCK_TIMEOUT * 1000)}"},
+            )
+        except BaseException as exc:
+            await conn.close()
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise _connect_error(exc, url) from exc
+            raise
+        return cls(url, conn, pool)
+
+    # -- the handshake (pool connections) ----------------------------------------------------
+
+    async def _claim(self, client_id: str) -> int:
+        """A new epoch for ``client_id``: waits for any group commit in flight for it."""
+        epoch = await self._pool.fetchval(_CLAIM, client_id)
+        return int(epoch)
+
+    async def high_water(self, client_id: str) -> int:
+        value = await self._pool.fetchval(_HIGH_WATER, client_id)
+        return int(value or 0)
+
+    # -- the writer (its own connection) -----------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return not self._conn.is_closed() and self._conn.is_in_transaction()
+
+    def transaction(self) -> PostgresTransaction:
+        return PostgresTransaction(self._conn)
+
+    async def setup(self, setup: Callable[[Any], Awaitable[None]]) -> None:
+        """Run the application's setup hook in a transaction of its own, under the advisory
+        lock (two receivers starting at once must not race on CREATE TABLE IF NOT EXISTS)."""
+        await self._conn.execute("BEGIN")
+        try:
+            await self._conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+            tx = PostgresTransaction(self._conn)
+            await setup(tx)
+            await tx._finish(keep=True)
+        except BaseException:
+            await self.rollback()
+            raise
+        await self._conn.execute("COMMIT")
+
+    async def begin(self) -> None:
+        if self._conn.is_closed():  # lost earlier (the group got 1013): connect afresh
+            self._conn = await _driver().connect(self.url, timeout=CONNECT_TIMEOUT)
+        await self._conn.execute("BEGIN")
+
+    async def fence(self, client_ids: Sequence[str]) -> dict[str, int]:
+        if not client_ids:
+            return {}
+        rows = await self._conn.fetch(_FENCE, sorted(set(client_ids)))
+        return {row[0]: int(row[1]) for row in rows}
+
+    async def seen(self, keys: Sequence[Key]) -> dict[Key, Recorded]:
+        rows = await self._conn.fetch(_SEEN, [k[0] for k in keys], [k[1] for k in keys])
+        return {(row[0], int(row[1])): (row[2], row[3]) for row in rows}
+
+    async def record(self, rows: Sequence[InboxRow]) -> None:
+        await self._conn.execute(_INSERT, *(list(column) for column in zip(*rows, strict=True)))
+
+    async def commit(self) -> None:
+        await self._conn.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        if self.in_transaction:
+            await self._conn.execute("ROLLBACK")
+
+    async def close(self) -> None:
+        try:
+            await self._pool.close()
+        finally:
+            await self._conn.close()
+
+    def describe_error(self, exc: BaseException) -> BaseException:
+        asyncpg = _driver()
+        if isinstance(exc, asyncpg.DeadlockDetectedError):
+            return StoreError(f"PostgreSQL on {self.path} detected a deadlock ({exc}); resend")
+        if isinstance(exc, asyncpg.PostgresError):
+            return StoreError(f"PostgreSQL error on {self.path}: {exc}")
+        if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError):
+            return StoreError(
+                f"lost the connection to PostgreSQL at {self.path} ({exc}); the next "
+                "transaction reconnects"
+            )
+        return exc
+
+
+async def _migrate(conn: asyncpg.Connection, where: str) -> int:
+    """Apply the missing migrations, each in its own transaction; returns the version."""
+    migrations = available()
+    latest = len(migrations)
+    version = 0
+    for migration in [None, *migrations]:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS outbox_schema (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            found = await conn.fetchval("SELECT coalesce(max(version), 0) FROM outbox_schema")
+            version = int(found)
+            if version > latest:
+                raise SchemaTooNewError(
+                    f"{where} has inbox schema version {version}, but this outbox knows only "
+                    f"up to {latest}; upgrade the outbox package (pip install -U outbox)"
+                )
+            if migration is None or migration.version <= version:
+                continue
+            try:
+                await conn.execute(migration.sql)
+            except _driver().DuplicateTableError as exc:
+                raise StoreError(
+                    f"{where} already has a table the outbox inbox needs ({exc}) but no "
+                    f"record of migration {migration.name} in outbox_schema: it is not ours; "
+                    "use another database (or schema) for the receiver"
+                ) from exc
+            await conn.execute(
+                "INSERT INTO outbox_schema (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+            version = migration.version
+    return version
+
+
+def _connect_error(exc: BaseException, url: str) -> BaseException:
+    """Why we could not connect, and what to do, naming the server without its password."""
+    asyncpg = _driver()
+    where = display_url(url)
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return StoreError(f"{where}: {exc}; create it first (CREATE DATABASE) or fix the URL")
+    refused = asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    if isinstance(exc, refused):
+        return StoreError(f"{where}: PostgreSQL refused the login ({exc}); check user and password")
+    if isinstance(exc, OSError | TimeoutError | asyncpg.CannotConnectNowError):
+        detail = str(exc) or type(exc).__name__
+        return StoreError(
+            f"cannot reach PostgreSQL at {where} ({detail}); is the server running and the "
+            "host and port right?"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreError(f"PostgreSQL error on {where}: {exc}")
+    return exc
