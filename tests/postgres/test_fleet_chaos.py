@@ -76,18 +76,20 @@ DEADLINE = 60.0
 class Database:
     """The shared inbox: its URL for the receivers and a plain reader for the end state."""
 
-    def __init__(self, url: str, query: Callable[[str], list[tuple[str, ...]]]) -> None:
+    def __init__(self, url: str, query: Callable[[str, str], list[tuple[str, ...]]]) -> None:
         self.url = url
         self._query = query
 
-    def rows(self, sql: str) -> list[tuple[str, ...]]:
-        return self._query(sql)
+    def rows(self, columns: str, source: str) -> list[tuple[str, ...]]:
+        """``SELECT columns FROM source``, every value as text."""
+        return self._query(columns, source)
 
 
 def sqlite_database(path: Path) -> Database:
-    def query(sql: str) -> list[tuple[str, ...]]:
+    def query(columns: str, source: str) -> list[tuple[str, ...]]:
         with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-            return [tuple(str(v) for v in row) for row in conn.execute(sql)]
+            cursor = conn.execute(f"SELECT {columns} FROM {source}")
+            return [tuple(str(v) for v in row) for row in cursor]
 
     return Database(str(path), query)
 
@@ -95,15 +97,16 @@ def sqlite_database(path: Path) -> Database:
 def postgres_database(server: PostgresServer, url: str) -> Database:
     dbname = urllib.parse.urlsplit(url).path.lstrip("/")
 
-    def query(sql: str) -> list[tuple[str, ...]]:
-        # psql's unaligned output, one row per line; the unit separator cannot be in an id.
-        out = server.psql(f"\\pset fieldsep '\x1f'\n{sql}", dbname)
+    def query(columns: str, source: str) -> list[tuple[str, ...]]:
+        # One text column per row (psql prints one line each: JSON text has no raw newline),
+        # the fields joined by the unit separator, which no id or JSON text contains.
+        out = server.psql(f"SELECT concat_ws(chr(31), {columns}) FROM {source}", dbname)
         return [tuple(line.split("\x1f")) for line in out.splitlines() if line]
 
     return Database(url, query)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
     if request.param == "sqlite":
         return sqlite_database(tmp_path / "inbox.db")
@@ -303,18 +306,16 @@ def check(db: Database, clients: dict[str, list[tuple[int, str]]], context: str)
     """The end state (see the module docstring), from the database's own reader."""
     inbox: dict[str, list[tuple[int, str]]] = {}
     for client_id, message_id, body in db.rows(
-        "SELECT client_id, message_id, payload FROM inbox WHERE reject_reason IS NULL"
+        "client_id, message_id, payload", "inbox WHERE reject_reason IS NULL"
     ):
         inbox.setdefault(client_id, []).append((int(message_id), body))
-    rejected = db.rows("SELECT client_id, message_id FROM inbox WHERE reject_reason IS NOT NULL")
+    rejected = db.rows("client_id, message_id", "inbox WHERE reject_reason IS NOT NULL")
     assert not rejected, f"inbox rows recorded as rejected: {rejected[:5]} ({context})"
     strangers = sorted(set(inbox) - set(clients))
     assert not strangers, f"inbox rows of client ids nobody used: {strangers} ({context})"
 
     effects: dict[str, list[int]] = {}
-    for client_id, message_id in db.rows(
-        "SELECT client_id, message_id FROM fleet_effects ORDER BY seq"
-    ):
+    for client_id, message_id in db.rows("client_id, message_id", "fleet_effects ORDER BY seq"):
         effects.setdefault(client_id, []).append(int(message_id))
 
     for client_id, sent in clients.items():
@@ -413,6 +414,7 @@ async def test_fleet_chaos(database: Database, tmp_path: Path) -> None:
         f"client_resends={client_counters['resends']} "
         f"receiver_duplicates_answered>={totals['duplicates']} "
         f"receiver_conflicts={totals['conflicts']} "
+        f"receiver_superseded>={totals['superseded']} "
         f"receiver_storage_errors>={totals['storage_errors']} "
         f"inbox_rows={end['inbox_rows']} effect_rows={end['effect_rows']} "
         f"seconds={seconds:.1f}"
