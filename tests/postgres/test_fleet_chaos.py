@@ -55,12 +55,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 RECEIVERS = 3
 CLIENTS = 4
-MESSAGES = 250
+MESSAGES = 400
 """Per client."""
-KILLS = 6
+KILLS = 8
 CUTS = 2
 """Times every client connection is cut at the proxy, receivers alive."""
-PARTITIONS = 2
+PARTITIONS = 3
 """Times one receiver is silenced without closing anything, until its clients moved on."""
 CHUNK = 10
 """Messages per send_many() call."""
