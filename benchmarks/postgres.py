@@ -268,6 +268,9 @@ def _check_delivery(
     row.lost = returned - delivered
     row.dups = max(calls - delivered, sum(s["duplicates_handled"] for s in stats))
     row.extra.update(returned_ids=returned, inbox_rows=total, handler_calls=calls)
+    row.extra["client_cpu_us_per_msg"] = (
+        sum(result["cpu_s"] for result in results) / max(1, returned) * 1e6
+    )
     problems = []
     if not_acked:
         problems.append(f"{not_acked} outbox rows still pending or dead after drain()")
@@ -284,6 +287,34 @@ def _check_delivery(
 
 def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+class ServerCpu:
+    """CPU seconds of the PostgreSQL server: the postmaster, its live children (backends,
+    the WAL writer...) and those it has reaped. The server daemonized, so it is not a child
+    of ours; OtherLoad is told it is ours (``pids``)."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        import psutil
+
+        backend = int(server.psql("SELECT pg_backend_pid()"))
+        self._postmaster = psutil.Process(psutil.Process(backend).ppid())
+
+    def pids(self) -> set[int]:
+        try:
+            children = self._postmaster.children(recursive=True)
+        except Exception:  # the server stopped
+            return set()
+        return {self._postmaster.pid} | {p.pid for p in children}
+
+    def seconds(self) -> float:
+        times = self._postmaster.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in self._postmaster.children(recursive=True):
+            with contextlib.suppress(Exception):  # a backend ending meanwhile
+                used = child.cpu_times()
+                total += used.user + used.system
+        return float(total)
 
 
 def start_postgres() -> tuple[PostgresServer | None, str]:
@@ -306,6 +337,7 @@ async def run_all(
     settings: Settings,
     base: Path,
     pg: PostgresServer | None,
+    pg_cpu: ServerCpu | None,
     timeout: float,
     other: OtherLoad,
 ) -> list[Row]:
@@ -314,6 +346,7 @@ async def run_all(
         work = base / f"{index:02d}-{scenario.key}"
         await asyncio.to_thread(work.mkdir)
         started, other_before = now(), other.seconds
+        pg_before = None if pg_cpu is None else pg_cpu.seconds()
         try:
             async with asyncio.timeout(timeout):
                 row = await run_row(scenario, settings, work, pg)
@@ -322,6 +355,10 @@ async def run_all(
         finally:
             await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
         row.other_load = (other.seconds - other_before) / (now() - started)
+        if scenario.backend == "postgresql" and pg_cpu is not None and row.messages:
+            assert pg_before is not None
+            used = pg_cpu.seconds() - pg_before
+            row.extra["postgres_cpu_us_per_msg"] = used / row.messages * 1e6
         done = f"{row.rate:,.0f} msg/s" if row.rate else "FAILED"
         note(f"{scenario.title}: {done}" + (f" ({row.error})" if row.error else ""))
         rows.append(row)
@@ -344,6 +381,18 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
             Verdict(label, value, "x", f">= {floor:g}x", None if value is None else value >= floor)
         )
     return out
+
+
+def format_cpu(rows: Sequence[Row]) -> str:
+    """Where the CPU went, per message: the clients, the receivers, the PostgreSQL server."""
+    names = ("client_cpu_us_per_msg", "server_cpu_us_per_msg", "postgres_cpu_us_per_msg")
+    lines = [f"{'CPU per message (us)':<34}   clients  receivers  postgresql"]
+    for row in rows:
+        if row.failed:
+            continue
+        shown = ["-" if row.extra.get(n) is None else f"{row.extra[n]:.1f}" for n in names]
+        lines.append(f"{row.title:<34} {shown[0]:>9}  {shown[1]:>9}  {shown[2]:>10}")
+    return "\n".join(lines)
 
 
 NOTES = """\
@@ -393,8 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg, pg_line = start_postgres()
         disk = fsync_probe(str(base), 0.5 if settings.quick else 2.0)
         timeout = args.timeout or (120.0 if settings.quick else 600.0)
-        with OtherLoad() as other:
-            rows = asyncio.run(_run_until_signal(scenarios, settings, base, pg, timeout, other))
+        pg_cpu = None if pg is None else ServerCpu(pg)
+        with OtherLoad(also_ours=None if pg_cpu is None else pg_cpu.pids) as other:
+            run = _run_until_signal(scenarios, settings, base, pg, pg_cpu, timeout, other)
+            rows = asyncio.run(run)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every child process was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -429,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(rows))
     print()
+    print(format_cpu(rows))
+    print()
     print(format_verdicts(measured))
     print()
     print(NOTES)
@@ -452,6 +505,7 @@ async def _run_until_signal(
     settings: Settings,
     base: Path,
     pg: PostgresServer | None,
+    pg_cpu: ServerCpu | None,
     timeout: float,
     other: OtherLoad,
 ) -> list[Row]:
@@ -459,7 +513,7 @@ async def _run_until_signal(
     assert task is not None
     with contextlib.suppress(NotImplementedError):  # SIGTERM (a CI timeout) stops children too
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run_all(scenarios, settings, base, pg, timeout, other)
+    return await run_all(scenarios, settings, base, pg, pg_cpu, timeout, other)
 
 
 if __name__ == "__main__":
