@@ -3,6 +3,7 @@
     python benchmarks/postgres.py            # the full run (a few minutes on 2 cores)
     python benchmarks/postgres.py --quick    # the smoke run: about a minute
     python benchmarks/postgres.py --clients 8 -n 200000 --json pg-results.json
+    python benchmarks/postgres.py --repeat 3    # on a shared machine: least disturbed of 3
 
 Rows, each in fresh processes and a fresh database:
 
@@ -165,7 +166,7 @@ async def run_row(
     if scenario.backend == "postgresql":
         if pg is None:
             raise RuntimeError("no PostgreSQL server (see the first lines of the output)")
-        dbname = scenario.key.replace("-", "_")
+        dbname = "bench_" + work.name.replace("-", "_")  # one database per attempt
         db = pg.create_database(dbname)
         inbox = Inbox.postgresql(pg, dbname)
     else:
@@ -340,29 +341,63 @@ async def run_all(
     pg_cpu: ServerCpu | None,
     timeout: float,
     other: OtherLoad,
+    repeat: int,
 ) -> list[Row]:
-    rows = []
-    for index, scenario in enumerate(scenarios):
-        work = base / f"{index:02d}-{scenario.key}"
-        await asyncio.to_thread(work.mkdir)
-        started, other_before = now(), other.seconds
-        pg_before = None if pg_cpu is None else pg_cpu.seconds()
-        try:
-            async with asyncio.timeout(timeout):
-                row = await run_row(scenario, settings, work, pg)
-        except Exception as exc:  # one row failing must not hide the others
-            row = Row(scenario.key, scenario.title, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
-        row.other_load = (other.seconds - other_before) / (now() - started)
-        if scenario.backend == "postgresql" and pg_cpu is not None and row.messages:
-            assert pg_before is not None
-            used = pg_cpu.seconds() - pg_before
-            row.extra["postgres_cpu_us_per_msg"] = used / row.messages * 1e6
-        done = f"{row.rate:,.0f} msg/s" if row.rate else "FAILED"
-        note(f"{scenario.title}: {done}" + (f" ({row.error})" if row.error else ""))
-        rows.append(row)
-    return rows
+    attempts: dict[str, list[Row]] = {s.key: [] for s in scenarios}
+    # Round after round of every row, so a burst of load elsewhere hits all rows alike.
+    for attempt in range(repeat):
+        for index, scenario in enumerate(scenarios):
+            work = base / f"{attempt}-{index:02d}-{scenario.key}"
+            attempts[scenario.key].append(
+                await run_attempt(scenario, settings, work, pg, pg_cpu, timeout, other, attempt)
+            )
+    return [_keep(attempts[s.key]) for s in scenarios]
+
+
+async def run_attempt(
+    scenario: Scenario,
+    settings: Settings,
+    work: Path,
+    pg: PostgresServer | None,
+    pg_cpu: ServerCpu | None,
+    timeout: float,
+    other: OtherLoad,
+    attempt: int,
+) -> Row:
+    """One row once; it carries how much CPU other processes took meanwhile."""
+    await asyncio.to_thread(work.mkdir)
+    started, other_before = now(), other.seconds
+    pg_before = None if pg_cpu is None else pg_cpu.seconds()
+    try:
+        async with asyncio.timeout(timeout):
+            row = await run_row(scenario, settings, work, pg)
+    except Exception as exc:  # one row failing must not hide the others
+        row = Row(scenario.key, scenario.title, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+    row.other_load = (other.seconds - other_before) / (now() - started)
+    if scenario.backend == "postgresql" and pg_cpu is not None and row.messages:
+        assert pg_before is not None
+        used = pg_cpu.seconds() - pg_before
+        row.extra["postgres_cpu_us_per_msg"] = used / row.messages * 1e6
+    done = f"{row.rate:,.0f} msg/s" if row.rate else "FAILED"
+    load = f", other processes {row.other_load:.2f} cores"
+    note(
+        f"{scenario.title} (attempt {attempt + 1}): {done}{load}"
+        + (f" ({row.error})" if row.error else "")
+    )
+    return row
+
+
+def _keep(attempts: list[Row]) -> Row:
+    """The attempt to show: one that failed, lost or duplicated if any (never hidden), else
+    the least disturbed by other processes. Every attempt's figures go in the JSON."""
+    kept = min(attempts, key=lambda r: (not (r.failed or r.lost or r.dups), r.other_load))
+    if len(attempts) > 1:
+        kept.extra["attempts"] = [
+            {"rate": r.rate, "other_load": r.other_load, "error": r.error} for r in attempts
+        ]
+    return kept
 
 
 _RATIOS = (
@@ -420,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", metavar="PATH", help="also write every figure to this file")
     add("--tmp", help="where the SQLite files go (its disk sets the cost of every fsync)")
     add("--timeout", type=float, help="seconds allowed per row (600; quick 120)")
+    add(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run the rows K times, round after round, and show each row's attempt least "
+        "disturbed by other processes (any attempt that failed, lost or duplicated is shown "
+        "instead)",
+    )
     return parser
 
 
@@ -444,7 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout = args.timeout or (120.0 if settings.quick else 600.0)
         pg_cpu = None if pg is None else ServerCpu(pg)
         with OtherLoad(also_ours=None if pg_cpu is None else pg_cpu.pids) as other:
-            run = _run_until_signal(scenarios, settings, base, pg, pg_cpu, timeout, other)
+            run = _run_until_signal(
+                scenarios, settings, base, pg, pg_cpu, timeout, other, args.repeat
+            )
             rows = asyncio.run(run)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every child process was stopped", file=sys.stderr)
@@ -508,12 +554,13 @@ async def _run_until_signal(
     pg_cpu: ServerCpu | None,
     timeout: float,
     other: OtherLoad,
+    repeat: int,
 ) -> list[Row]:
     task = asyncio.current_task()
     assert task is not None
     with contextlib.suppress(NotImplementedError):  # SIGTERM (a CI timeout) stops children too
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run_all(scenarios, settings, base, pg, pg_cpu, timeout, other)
+    return await run_all(scenarios, settings, base, pg, pg_cpu, timeout, other, repeat)
 
 
 if __name__ == "__main__":
