@@ -81,8 +81,8 @@ class PostgresServer:
     """One throwaway cluster; see the module docstring."""
 
     def __init__(self, bindir: Path | None = None, *, fsync: bool = False) -> None:
-        """``fsync=True`` keeps PostgreSQL's durable defaults (fsync, full_page_writes): for
-        benchmarks, whose commits must cost what they cost in production."""
+        """``fsync``: False (tests) skips flushing to disk; benchmarks that compare with
+        SQLite's durable commits pass True, so PostgreSQL flushes each COMMIT too."""
         self._bindir = bindir
         self._fsync = fsync
         self._dir: Path | None = None
@@ -127,8 +127,8 @@ class PostgresServer:
             "--encoding=UTF8",
             "--no-sync",
         )
-        # Loopback only, trust (initdb --auth=trust wrote the hba lines); no fsync: a test
-        # cluster is thrown away, durability across a power cut is not what we test.
+        # Loopback only, trust (initdb --auth=trust wrote the hba lines); no fsync unless
+        # asked: a test cluster is thrown away, surviving a power cut is not what we test.
         durability = "" if self._fsync else "-c fsync=off -c full_page_writes=off "
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "

@@ -8,7 +8,9 @@ as a conflict when its payload digest differs.
 Group commit on one dedicated connection, a fixed number of round trips whatever the number of
 messages: ``BEGIN``, the fence (``SELECT ... FOR SHARE`` of the identities carried, skipped
 when there are none), one dedup ``SELECT`` over ``unnest`` of the keys, one ``INSERT ...
-SELECT FROM unnest(...)`` of the new rows, ``COMMIT`` (plus whatever SQL the handlers run).
+SELECT FROM unnest(...)`` of the new rows, ``COMMIT`` (plus whatever SQL the handlers run, and
+one round trip per message that uses ``message.tx`` for its SAVEPOINT: a kept SAVEPOINT is
+released in the same round trip as the next one opens, or by the COMMIT).
 asyncpg over psycopg 3 by measurement: README, "PostgreSQL".
 
 Fencing: several receivers may share the database. ``claim`` (the handshake, on a small pool
@@ -161,12 +163,13 @@ class PostgresTransaction:
     PostgreSQL refuses every statement after an error until the SAVEPOINT is rolled back.
     """
 
-    __slots__ = ("_conn", "_failed", "_state")
+    __slots__ = ("_conn", "_failed", "_inbox", "_state")
 
     _FRESH, _OPEN, _DONE = 0, 1, 2
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
+    def __init__(self, inbox: PostgresInbox) -> None:
+        self._inbox = inbox
+        self._conn = inbox._conn
         self._state = self._FRESH
         self._failed: BaseException | None = None
 
@@ -178,7 +181,12 @@ class PostgresTransaction:
                 "this message's transaction is over: use message.tx only while the handler runs"
             )
         self._state = self._OPEN
-        await self._conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+        if self._inbox._held:
+            # The savepoint an earlier message kept: released in this same round trip.
+            self._inbox._held = False
+            await self._conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}")
+        else:
+            await self._conn.execute(f"SAVEPOINT {_SAVEPOINT}")
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> str:
         """Run one statement; returns its status (``"INSERT 0 1"``), like asyncpg's."""
@@ -213,10 +221,15 @@ class PostgresTransaction:
         state, self._state = self._state, self._DONE
         if state != self._OPEN:
             return
-        if not keep or self._failed is not None:
-            await self._conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-        await self._conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
-        if keep and self._failed is not None:
+        if keep and self._failed is None:
+            # Kept: released by the next message's SAVEPOINT, or simply by the COMMIT (a
+            # round trip per message saved).
+            self._inbox._held = True
+            return
+        await self._conn.execute(
+            f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}"
+        )
+        if keep:
             raise StatementFailed(
                 f"the handler returned after its statement failed ({self._failed}); "
                 "PostgreSQL aborts the transaction after an error, so its writes were undone"
@@ -232,6 +245,8 @@ class PostgresInbox:
         self._conn = conn
         self._pool = pool
         self.claim: Callable[[str], Awaitable[int]] | None = self._claim
+        self._held = False
+        """A handler's SAVEPOINT is still open (kept, not yet released)."""
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = CONNECT_TIMEOUT) -> PostgresInbox:
@@ -278,25 +293,26 @@ class PostgresInbox:
         return not self._conn.is_closed() and self._conn.is_in_transaction()
 
     def transaction(self) -> PostgresTransaction:
-        return PostgresTransaction(self._conn)
+        return PostgresTransaction(self)
 
     async def setup(self, setup: Callable[[Any], Awaitable[None]]) -> None:
         """Run the application's setup hook in a transaction of its own, under the advisory
         lock (two receivers starting at once must not race on CREATE TABLE IF NOT EXISTS)."""
-        await self._conn.execute("BEGIN")
+        await self.begin()
         try:
             await self._conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
-            tx = PostgresTransaction(self._conn)
+            tx = PostgresTransaction(self)
             await setup(tx)
             await tx._finish(keep=True)
         except BaseException:
             await self.rollback()
             raise
-        await self._conn.execute("COMMIT")
+        await self.commit()
 
     async def begin(self) -> None:
         if self._conn.is_closed():  # lost earlier (the group got 1013): connect afresh
             self._conn = await _driver().connect(self.url, timeout=CONNECT_TIMEOUT)
+        self._held = False
         await self._conn.execute("BEGIN")
 
     async def fence(self, client_ids: Sequence[str]) -> dict[str, int]:
@@ -313,9 +329,11 @@ class PostgresInbox:
         await self._conn.execute(_INSERT, *(list(column) for column in zip(*rows, strict=True)))
 
     async def commit(self) -> None:
+        self._held = False
         await self._conn.execute("COMMIT")
 
     async def rollback(self) -> None:
+        self._held = False
         if self.in_transaction:
             await self._conn.execute("ROLLBACK")
 

@@ -498,3 +498,81 @@ async def test_group_commit_takes_the_same_round_trips_for_1000_messages_as_for_
                 counts.append(len(statements))
                 start += n
     assert counts[1:] == [5, 5, 5], counts
+
+
+async def test_a_lost_database_connection_fails_the_group_with_1013_and_the_resend_is_handled_once(
+    pg_url: str, postgres: Any
+) -> None:
+    """The writer's connection is killed server-side: the group in progress fails (1013, not
+    acked), the next transaction reconnects, and the client's resend is handled once."""
+    recorder = Recorder()
+    async with serve(recorder, pg_url, setup=create_effects) as receiver:
+        inbox = receiver._inbox
+        assert isinstance(inbox, PostgresInbox)
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(message(1, {"n": 1}))
+            assert await acks(ws, 1) == [1]
+            postgres.psql(f"SELECT pg_terminate_backend({inbox._conn.get_server_pid()})")
+            await ws.send(message(2, {"n": 2}))
+            assert await closed_with(ws) == CloseCode.TRY_AGAIN_LATER
+        assert receiver.stats.storage_errors == 1
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(batch([2, 3]))
+            assert await acks(ws, 2) == [2, 3]
+    assert await effects(pg_url) == [("c1", 1), ("c1", 2), ("c1", 3)]
+
+
+async def test_a_handler_that_writes_costs_two_statements_per_message(pg_url: str) -> None:
+    """Its own INSERT and its SAVEPOINT (a kept one is released in the same round trip as
+    the next opens, or by COMMIT): 5 + 2n statements for n messages."""
+
+    async def handler(message: Incoming) -> None:
+        await message.tx.execute(
+            "INSERT INTO effects (client_id, message_id) VALUES ($1, $2)",
+            (message.client_id, message.id),
+        )
+
+    # A long max_transaction_time: a slow machine must not split the 50 into two groups.
+    async with serve(handler, pg_url, setup=create_effects, max_transaction_time=60.0) as receiver:
+        inbox = receiver._inbox
+        assert isinstance(inbox, PostgresInbox)
+        statements: list[str] = []
+        inbox._conn.add_query_logger(lambda record: statements.append(record.query))
+        counts = []
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            start = 1
+            for n in (1, 1, 50):
+                statements.clear()
+                await ws.send(batch(list(range(start, start + n))))
+                assert await acks(ws, n) == list(range(start, start + n))
+                await wait_until(lambda: bool(statements) and statements[-1] == "COMMIT")
+                counts.append(len(statements))
+                start += n
+    assert counts[1:] == [5 + 2, 5 + 2 * 50], counts
+    assert await effects(pg_url) == [("c1", i) for i in range(1, 53)]
+
+
+async def test_a_database_gone_away_refuses_handshakes_with_503_and_close_still_works(
+    tmp_path: Path,
+) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    from ..postgres_server import PostgresServer
+
+    with PostgresServer() as own:
+        url = own.create_database()
+        receiver = serve(None, url)
+        await receiver.start()
+        try:
+            async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+                await ws.send(message(1, "x"))
+                assert await acks(ws, 1) == [1]
+            await asyncio.to_thread(own.stop)
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(receiver.url, additional_headers=headers("c1")):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert receiver.stats.refused == 1
+        finally:
+            async with asyncio.timeout(30):
+                await receiver.close()
