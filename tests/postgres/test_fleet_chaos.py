@@ -139,6 +139,9 @@ class Slot:
 
 
 class Fleet:
+    """RECEIVERS receiver processes on one inbox, behind the round-robin proxy; a slot's
+    process is replaced, never added, so the proxy's slot i is always receiver i."""
+
     def __init__(self, db: Database, logs: Path) -> None:
         self.db = db
         self.logs = logs
