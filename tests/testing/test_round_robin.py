@@ -16,6 +16,10 @@ import pytest
 from outbox.testing.fault_proxy import Fault
 from outbox.testing.round_robin import RoundRobinProxy
 
+# Fail a test if asyncio reported an error (a task destroyed pending, an exception never
+# retrieved) or the proxy logged a warning (e.g. tasks that did not end on close).
+from .test_fault_proxy import no_loop_errors  # noqa: F401
+
 pytestmark = pytest.mark.timeout(10)
 
 STEP = 2.0
