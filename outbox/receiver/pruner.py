@@ -10,8 +10,9 @@ spaced by ``pause`` while work remains, so pruning takes at most a small share o
 writer's time under load, and catches up when it is idle.
 
 It also answers the writer's question for every new message: is this id below the client's
-floor (a straggler of a forgotten message, to ack as a duplicate)? The floors the writer has
-asked about are cached; only this module changes them, in the same task, after its COMMIT.
+floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
+each group commit's own transaction (under its write lock), for the clients it carries:
+several receiver processes may share one file, and any of them may raise a floor.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ logger = logging.getLogger("outbox.receiver")
 SWEEP_EVERY = 3600.0
 """Most seconds between two passes of the time window: a row goes at most this long after
 it is older than the window (a quarter window when that is shorter)."""
-
-_MAX_CACHED = 100_000
-"""Floors kept in memory (one per client seen); past this the cache starts again."""
 
 
 class FloorStore(Protocol):
@@ -88,6 +86,7 @@ class Pruner:
         self._started_mono = monotonic()
         self._started_wall = wall()
         self._floors: dict[str, Floor] = {}
+        """The floors of the clients of the group commit in progress (see ``load``)."""
         self._marks: dict[str, int] = {}
         """Announced marks not yet worked through, by client (the newest, highest one)."""
         self._sweep_after: Key | None = None
@@ -112,17 +111,15 @@ class Pruner:
     # -- what the writer asks ------------------------------------------------------------------
 
     async def load(self, client_ids: Sequence[str]) -> None:
-        """Make sure the floors of these clients are cached (one query for those missing)."""
+        """Read the floors of these clients, inside the group commit's transaction (one
+        query). Read afresh each time, never from an older transaction: another receiver
+        process on the same file may have raised a floor since, and a stale one would let
+        a forgotten message through to the handler again."""
         inbox = self.inbox
         assert inbox is not None
-        missing = [c for c in dict.fromkeys(client_ids) if c not in self._floors]
-        if not missing:
-            return
-        if len(self._floors) + len(missing) > _MAX_CACHED:
-            self._floors.clear()
-        found = await inbox.floors(missing)
-        for client_id in missing:
-            self._floors[client_id] = found.get(client_id, Floor())
+        wanted = list(dict.fromkeys(client_ids))
+        found = await inbox.floors(wanted)
+        self._floors = {client_id: found.get(client_id, Floor()) for client_id in wanted}
 
     def covers(self, client_id: str, message_id: int) -> bool:
         """Below the client's floor: a resend of a message handled and forgotten (after
@@ -182,7 +179,6 @@ class Pruner:
             await inbox.commit()
         finally:
             await inbox.rollback()
-        self._floors[client_id] = moved
         self.pruned += deleted
         # Done with this mark when the floor reached it or stopped short of the chunk (a
         # missing or rejected id): a newer mark will try again. Else: the next chunk.
@@ -213,8 +209,6 @@ class Pruner:
                 await inbox.commit()
             finally:
                 await inbox.rollback()
-        for client_id in highest:
-            self._floors.pop(client_id, None)  # its high-water mark changed: read it again
         self.pruned += len(keys)
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None
