@@ -59,7 +59,7 @@ class FloorStore(Protocol):
     ) -> list[tuple[str, int, float, bool]]: ...
 
     async def forget_keys(
-        self, keys: Sequence[Key], highest: dict[str, int], now: float
+        self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
     ) -> None: ...
 
 
@@ -198,14 +198,14 @@ class Pruner:
             monotonic_at_start=self._started_mono,
             window=self.window,
         )
-        # Read outside a transaction: only this task deletes rows, and the writer (the same
-        # task) only adds them, so the keys read are still there to delete.
+        # Read outside a transaction (no write lock while looking); the delete checks the
+        # age again, as another receiver process on the file may have changed a row since.
         rows = await inbox.window_rows(self._sweep_after, self.chunk)
         keys, highest = window_victims(rows, cutoff)
         if keys:
             await inbox.begin()
             try:
-                await inbox.forget_keys(keys, highest, self._wall())
+                await inbox.forget_keys(keys, highest, self._wall(), cutoff)
                 await inbox.commit()
             finally:
                 await inbox.rollback()
