@@ -488,7 +488,7 @@ class Writer:
         to find the one that fails: that connection is closed with 1011 after what came
         before it (as for a failing per-message handler), the others are unaffected.
         """
-        pending: set[Key] = set()
+        pending: dict[Key, _New] = {}
         plans = [_plan(peer, items, known, pending) for peer, items, _ in batch]
         fresh = [new for plan in plans for new in plan.fresh]
         if fresh:
@@ -551,6 +551,7 @@ class Writer:
         decided = 0
         for new in fresh:
             plan = new.plan
+            plan.hold_behind_repeats(new.index)
             if plan.stop is not None and plan.stop <= new.index:
                 continue  # this connection already failed, or was cut
             if decided and loop.time() >= self._deadline:
@@ -613,6 +614,21 @@ class _Plan:
     stop: int | None = None
     """Index of the first item not to answer in this round: a failure or a cut."""
     failed: Close | None = None
+    repeats: list[tuple[int, _New]] = field(default_factory=list)
+    """``(index, first delivery)`` of each repeat of an id another connection of the same
+    client delivered first in this round."""
+
+    def hold_behind_repeats(self, index: int) -> None:
+        """In the retry, before handling the item at ``index``: a repeat before it whose
+        first delivery failed or was cut is answered in a later round (``resolve``), so
+        nothing after it may be handled now (its effect would commit unanswered, unrecorded,
+        and be handled again then)."""
+        for at, first in self.repeats:
+            if at >= index:
+                return
+            if not first.done:
+                self.cut(at)
+                return
 
     def cut(self, index: int) -> None:
         """Leave the items from ``index`` on for the next round."""
@@ -663,7 +679,9 @@ class _Plan:
         return self.peer, out
 
 
-def _plan(peer: Peer, items: list[Item], known: dict[Key, Recorded], pending: set[Key]) -> _Plan:
+def _plan(
+    peer: Peer, items: list[Item], known: dict[Key, Recorded], pending: dict[Key, _New]
+) -> _Plan:
     """Sort one connection's items out before the batch handler runs (no I/O).
 
     A repeat of an id first delivered earlier in the same round (by this connection, or by
@@ -693,11 +711,14 @@ def _plan(peer: Peer, items: list[Item], known: dict[Key, Recorded], pending: se
             else:
                 steps.append((_CONFLICT, index, (item.id, _conflict_reason(item.id))))
             continue
-        if key in pending:
+        first = pending.get(key)
+        if first is not None:
             steps.append((_REPEAT, index, (item.id, digest)))
+            if first.plan is not plan:  # its own first delivery failing stops it anyway
+                plan.repeats.append((index, first))
             continue
         new = _New(plan, index, client_id, item, payload, digest)
-        pending.add(key)
+        pending[key] = new
         steps.append((_FRESH, index, new))
         plan.fresh.append(new)
     return plan
