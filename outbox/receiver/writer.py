@@ -442,7 +442,9 @@ class Writer:
             self._check_transaction(item.id)
             await message._finish(keep=False)
             return exc.reason or "rejected by the receiver"
-        except Exception:
+        except BaseException as exc:
+            if not _handler_failure(exc):
+                raise
             logger.exception(
                 "handler failed on message %s from client %r; not acked, closing the "
                 "connection with 1011 so the client resends it",
@@ -506,7 +508,9 @@ class Writer:
                 await self._one_by_one(handler, plans, fresh, failure)
         return [plan.resolve(known, rows, now) for plan in plans]
 
-    async def _call_batch(self, handler: BatchHandler, fresh: list[_New]) -> Exception | None:
+    async def _call_batch(
+        self, handler: BatchHandler, fresh: list[_New]
+    ) -> BaseException | None:
         """One handler call in a SAVEPOINT; the verdicts go to each ``_New``. Returns the
         handler's exception (its writes then undone), or None."""
         tx = self._inbox.transaction()
@@ -516,7 +520,9 @@ class Writer:
         )
         try:
             await handler(view)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _handler_failure(exc):
+                raise
             view._close()
             self._check_transaction(fresh[0].item.id)
             await tx._finish(keep=False)
@@ -537,7 +543,7 @@ class Writer:
         handler: BatchHandler,
         plans: list[_Plan],
         fresh: list[_New],
-        failure: Exception,
+        failure: BaseException,
     ) -> None:
         """After a failed batch: each new message as a batch of one, in order.
 
@@ -562,7 +568,7 @@ class Writer:
                 self._single_failed(new, error)
             decided += 1
 
-    def _single_failed(self, new: _New, error: Exception) -> None:
+    def _single_failed(self, new: _New, error: BaseException) -> None:
         """A batch of one raised: Reject rejects it; anything else fails its connection."""
         if isinstance(error, Reject):
             new.verdict = error.reason or "rejected by the receiver"
@@ -722,6 +728,19 @@ def _plan(
         steps.append((_FRESH, index, new))
         plan.fresh.append(new)
     return plan
+
+
+def _handler_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a handler, is the handler's failure (its message's 1011):
+    any Exception, and a CancelledError while the writer itself is not being cancelled
+    (the handler awaited something that was cancelled). A cancellation of the writer
+    (``stop``), KeyboardInterrupt and SystemExit go on up."""
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and not task.cancelling()
+    return False
 
 
 def _epoch(peer: Peer) -> int | None:

@@ -5,16 +5,18 @@ Each test here failed before the fix committed with it.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.frames import CloseCode
 
-from outbox.receiver import serve
+from outbox.receiver import Batch, Incoming, serve
 
-from .test_batch import BatchRecorder, gather_round
+from .test_batch import INSERT, BatchRecorder, gather_round
 from .test_receiver import acks, batch, closed_with, effects, headers, inbox_rows
 
 
@@ -51,3 +53,39 @@ async def test_a_later_message_behind_a_cut_repeat_is_not_handled_in_the_retry(
     assert [i for c, i in effects(db) if c == "c1"] == [1, 2, 4]
     assert [i for c, i, _, _ in inbox_rows(db) if c == "c1"] == [1, 2, 4]
     assert recorder.handled("c1").count(4) <= 2  # the batch, then at most once alone
+
+
+@pytest.mark.parametrize("batch_mode", [False, True])
+async def test_a_handler_that_raises_cancelled_error_fails_its_message_not_the_writer(
+    db: Path, batch_mode: bool
+) -> None:
+    """A handler that awaited something cancelled (a task, a future a library cancelled)
+    sees CancelledError come out of it. The writer is not being cancelled: that is the
+    handler's failure (1011), not the end of every connection's group commits."""
+    calls: list[int] = []
+
+    async def one(message: Incoming) -> None:
+        calls.append(message.id)
+        if message.client_id == "bad" and calls.count(message.id) == 1:
+            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            cancelled.cancel()
+            await cancelled  # raises CancelledError
+        await message.tx.execute(INSERT, (message.client_id, message.id))
+
+    async def many(messages: Batch) -> None:
+        for message in messages:
+            await one(message)
+
+    handler: Any = many if batch_mode else one
+    async with serve(handler, db, batch=batch_mode) as receiver:
+        async with connect(receiver.url, additional_headers=headers("bad")) as bad:
+            await bad.send(batch([1]))
+            assert await closed_with(bad) == CloseCode.INTERNAL_ERROR
+        async with connect(receiver.url, additional_headers=headers("good")) as good:
+            await good.send(batch([1, 2]))
+            assert await acks(good, 2) == [1, 2]
+        async with connect(receiver.url, additional_headers=headers("bad")) as bad:
+            await bad.send(batch([1]))  # the resend
+            assert await acks(bad, 1) == [1]
+        assert receiver.stats.handler_errors == 1
+    assert effects(db) == [("bad", 1), ("good", 1), ("good", 2)]
