@@ -89,3 +89,27 @@ async def test_a_handler_that_raises_cancelled_error_fails_its_message_not_the_w
             assert await acks(bad, 1) == [1]
         assert receiver.stats.handler_errors == 1
     assert effects(db) == [("bad", 1), ("good", 1), ("good", 2)]
+
+
+async def test_message_tx_first_used_after_the_handler_returned_is_refused(db: Path) -> None:
+    """A handler keeps the message (to finish it later) without having touched message.tx.
+    Its first use afterwards must be refused like any handle used after its handler: it
+    would otherwise open a SAVEPOINT on the receiver's connection outside any round (a
+    transaction nobody commits: the next round's BEGIN fails with 1013 for an innocent
+    client, and the write is rolled back although its message was acked long ago)."""
+    kept: list[Incoming] = []
+
+    async def handler(message: Incoming) -> None:
+        kept.append(message)
+
+    async with serve(handler, db) as receiver:
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(batch([1]))
+            assert await acks(ws, 1) == [1]
+        with pytest.raises(RuntimeError, match="transaction is over"):
+            await kept[0].tx.execute(INSERT, ("late", 1))
+        async with connect(receiver.url, additional_headers=headers("c2")) as ws:
+            await ws.send(batch([1]))
+            assert await acks(ws, 1) == [1]
+        assert receiver.stats.storage_errors == 0
+    assert effects(db) == []
