@@ -113,3 +113,43 @@ async def test_message_tx_first_used_after_the_handler_returned_is_refused(db: P
             assert await acks(ws, 1) == [1]
         assert receiver.stats.storage_errors == 0
     assert effects(db) == []
+
+
+@pytest.mark.parametrize("batch_mode", [False, True])
+async def test_a_write_after_sqlite_rolled_back_the_transaction_is_refused(
+    db: Path, batch_mode: bool
+) -> None:
+    """The application's trigger refuses a row with RAISE(ROLLBACK): SQLite rolls back the
+    whole transaction. A handler that catches the error and writes on (an error log row)
+    must not have that write autocommitted outside any transaction: the group fails with
+    1013 as documented, and the resend must not find the first attempt's write."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE orders (n INTEGER)")
+        conn.execute(
+            "CREATE TRIGGER no_negative BEFORE INSERT ON orders WHEN NEW.n < 0 "
+            "BEGIN SELECT RAISE(ROLLBACK, 'negative order'); END"
+        )
+    attempts: list[int] = []
+
+    async def one(message: Incoming) -> None:
+        n = -1 if not attempts else 1  # the first attempt breaks the rule
+        attempts.append(n)
+        try:
+            await message.tx.execute("INSERT INTO orders (n) VALUES (?)", (n,))
+        except sqlite3.IntegrityError:
+            pass
+        await message.tx.execute(INSERT, (message.client_id, message.id))
+
+    async def many(messages: Batch) -> None:
+        for message in messages:
+            await one(message)
+
+    handler: Any = many if batch_mode else one
+    async with serve(handler, db, batch=batch_mode) as receiver:
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(batch([1]))
+            assert await closed_with(ws) in (CloseCode.TRY_AGAIN_LATER, CloseCode.INTERNAL_ERROR)
+        async with connect(receiver.url, additional_headers=headers("c1")) as ws:
+            await ws.send(batch([1]))
+            assert await acks(ws, 1) == [1]
+    assert effects(db) == [("c1", 1)]  # once: the first attempt's write did not stay
