@@ -126,8 +126,7 @@ class Incoming:
         if self._tx is None:
             if self._done:
                 raise RuntimeError(
-                    "this message's transaction is over: use message.tx only while the "
-                    "handler runs"
+                    "this message's transaction is over: use message.tx only while the handler runs"
                 )
             self._tx = self._inbox.transaction()
         return self._tx

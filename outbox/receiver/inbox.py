@@ -187,9 +187,7 @@ class Transaction:
         """Run one statement for each parameter tuple, in one thread hop."""
         release = self._opening()
         if release is None:
-            cursor = await self._call(
-                _inside_then, sqlite3.Connection.executemany, sql, parameters
-            )
+            cursor = await self._call(_inside_then, sqlite3.Connection.executemany, sql, parameters)
         else:
             cursor = await self._call(
                 _open_then, self._inside, release, sqlite3.Connection.executemany, sql, parameters

@@ -508,9 +508,7 @@ class Writer:
                 await self._one_by_one(handler, plans, fresh, failure)
         return [plan.resolve(known, rows, now) for plan in plans]
 
-    async def _call_batch(
-        self, handler: BatchHandler, fresh: list[_New]
-    ) -> BaseException | None:
+    async def _call_batch(self, handler: BatchHandler, fresh: list[_New]) -> BaseException | None:
         """One handler call in a SAVEPOINT; the verdicts go to each ``_New``. Returns the
         handler's exception (its writes then undone), or None."""
         tx = self._inbox.transaction()

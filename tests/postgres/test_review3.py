@@ -9,7 +9,6 @@ import asyncio
 import time
 
 import asyncpg
-
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.frames import CloseCode
@@ -51,7 +50,6 @@ async def test_a_statement_cancelled_by_the_handler_fails_its_message_not_the_ne
             assert await acks(ws, 2) == [1, 2]
     assert [i for _, i, _ in await inbox_rows(pg_url)] == [1, 2]
     assert await effects(pg_url) == [("c1", 1), ("c1", 2)]
-
 
 
 async def lock_waiters(url: str) -> int:

@@ -6,6 +6,7 @@ Each test here failed before the fix committed with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,8 @@ async def test_a_write_after_sqlite_rolled_back_the_transaction_is_refused(
     async def one(message: Incoming) -> None:
         n = -1 if not attempts else 1  # the first attempt breaks the rule
         attempts.append(n)
-        try:
+        with contextlib.suppress(sqlite3.IntegrityError):
             await message.tx.execute("INSERT INTO orders (n) VALUES (?)", (n,))
-        except sqlite3.IntegrityError:
-            pass
         await message.tx.execute(INSERT, (message.client_id, message.id))
 
     async def many(messages: Batch) -> None:
