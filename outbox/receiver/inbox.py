@@ -130,7 +130,10 @@ class Transaction:
 
     Rules: do not run ``BEGIN``, ``COMMIT``, ``ROLLBACK`` or ``RELEASE`` yourself (the receiver
     detects a transaction that ended under it and fails the whole group), and do not keep
-    the handle after the handler returns: it refuses to be used then.
+    the handle after the handler returns: it refuses to be used then. A statement issued
+    after the transaction ended (SQLite rolls it back on some errors, e.g. a trigger's
+    ``RAISE(ROLLBACK)``) is refused with :class:`TransactionEndedError` instead of running
+    in autocommit mode.
     """
 
     __slots__ = ("_db", "_held", "_state")
