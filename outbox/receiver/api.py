@@ -98,7 +98,7 @@ class Incoming:
     effect exactly-once.
     """
 
-    __slots__ = ("_inbox", "_tx", "client_id", "data", "id")
+    __slots__ = ("_done", "_inbox", "_tx", "client_id", "data", "id")
 
     def __init__(
         self,
@@ -114,6 +114,8 @@ class Incoming:
         self._inbox = inbox
         self._tx: HandlerTransaction | None = tx
         """In a :class:`Batch`, the batch's shared transaction; else opened on first use."""
+        self._done = False
+        """The handler is over: a handle not opened by then never will be."""
 
     @property
     def message_id(self) -> int:
@@ -122,10 +124,15 @@ class Incoming:
     @property
     def tx(self) -> HandlerTransaction:
         if self._tx is None:
+            if self._done:
+                raise RuntimeError(
+                    "this message's transaction is over: use message.tx only while the handler runs"
+                )
             self._tx = self._inbox.transaction()
         return self._tx
 
     async def _finish(self, keep: bool) -> None:
+        self._done = True
         if self._tx is not None:
             await self._tx._finish(keep)
 

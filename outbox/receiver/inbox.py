@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import aiosqlite
 
+from ..errors import StoreError
 from ..protocol import codec
 from ..protocol.floor import Floor
 from ..storage import sqlite
@@ -130,7 +131,10 @@ class Transaction:
 
     Rules: do not run ``BEGIN``, ``COMMIT``, ``ROLLBACK`` or ``RELEASE`` yourself (the receiver
     detects a transaction that ended under it and fails the whole group), and do not keep
-    the handle after the handler returns: it refuses to be used then.
+    the handle after the handler returns: it refuses to be used then. A statement issued
+    after the transaction ended (SQLite rolls it back on some errors, e.g. a trigger's
+    ``RAISE(ROLLBACK)``) is refused with :class:`TransactionEndedError` instead of running
+    in autocommit mode.
     """
 
     __slots__ = ("_db", "_held", "_state")
@@ -161,6 +165,12 @@ class Transaction:
         held.pending = False
         return True
 
+    @property
+    def _inside(self) -> bool:
+        """Whether the first statement must find the receiver's transaction open (always,
+        but for the setup hook, whose SAVEPOINT opens its transaction)."""
+        return self._held is not None
+
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(sqlite3 connection, *args)`` on the connection's thread: one hop."""
         run = cast(Callable[..., Awaitable[Any]], self._db._execute)  # untyped upstream
@@ -170,18 +180,22 @@ class Transaction:
         """Run one statement inside the message's transaction (like sqlite3's ``execute``)."""
         release = self._opening()
         if release is None:
-            return await self._db.execute(sql, parameters)
-        cursor = await self._call(_open_then, release, sqlite3.Connection.execute, sql, parameters)
+            cursor = await self._call(_inside_then, sqlite3.Connection.execute, sql, parameters)
+        else:
+            cursor = await self._call(
+                _open_then, self._inside, release, sqlite3.Connection.execute, sql, parameters
+            )
         return aiosqlite.Cursor(self._db, cursor)
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> aiosqlite.Cursor:
         """Run one statement for each parameter tuple, in one thread hop."""
         release = self._opening()
         if release is None:
-            return await self._db.executemany(sql, parameters)
-        cursor = await self._call(
-            _open_then, release, sqlite3.Connection.executemany, sql, parameters
-        )
+            cursor = await self._call(_inside_then, sqlite3.Connection.executemany, sql, parameters)
+        else:
+            cursor = await self._call(
+                _open_then, self._inside, release, sqlite3.Connection.executemany, sql, parameters
+            )
         return aiosqlite.Cursor(self._db, cursor)
 
     async def execute_fetchall(
@@ -189,9 +203,11 @@ class Transaction:
     ) -> Iterable[sqlite3.Row]:
         """Run a query and return all its rows, in one thread hop."""
         release = self._opening()
+        rows: list[sqlite3.Row]
         if release is None:
-            return await self._db.execute_fetchall(sql, parameters)
-        rows: list[sqlite3.Row] = await self._call(_open_then, release, _fetchall, sql, parameters)
+            rows = await self._call(_inside_then, _fetchall, sql, parameters)
+        else:
+            rows = await self._call(_open_then, self._inside, release, _fetchall, sql, parameters)
         return rows
 
     async def _finish(self, keep: bool) -> None:
@@ -216,14 +232,43 @@ class _Held:
         self.pending = False
 
 
+class TransactionEndedError(StoreError):
+    """A handler's statement found the receiver's transaction over (SQLite rolled it back
+    after an error, e.g. a trigger's RAISE(ROLLBACK), or the handler ended it): run now, it
+    would autocommit outside the transaction that records its message. The group fails
+    (1013) and its clients resend."""
+
+
+def _ended() -> TransactionEndedError:
+    return TransactionEndedError(
+        "the inbox transaction has ended (SQLite rolled it back after an error, or the "
+        "handler ended it); this statement was not run"
+    )
+
+
+def _inside_then(
+    conn: sqlite3.Connection,
+    call: Callable[[sqlite3.Connection, str, Any], Any],
+    sql: str,
+    parameters: Any,
+) -> Any:
+    """On the connection's thread: run ``call`` only inside the open transaction."""
+    if not conn.in_transaction:
+        raise _ended()
+    return call(conn, sql, parameters)
+
+
 def _open_then(
     conn: sqlite3.Connection,
+    inside: bool,
     release: bool,
     call: Callable[[sqlite3.Connection, str, Any], Any],
     sql: str,
     parameters: Any,
 ) -> Any:
     """On the connection's thread: (release the kept SAVEPOINT,) open one, run ``call``."""
+    if inside and not conn.in_transaction:
+        raise _ended()  # a SAVEPOINT would open a transaction of its own
     if release:
         conn.execute(f"RELEASE {_SAVEPOINT}")
     conn.execute(f"SAVEPOINT {_SAVEPOINT}")

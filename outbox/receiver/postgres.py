@@ -163,7 +163,7 @@ class PostgresTransaction:
     PostgreSQL refuses every statement after an error until the SAVEPOINT is rolled back.
     """
 
-    __slots__ = ("_conn", "_failed", "_inbox", "_state")
+    __slots__ = ("_conn", "_failed", "_inbox", "_state", "_unsure")
 
     _FRESH, _OPEN, _DONE = 0, 1, 2
 
@@ -172,6 +172,10 @@ class PostgresTransaction:
         self._conn = inbox._conn
         self._state = self._FRESH
         self._failed: BaseException | None = None
+        """A statement of the handler's that did not complete: raised, or was cancelled (a
+        cancelled statement leaves the transaction aborted), so the SAVEPOINT is undone."""
+        self._unsure = False
+        """Releasing the earlier message's kept SAVEPOINT failed (see ``_enter``)."""
 
     async def _enter(self) -> None:
         if self._state == self._OPEN:
@@ -184,16 +188,27 @@ class PostgresTransaction:
         if self._inbox._held:
             # The savepoint an earlier message kept: released in this same round trip.
             self._inbox._held = False
-            await self._conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}")
+            try:
+                await self._conn.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}; SAVEPOINT {_SAVEPOINT}")
+            except BaseException as exc:
+                # Whether the earlier savepoint is still open is unknown now: a ROLLBACK TO
+                # could undo that message's kept writes. ``_finish`` fails the group instead.
+                self._failed = exc
+                self._unsure = True
+                raise
         else:
-            await self._conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+            try:
+                await self._conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+            except BaseException as exc:
+                self._failed = exc
+                raise
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> str:
         """Run one statement; returns its status (``"INSERT 0 1"``), like asyncpg's."""
         await self._enter()
         try:
             return await self._conn.execute(sql, *parameters)
-        except Exception as exc:
+        except BaseException as exc:  # a cancellation too: PostgreSQL aborts the statement
             self._failed = exc
             raise
 
@@ -202,7 +217,7 @@ class PostgresTransaction:
         await self._enter()
         try:
             await self._conn.executemany(sql, parameters)
-        except Exception as exc:
+        except BaseException as exc:  # a cancellation too: PostgreSQL aborts the statement
             self._failed = exc
             raise
 
@@ -213,7 +228,7 @@ class PostgresTransaction:
         await self._enter()
         try:
             return await self._conn.fetch(sql, *parameters)
-        except Exception as exc:
+        except BaseException as exc:  # a cancellation too: PostgreSQL aborts the statement
             self._failed = exc
             raise
 
@@ -221,6 +236,11 @@ class PostgresTransaction:
         state, self._state = self._state, self._DONE
         if state != self._OPEN:
             return
+        if self._unsure:
+            raise StoreError(
+                f"releasing the previous message's SAVEPOINT failed ({self._failed!r}); the "
+                "transaction is failed as a whole so that no kept write is undone"
+            )
         if keep and self._failed is None:
             # Kept: released by the next message's SAVEPOINT, or simply by the COMMIT (a
             # round trip per message saved).
@@ -231,7 +251,7 @@ class PostgresTransaction:
         )
         if keep:
             raise StatementFailed(
-                f"the handler returned after its statement failed ({self._failed}); "
+                f"the handler returned after its statement failed ({self._failed!r}); "
                 "PostgreSQL aborts the transaction after an error, so its writes were undone"
             )
 

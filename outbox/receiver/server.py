@@ -298,6 +298,10 @@ class Receiver:
                         close_timeout=self._options.close_timeout,
                     )
                 self._server.close(code=RESTART.code, reason=RESTART.reason)
+                # Before waiting for the handshakes in progress: on PostgreSQL a claim waits
+                # for the fence rows the round in progress holds (up to 10 s); stopping the
+                # writer (close_timeout at most) ends that round and frees them.
+                await self._stop_writer()
                 await self._server.wait_closed()
         finally:
             await self._stop_writer()

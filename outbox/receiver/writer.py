@@ -501,7 +501,9 @@ class Writer:
             self._check_transaction(item.id)
             await message._finish(keep=False)
             return exc.reason or "rejected by the receiver"
-        except Exception:
+        except BaseException as exc:
+            if not _handler_failure(exc):
+                raise
             logger.exception(
                 "handler failed on message %s from client %r; not acked, closing the "
                 "connection with 1011 so the client resends it",
@@ -547,7 +549,7 @@ class Writer:
         to find the one that fails: that connection is closed with 1011 after what came
         before it (as for a failing per-message handler), the others are unaffected.
         """
-        pending: set[Key] = set()
+        pending: dict[Key, _New] = {}
         covers = None if self._pruner is None else self._pruner.covers
         plans = [_plan(peer, items, known, pending, covers) for peer, items, _ in batch]
         fresh = [new for plan in plans for new in plan.fresh]
@@ -566,7 +568,7 @@ class Writer:
                 await self._one_by_one(handler, plans, fresh, failure)
         return [plan.resolve(known, rows, now) for plan in plans]
 
-    async def _call_batch(self, handler: BatchHandler, fresh: list[_New]) -> Exception | None:
+    async def _call_batch(self, handler: BatchHandler, fresh: list[_New]) -> BaseException | None:
         """One handler call in a SAVEPOINT; the verdicts go to each ``_New``. Returns the
         handler's exception (its writes then undone), or None."""
         tx = self._inbox.transaction()
@@ -576,7 +578,9 @@ class Writer:
         )
         try:
             await handler(view)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _handler_failure(exc):
+                raise
             view._close()
             self._check_transaction(fresh[0].item.id)
             await tx._finish(keep=False)
@@ -597,7 +601,7 @@ class Writer:
         handler: BatchHandler,
         plans: list[_Plan],
         fresh: list[_New],
-        failure: Exception,
+        failure: BaseException,
     ) -> None:
         """After a failed batch: each new message as a batch of one, in order.
 
@@ -611,6 +615,7 @@ class Writer:
         decided = 0
         for new in fresh:
             plan = new.plan
+            plan.hold_behind_repeats(new.index)
             if plan.stop is not None and plan.stop <= new.index:
                 continue  # this connection already failed, or was cut
             if decided and loop.time() >= self._deadline:
@@ -621,7 +626,7 @@ class Writer:
                 self._single_failed(new, error)
             decided += 1
 
-    def _single_failed(self, new: _New, error: Exception) -> None:
+    def _single_failed(self, new: _New, error: BaseException) -> None:
         """A batch of one raised: Reject rejects it; anything else fails its connection."""
         if isinstance(error, Reject):
             new.verdict = error.reason or "rejected by the receiver"
@@ -673,6 +678,21 @@ class _Plan:
     stop: int | None = None
     """Index of the first item not to answer in this round: a failure or a cut."""
     failed: Close | None = None
+    repeats: list[tuple[int, _New]] = field(default_factory=list)
+    """``(index, first delivery)`` of each repeat of an id another connection of the same
+    client delivered first in this round."""
+
+    def hold_behind_repeats(self, index: int) -> None:
+        """In the retry, before handling the item at ``index``: a repeat before it whose
+        first delivery failed or was cut is answered in a later round (``resolve``), so
+        nothing after it may be handled now (its effect would commit unanswered, unrecorded,
+        and be handled again then)."""
+        for at, first in self.repeats:
+            if at >= index:
+                return
+            if not first.done:
+                self.cut(at)
+                return
 
     def cut(self, index: int) -> None:
         """Leave the items from ``index`` on for the next round."""
@@ -727,7 +747,7 @@ def _plan(
     peer: Peer,
     items: list[Item],
     known: dict[Key, Recorded],
-    pending: set[Key],
+    pending: dict[Key, _New],
     covers: Callable[[str, int], bool] | None = None,
 ) -> _Plan:
     """Sort one connection's items out before the batch handler runs (no I/O).
@@ -766,14 +786,30 @@ def _plan(
             else:
                 steps.append((_AGAIN, index, (item.id, None)))
             continue
-        if key in pending:
+        first = pending.get(key)
+        if first is not None:
             steps.append((_REPEAT, index, (item.id, digest)))
+            if first.plan is not plan:  # its own first delivery failing stops it anyway
+                plan.repeats.append((index, first))
             continue
         new = _New(plan, index, client_id, item, payload, digest)
-        pending.add(key)
+        pending[key] = new
         steps.append((_FRESH, index, new))
         plan.fresh.append(new)
     return plan
+
+
+def _handler_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a handler, is the handler's failure (its message's 1011):
+    any Exception, and a CancelledError while the writer itself is not being cancelled
+    (the handler awaited something that was cancelled). A cancellation of the writer
+    (``stop``), KeyboardInterrupt and SystemExit go on up."""
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and not task.cancelling()
+    return False
 
 
 def _epoch(peer: Peer) -> int | None:
