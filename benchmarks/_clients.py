@@ -521,7 +521,8 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
             async with asyncio.TaskGroup() as group:
                 for first in range(producers):
                     group.create_task(produce(first))
-            enqueue_seconds = timer.lap()
+            timer.stop()
+            enqueue_seconds, enqueue_cpu = timer.seconds, timer.cpu
         rss_before_drain = peak_rss_mb()
         emit("enqueued", messages=ids.count, seconds=enqueue_seconds)
         await go.wait()
@@ -536,6 +537,7 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
         ids.count,
         timer,
         enqueue_seconds=enqueue_seconds,
+        enqueue_cpu_s=enqueue_cpu,
         enqueue_rss_mb=rss_before_drain,
         drain_rss_mb=sampler.peak / 2**20,
         latency=latency_summary([]),

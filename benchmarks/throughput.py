@@ -316,6 +316,7 @@ async def _run_backlog(
         seconds=result["enqueue_seconds"],
         rate=result["messages"] / result["enqueue_seconds"],
         client_rss_mb=result["enqueue_rss_mb"],
+        client_cpu_us=result["enqueue_cpu_s"] / max(1, result["messages"]) * 1e6,
     )
     drain = _row("backlog-drain", "backlog: drain", result, server_stats)
     drain.client_rss_mb = result["drain_rss_mb"]
@@ -373,7 +374,7 @@ async def _run_tx_enqueue(
         latency_samples=sum(r["latency"]["samples"] for r in results),
         client_rss_mb=max(r["rss_mb"] for r in results),
     )
-    row.extra["client_cpu_us_per_msg"] = sum(r["cpu_s"] for r in results) / max(1, messages) * 1e6
+    row.client_cpu_us = sum(r["cpu_s"] for r in results) / max(1, messages) * 1e6
     row.extra["producers"] = [
         {k: r[k] for k in ("messages", "seconds", "latency")} for r in results
     ]
@@ -438,10 +439,10 @@ def _row(key: str, title: str, result: dict[str, Any], server: dict[str, Any] | 
     )
     row.extra = {k: result[k] for k in ("enqueue_seconds", "counters", "dead") if k in result}
     messages = max(1, result["messages"])
-    row.extra["client_cpu_us_per_msg"] = result["cpu_s"] / messages * 1e6
+    row.client_cpu_us = result["cpu_s"] / messages * 1e6
     if server is not None:
         row.extra["server"] = {k: v for k, v in server.items() if k != "event"}
-        row.extra["server_cpu_us_per_msg"] = server["cpu_s"] / messages * 1e6
+        row.server_cpu_us = server["cpu_s"] / messages * 1e6
     return row
 
 
