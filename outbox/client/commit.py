@@ -49,6 +49,8 @@ class Insert:
     rows: tuple[tuple[str, str | None], ...]
     expires_at: float | None = None
     """The rows' deadline in unix seconds (``send(ttl=)``), or None: they never expire."""
+    expiries: tuple[float | None, ...] | None = None
+    """A deadline per row instead (the rows of many ``send()`` calls in one write)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +285,13 @@ def _apply_inserts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch:
     inserts = by_kind.of(Insert)
     if not inserts:
         return
-    rows = [row for _, write in inserts for row in write.rows]
-    expiries = [write.expires_at for _, write in inserts for _ in write.rows]
+    if len(inserts) == 1:  # the usual case under load: one group of send() rows
+        write = inserts[0][1]
+        rows = list(write.rows)
+        expiries: Sequence[float | None] | None = _expiries(write)
+    else:
+        rows = [row for _, write in inserts for row in write.rows]
+        expiries = [expiry for _, write in inserts for expiry in _expiries(write)]
     ids, batch.new_pending = insert_rows(conn, rows, now, expiries)
     offset = 0
     for index, write in inserts:
@@ -292,6 +299,13 @@ def _apply_inserts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch:
         batch.inserted.append((write, mine))
         offset += len(write.rows)
     batch.max_id = max(ids, default=0)
+
+
+def _expiries(write: Insert) -> Sequence[float | None]:
+    """The deadline of each row of an insert."""
+    if write.expiries is not None:
+        return write.expiries
+    return [write.expires_at] * len(write.rows)
 
 
 def _apply_timeouts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch: Batch) -> None:
