@@ -255,6 +255,10 @@ def parse_server_frame(frame: str | bytes) -> ServerEvent:
             ids = obj["messageIds"]
             if not isinstance(ids, list):
                 raise ProtocolError("ack: 'messageIds' must be a list of integers")
+            # The usual frame, checked in C: only ints, all in range (bool is not int here).
+            usual = ids and set(map(type, ids)) == {int}
+            if usual and min(ids) > 0 and max(ids) <= MAX_MESSAGE_ID:
+                return Ack(tuple(ids))
             return Ack(tuple(_message_id(i, "ack", "messageIds") for i in ids))
         return Ack((_message_id(obj.get("messageId"), "ack", "messageId"),))
     if kind == "nack":
