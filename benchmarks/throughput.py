@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import shutil
 import signal
@@ -82,6 +83,9 @@ from _report import (
     machine,
     verdicts,
 )
+
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+"""uvloop (in the fast extra) is installed: the uvloop rows run."""
 
 EXIT_LOST = 1
 EXIT_FAILED = 2
@@ -167,6 +171,17 @@ def plan(s: Settings) -> list[Scenario]:
           ("receiver",)),
         S("outbox-deflate", "outbox: batch frames, deflate",
           ("outbox", *producers, "--compression"), n, ("receiver", "--compression")),
+    ]  # fmt: skip
+    if HAVE_UVLOOP:  # the fast extra: the same rows on uvloop's event loop, both processes
+        scenarios += [
+            S("ceiling-acks-uvloop", "ceiling: windowed acks, uvloop", (*acks, "--uvloop"), n,
+              ("ack", "--uvloop")),
+            S("outbox-frame-uvloop", "outbox: 1 msg/frame, uvloop",
+              ("outbox", *producers, "--per-frame", "--uvloop"), n, ("receiver", "--uvloop")),
+            S("outbox-batch-uvloop", "outbox: batch frames, uvloop",
+              ("outbox", *producers, "--uvloop"), n, ("receiver", "--uvloop")),
+        ]  # fmt: skip
+    scenarios += [
         S("outbox-paced", "outbox: paced at 50% of max",
           ("outbox", *producers, "--sample", "10"), 0, ("receiver",)),
         S("enqueue-sqlite", "enqueue: sqlite3, 1 commit/msg", ("enqueue", "--api", "sqlite"),
@@ -680,6 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({other.seconds / elapsed:.2f} of a core on average)"
         + ("; rows marked * lost more than 10% of a core to them" if disturbed(rows) else "")
     )
+    if not HAVE_UVLOOP:
+        print("uvloop is not installed: its rows were skipped (python -m pip install '.[fast]')")
     if settings.outbox_options:
         print(f"NOT THE DEFAULTS: every Outbox ran with {', '.join(settings.outbox_options)}")
     print()
