@@ -122,6 +122,8 @@ _RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("backlog drain / outbox batch frames", "backlog-drain", "outbox-batch", 0.9),
     ("deflate / none, ceiling windowed acks", "ceiling-acks-deflate", "ceiling-acks", None),
     ("deflate / none, outbox batch frames", "outbox-deflate", "outbox-batch", None),
+    ("outbox batch frames / NATS JetStream publish", "outbox-batch", "peer-nats", 2),
+    ("outbox batch frames / MQTT QoS 1", "outbox-batch", "peer-mqtt", None),
     ("uvloop / asyncio, ceiling windowed acks", "ceiling-acks-uvloop", "ceiling-acks", None),
     ("uvloop / asyncio, outbox 1 msg/frame", "outbox-frame-uvloop", "outbox-frame", None),
     ("uvloop / asyncio, outbox batch frames", "outbox-batch-uvloop", "outbox-batch", None),

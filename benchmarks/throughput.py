@@ -71,6 +71,7 @@ except ImportError as missing:
     ) from None
 
 from _common import latency_summary
+from _peers import missing as missing_peer
 from _procs import ROOT, Child, ChildError, OtherLoad, free_port, kill_all
 from _report import (
     NOTES,
@@ -86,6 +87,12 @@ from _report import (
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 """uvloop (in the fast extra) is installed: the uvloop rows run."""
+
+PEERS = {
+    "nats": "peer: NATS JetStream publish",
+    "mqtt": "peer: MQTT QoS 1 (mosquitto)",
+}
+"""What a user would pick instead (``--peers``): see ``_peers.py`` for what their acks mean."""
 
 EXIT_LOST = 1
 EXIT_FAILED = 2
@@ -109,6 +116,8 @@ class Settings:
     producers: int
     size: int
     quick: bool
+    peers: bool = False
+    """Also run the peers (NATS JetStream, MQTT QoS 1) where they are installed."""
     outbox_options: tuple[str, ...] = ()
     """``NAME=VALUE`` passed to every Outbox: for tuning experiments, never the defaults."""
 
@@ -131,6 +140,7 @@ class Settings:
             producers=args.producers,
             size=args.size,
             quick=args.quick,
+            peers=args.peers or any(key.startswith("peer-") for key in args.only or ()),
             outbox_options=tuple(args.outbox_option),
         )
 
@@ -200,6 +210,9 @@ def plan(s: Settings) -> list[Scenario]:
     pickup = ("tx-pickup", "--rate", f"{s.pickup_rate:g}")
     scenarios.append(S("tx-pickup", f"relay pickup: enqueue {s.pickup_rate:g}/s", pickup,
                        s.pickup_messages, ("receiver", "--record-times")))  # fmt: skip
+    if s.peers:  # those not installed are dropped by main(), which says why
+        for kind, title in PEERS.items():
+            scenarios.append(S(f"peer-{kind}", title, ("peer", kind, *producers), n))
     backlog = ("backlog", "--producers", "4", "--batch", "1000")
     scenarios.append(S("backlog", "backlog", backlog, s.backlog_messages, ("receiver",)))
     return scenarios
@@ -258,6 +271,8 @@ async def run_scenario(
         return await _run_backlog(scenario, work, client_argv, server_argv, progress)
     if scenario.client[0] == "tx-enqueue":
         return await _run_tx_enqueue(scenario, settings, work, progress)
+    if scenario.client[0] == "peer":
+        return await _run_peer(scenario, settings, work)
     if scenario.client[0] == "tx-pickup":
         assert server_argv is not None
         return await _run_tx_pickup(scenario, work, client_argv, server_argv, progress)
@@ -400,6 +415,18 @@ async def _run_tx_enqueue(
     row.extra.update(returned_ids=returned, outbox_rows=held)
     if held != returned or len({tuple(run) for run in runs}) != len(runs):
         row.error = f"the file holds {held} rows; enqueue returned {returned} ids"
+    return [row]
+
+
+async def _run_peer(scenario: Scenario, settings: Settings, work: Path) -> list[Row]:
+    """One process runs the broker and the producers (``_peers.py``)."""
+    argv = [*scenario.client[1:], "-n", str(scenario.messages), "--size", str(settings.size)]
+    argv += ["--dir", str(work)]
+    async with Child.run("peer", "_peers.py", argv, work / "peer.log") as child:
+        result = await child.event("result")
+    row = _row(scenario.key, scenario.title, result, result["server"])
+    row.server_rss_mb = result["server"]["rss_mb"]
+    row.lost = result["lost"]
     return [row]
 
 
@@ -626,6 +653,11 @@ def build_parser(keys: Sequence[str]) -> argparse.ArgumentParser:
     add("--paced-seconds", type=float, help="length of the paced run (10; quick 2)")
     add("--producers", type=int, default=100, help="producer tasks (default: %(default)s)")
     add("--size", type=int, default=100, help="payload bytes, about (default: %(default)s)")
+    add(
+        "--peers",
+        action="store_true",
+        help="also NATS JetStream and MQTT QoS 1 (mosquitto), where installed (the peers extra)",
+    )
     add("--tmp", help="where the databases go (its disk sets the cost of every fsync)")
     add(
         "--outbox-option",
@@ -648,7 +680,7 @@ def build_parser(keys: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    keys = [s.key for s in plan(Settings.from_args(build_parser([]).parse_args([])))]
+    keys = [s.key for s in plan(Settings.from_args(build_parser([]).parse_args(["--peers"])))]
     args = build_parser(keys).parse_args(argv)
     settings = Settings.from_args(args)
     scenarios = plan(settings)
@@ -658,6 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; see --help")
         wanted = set(args.only) | ({"outbox-batch"} if "outbox-paced" in args.only else set())
         scenarios = [s for s in scenarios if s.key in wanted]
+    peer_keys = [s.key for s in scenarios if s.key.startswith("peer-")]
+    skipped = {key: missing_peer(key.removeprefix("peer-")) for key in peer_keys}
+    scenarios = [s for s in scenarios if skipped.get(s.key) is None]
 
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="outbox-bench-", dir=args.tmp))
@@ -695,6 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({other.seconds / elapsed:.2f} of a core on average)"
         + ("; rows marked * lost more than 10% of a core to them" if disturbed(rows) else "")
     )
+    for key, reason in skipped.items():
+        if reason is not None:
+            print(f"{PEERS[key.removeprefix('peer-')]}: skipped, {reason}")
     if not HAVE_UVLOOP:
         print("uvloop is not installed: its rows were skipped (python -m pip install '.[fast]')")
     if settings.outbox_options:
