@@ -381,9 +381,7 @@ class Store:
             return
         self._check_open()
         self._acks.extend(ids)
-        if self._waiters:
-            for message_id in ids:
-                self._resolve(message_id, ("acked", None))
+        self._resolve_acked(ids)
         self._wakeup.set()
 
     def record_timeouts(self, items: Sequence[tuple[int, int]], error: str) -> None:
@@ -772,8 +770,7 @@ class Store:
                 item.group.publish(batch.results.get(index))
             elif item.future is not None and not item.future.done():
                 item.future.set_result(batch.results.get(index))
-        for message_id in batch.acked:
-            self._resolve(message_id, ("acked", None))
+        self._resolve_acked(batch.acked)
         if self.counters is not None:
             self.counters.dead += len(batch.dead)
             self.counters.expired += len(batch.expired)
@@ -838,6 +835,19 @@ class Store:
                 listener(new_rows)
             except Exception:  # a listener's bug must not stop the commit loop
                 logger.exception("outbox: a commit listener failed")
+
+    def _resolve_acked(self, ids: Sequence[int]) -> None:
+        """Wake the waiters of these acked ids: a look per waiter or per id, the fewer."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        if len(waiters) < len(ids):
+            acked = set(ids)
+            hits = [message_id for message_id in waiters if message_id in acked]
+        else:
+            hits = [message_id for message_id in ids if message_id in waiters]
+        for message_id in hits:
+            self._resolve(message_id, ("acked", None))
 
     def _resolve(self, message_id: int, outcome: tuple[Status, str | None]) -> None:
         for future in self._waiters.pop(message_id, ()):

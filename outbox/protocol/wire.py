@@ -109,7 +109,7 @@ def encode_message(message_id: int, payload_json: str) -> str:
 
 def encode_batch(items: Sequence[tuple[int, str]]) -> str:
     """Many messages in one frame, for servers that announced ``batch``."""
-    body = ",".join(f'{{"id":{message_id},"data":{payload}}}' for message_id, payload in items)
+    body = ",".join([f'{{"id":{message_id},"data":{payload}}}' for message_id, payload in items])
     return f'{{"type":"batch","messages":[{body}]}}'
 
 
