@@ -239,19 +239,8 @@ class Pong:
 ServerEvent = Ack | Nack | Pong
 
 
-_ACK_PREFIX = encode_ack(0)[:-2]  # '{"type":"ack","messageId":'
-
-
 def parse_server_frame(frame: str | bytes) -> ServerEvent:
     """Decode a frame from the server; ProtocolError says what is wrong with a bad one."""
-    if type(frame) is str and frame.startswith(_ACK_PREFIX) and frame.endswith("}"):
-        # The seed's ack exactly as encode_ack writes it (one per message on that path):
-        # read without a JSON decoder. Digits only, no leading zero, at most 2**63-1.
-        digits = frame[len(_ACK_PREFIX) : -1]
-        if 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit() and digits[0] != "0":
-            message_id = int(digits)
-            if message_id <= MAX_MESSAGE_ID:
-                return Ack((message_id,))
     if isinstance(frame, bytes):
         raise ProtocolError(f"unexpected binary frame ({len(frame)} bytes) from the server")
     try:
