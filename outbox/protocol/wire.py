@@ -107,9 +107,10 @@ def encode_message(message_id: int, payload_json: str) -> str:
     return f'{{"id":{message_id},"data":{payload_json}}}'
 
 
-def encode_batch(items: Sequence[tuple[int, str]]) -> str:
-    """Many messages in one frame, for servers that announced ``batch``."""
-    body = ",".join([f'{{"id":{message_id},"data":{payload}}}' for message_id, payload in items])
+def encode_batch(items: Sequence[tuple[int, str]] | Sequence[tuple[int, str, int]]) -> str:
+    """Many messages in one frame, for servers that announced ``batch``: ``(id, payload)``
+    pairs, or the sender's rows (their first two fields), each payload JSON text already."""
+    body = ",".join([f'{{"id":{item[0]},"data":{item[1]}}}' for item in items])
     return f'{{"type":"batch","messages":[{body}]}}'
 
 
