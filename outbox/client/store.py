@@ -117,10 +117,11 @@ class _Group:
             if not future.done():
                 future.set_result(message_id)
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException | Callable[[], BaseException]) -> None:
+        """Every caller still waiting gets the error (or, from a factory, one each)."""
         for future in self.futures:
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(error if isinstance(error, BaseException) else error())
 
 
 _translate = sqlite.translate
@@ -528,7 +529,7 @@ class Store:
         self._group = None
         for item in queued:
             if item.group is not None:
-                item.group.fail(self._broken_error())
+                item.group.fail(self._broken_error)  # a fresh error for each caller
             if item.future is not None and not item.future.done():
                 item.future.set_exception(self._broken_error())
         for futures in self._waiters.values():
