@@ -29,6 +29,7 @@ from _common import (
     latency_summary,
     payload,
     peak_rss_mb,
+    run_loop,
     watch_stdin,
 )
 from websockets.asyncio.client import connect
@@ -521,7 +522,8 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
             async with asyncio.TaskGroup() as group:
                 for first in range(producers):
                     group.create_task(produce(first))
-            enqueue_seconds = timer.lap()
+            timer.stop()
+            enqueue_seconds, enqueue_cpu = timer.seconds, timer.cpu
         rss_before_drain = peak_rss_mb()
         emit("enqueued", messages=ids.count, seconds=enqueue_seconds)
         await go.wait()
@@ -536,6 +538,7 @@ async def backlog(args: argparse.Namespace, go: asyncio.Event) -> None:
         ids.count,
         timer,
         enqueue_seconds=enqueue_seconds,
+        enqueue_cpu_s=enqueue_cpu,
         enqueue_rss_mb=rss_before_drain,
         drain_rss_mb=sampler.peak / 2**20,
         latency=latency_summary([]),
@@ -570,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=int, default=100, help="time every k-th message")
     parser.add_argument("--per-frame", action="store_true", help="the seed's wire format")
     parser.add_argument("--compression", action="store_true", help="permessage-deflate")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
     parser.add_argument(
         "--option", type=option, action="append", default=[], help="Outbox NAME=VALUE"
     )
@@ -609,7 +613,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
-        asyncio.run(run(args))
+        run_loop(run(args), args.uvloop)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 PING_INTERVAL = 0.2
@@ -58,6 +58,22 @@ def watch_stdin(loop: asyncio.AbstractEventLoop, on_line: Callable[[str], None])
         loop.call_soon_threadsafe(on_line, "")
 
     threading.Thread(target=read, name="stdin-watch", daemon=True).start()
+
+
+def run_loop(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
+    """``asyncio.run(main)``, on uvloop's event loop when asked (the ``fast`` extra)."""
+    if not use_uvloop:
+        asyncio.run(main)
+        return
+    try:
+        import uvloop
+    except ImportError:
+        main.close()
+        raise SystemExit(
+            "--uvloop needs uvloop: python -m pip install uvloop (or '.[fast]')"
+        ) from None
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:

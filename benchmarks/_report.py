@@ -29,6 +29,10 @@ class Row:
     latency_samples: int = 0
     client_rss_mb: float | None = None
     server_rss_mb: float | None = None
+    client_cpu_us: float | None = None
+    """CPU (user + sys, every thread) of the sending process per message, in microseconds."""
+    server_cpu_us: float | None = None
+    """The same for the receiving process."""
     lost: int | None = None
     dups: int | None = None
     error: str | None = None
@@ -61,6 +65,8 @@ _COLUMNS = (
     ("msg/s", ">", 9, "rate", ",.0f"),
     ("p50 ms", ">", 7, "p50_ms", ".2f"),
     ("p99 ms", ">", 7, "p99_ms", ".2f"),
+    ("cli us/msg", ">", 10, "client_cpu_us", ".2f"),
+    ("srv us/msg", ">", 10, "server_cpu_us", ".2f"),
     ("client MB", ">", 9, "client_rss_mb", ".1f"),
     ("server MB", ">", 9, "server_rss_mb", ".1f"),
     ("lost", ">", 4, "lost", "d"),
@@ -116,6 +122,11 @@ _RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("backlog drain / outbox batch frames", "backlog-drain", "outbox-batch", 0.9),
     ("deflate / none, ceiling windowed acks", "ceiling-acks-deflate", "ceiling-acks", None),
     ("deflate / none, outbox batch frames", "outbox-deflate", "outbox-batch", None),
+    ("outbox batch frames / NATS JetStream publish", "outbox-batch", "peer-nats", 2),
+    ("outbox batch frames / MQTT QoS 1", "outbox-batch", "peer-mqtt", None),
+    ("uvloop / asyncio, ceiling windowed acks", "ceiling-acks-uvloop", "ceiling-acks", None),
+    ("uvloop / asyncio, outbox 1 msg/frame", "outbox-frame-uvloop", "outbox-frame", None),
+    ("uvloop / asyncio, outbox batch frames", "outbox-batch-uvloop", "outbox-batch", None),
 )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from _common import cpu_seconds, emit, peak_rss_mb, watch_stdin
+from _common import cpu_seconds, emit, peak_rss_mb, run_loop, watch_stdin
 from websockets.asyncio.server import ServerConnection, serve
 
 from outbox.receiver import Incoming
@@ -166,7 +166,9 @@ def main() -> None:
     parser.add_argument(
         "--record-times", action="store_true", help="receiver: report when each id was handled"
     )
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
+    args = parser.parse_args()
+    run_loop(run(args), args.uvloop)
 
 
 if __name__ == "__main__":

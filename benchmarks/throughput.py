@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import shutil
 import signal
@@ -70,6 +71,7 @@ except ImportError as missing:
     ) from None
 
 from _common import latency_summary
+from _peers import missing as missing_peer
 from _procs import ROOT, Child, ChildError, OtherLoad, free_port, kill_all
 from _report import (
     NOTES,
@@ -82,6 +84,15 @@ from _report import (
     machine,
     verdicts,
 )
+
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+"""uvloop (in the fast extra) is installed: the uvloop rows run."""
+
+PEERS = {
+    "nats": "peer: NATS JetStream publish",
+    "mqtt": "peer: MQTT QoS 1 (mosquitto)",
+}
+"""What a user would pick instead (``--peers``): see ``_peers.py`` for what their acks mean."""
 
 EXIT_LOST = 1
 EXIT_FAILED = 2
@@ -105,6 +116,8 @@ class Settings:
     producers: int
     size: int
     quick: bool
+    peers: bool = False
+    """Also run the peers (NATS JetStream, MQTT QoS 1) where they are installed."""
     outbox_options: tuple[str, ...] = ()
     """``NAME=VALUE`` passed to every Outbox: for tuning experiments, never the defaults."""
 
@@ -127,6 +140,7 @@ class Settings:
             producers=args.producers,
             size=args.size,
             quick=args.quick,
+            peers=args.peers or any(key.startswith("peer-") for key in args.only or ()),
             outbox_options=tuple(args.outbox_option),
         )
 
@@ -167,6 +181,17 @@ def plan(s: Settings) -> list[Scenario]:
           ("receiver",)),
         S("outbox-deflate", "outbox: batch frames, deflate",
           ("outbox", *producers, "--compression"), n, ("receiver", "--compression")),
+    ]  # fmt: skip
+    if HAVE_UVLOOP:  # the fast extra: the same rows on uvloop's event loop, both processes
+        scenarios += [
+            S("ceiling-acks-uvloop", "ceiling: windowed acks, uvloop", (*acks, "--uvloop"), n,
+              ("ack", "--uvloop")),
+            S("outbox-frame-uvloop", "outbox: 1 msg/frame, uvloop",
+              ("outbox", *producers, "--per-frame", "--uvloop"), n, ("receiver", "--uvloop")),
+            S("outbox-batch-uvloop", "outbox: batch frames, uvloop",
+              ("outbox", *producers, "--uvloop"), n, ("receiver", "--uvloop")),
+        ]  # fmt: skip
+    scenarios += [
         S("outbox-paced", "outbox: paced at 50% of max",
           ("outbox", *producers, "--sample", "10"), 0, ("receiver",)),
         S("enqueue-sqlite", "enqueue: sqlite3, 1 commit/msg", ("enqueue", "--api", "sqlite"),
@@ -185,6 +210,9 @@ def plan(s: Settings) -> list[Scenario]:
     pickup = ("tx-pickup", "--rate", f"{s.pickup_rate:g}")
     scenarios.append(S("tx-pickup", f"relay pickup: enqueue {s.pickup_rate:g}/s", pickup,
                        s.pickup_messages, ("receiver", "--record-times")))  # fmt: skip
+    if s.peers:  # those not installed are dropped by main(), which says why
+        for kind, title in PEERS.items():
+            scenarios.append(S(f"peer-{kind}", title, ("peer", kind, *producers), n))
     backlog = ("backlog", "--producers", "4", "--batch", "1000")
     scenarios.append(S("backlog", "backlog", backlog, s.backlog_messages, ("receiver",)))
     return scenarios
@@ -243,6 +271,8 @@ async def run_scenario(
         return await _run_backlog(scenario, work, client_argv, server_argv, progress)
     if scenario.client[0] == "tx-enqueue":
         return await _run_tx_enqueue(scenario, settings, work, progress)
+    if scenario.client[0] == "peer":
+        return await _run_peer(scenario, settings, work)
     if scenario.client[0] == "tx-pickup":
         assert server_argv is not None
         return await _run_tx_pickup(scenario, work, client_argv, server_argv, progress)
@@ -316,6 +346,7 @@ async def _run_backlog(
         seconds=result["enqueue_seconds"],
         rate=result["messages"] / result["enqueue_seconds"],
         client_rss_mb=result["enqueue_rss_mb"],
+        client_cpu_us=result["enqueue_cpu_s"] / max(1, result["messages"]) * 1e6,
     )
     drain = _row("backlog-drain", "backlog: drain", result, server_stats)
     drain.client_rss_mb = result["drain_rss_mb"]
@@ -373,7 +404,7 @@ async def _run_tx_enqueue(
         latency_samples=sum(r["latency"]["samples"] for r in results),
         client_rss_mb=max(r["rss_mb"] for r in results),
     )
-    row.extra["client_cpu_us_per_msg"] = sum(r["cpu_s"] for r in results) / max(1, messages) * 1e6
+    row.client_cpu_us = sum(r["cpu_s"] for r in results) / max(1, messages) * 1e6
     row.extra["producers"] = [
         {k: r[k] for k in ("messages", "seconds", "latency")} for r in results
     ]
@@ -384,6 +415,18 @@ async def _run_tx_enqueue(
     row.extra.update(returned_ids=returned, outbox_rows=held)
     if held != returned or len({tuple(run) for run in runs}) != len(runs):
         row.error = f"the file holds {held} rows; enqueue returned {returned} ids"
+    return [row]
+
+
+async def _run_peer(scenario: Scenario, settings: Settings, work: Path) -> list[Row]:
+    """One process runs the broker and the producers (``_peers.py``)."""
+    argv = [*scenario.client[1:], "-n", str(scenario.messages), "--size", str(settings.size)]
+    argv += ["--dir", str(work)]
+    async with Child.run("peer", "_peers.py", argv, work / "peer.log") as child:
+        result = await child.event("result")
+    row = _row(scenario.key, scenario.title, result, result["server"])
+    row.server_rss_mb = result["server"]["rss_mb"]
+    row.lost = result["lost"]
     return [row]
 
 
@@ -438,10 +481,10 @@ def _row(key: str, title: str, result: dict[str, Any], server: dict[str, Any] | 
     )
     row.extra = {k: result[k] for k in ("enqueue_seconds", "counters", "dead") if k in result}
     messages = max(1, result["messages"])
-    row.extra["client_cpu_us_per_msg"] = result["cpu_s"] / messages * 1e6
+    row.client_cpu_us = result["cpu_s"] / messages * 1e6
     if server is not None:
         row.extra["server"] = {k: v for k, v in server.items() if k != "event"}
-        row.extra["server_cpu_us_per_msg"] = server["cpu_s"] / messages * 1e6
+        row.server_cpu_us = server["cpu_s"] / messages * 1e6
     return row
 
 
@@ -610,6 +653,11 @@ def build_parser(keys: Sequence[str]) -> argparse.ArgumentParser:
     add("--paced-seconds", type=float, help="length of the paced run (10; quick 2)")
     add("--producers", type=int, default=100, help="producer tasks (default: %(default)s)")
     add("--size", type=int, default=100, help="payload bytes, about (default: %(default)s)")
+    add(
+        "--peers",
+        action="store_true",
+        help="also NATS JetStream and MQTT QoS 1 (mosquitto), where installed (the peers extra)",
+    )
     add("--tmp", help="where the databases go (its disk sets the cost of every fsync)")
     add(
         "--outbox-option",
@@ -632,7 +680,7 @@ def build_parser(keys: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    keys = [s.key for s in plan(Settings.from_args(build_parser([]).parse_args([])))]
+    keys = [s.key for s in plan(Settings.from_args(build_parser([]).parse_args(["--peers"])))]
     args = build_parser(keys).parse_args(argv)
     settings = Settings.from_args(args)
     scenarios = plan(settings)
@@ -642,6 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; see --help")
         wanted = set(args.only) | ({"outbox-batch"} if "outbox-paced" in args.only else set())
         scenarios = [s for s in scenarios if s.key in wanted]
+    peer_keys = [s.key for s in scenarios if s.key.startswith("peer-")]
+    skipped = {key: missing_peer(key.removeprefix("peer-")) for key in peer_keys}
+    scenarios = [s for s in scenarios if skipped.get(s.key) is None]
 
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="outbox-bench-", dir=args.tmp))
@@ -679,6 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({other.seconds / elapsed:.2f} of a core on average)"
         + ("; rows marked * lost more than 10% of a core to them" if disturbed(rows) else "")
     )
+    for key, reason in skipped.items():
+        if reason is not None:
+            print(f"{PEERS[key.removeprefix('peer-')]}: skipped, {reason}")
+    if not HAVE_UVLOOP:
+        print("uvloop is not installed: its rows were skipped (python -m pip install '.[fast]')")
     if settings.outbox_options:
         print(f"NOT THE DEFAULTS: every Outbox ran with {', '.join(settings.outbox_options)}")
     print()

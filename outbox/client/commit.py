@@ -10,6 +10,8 @@ Nothing here touches the event loop.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,21 @@ _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 PURGE_CHUNK = 5000  # acked rows deleted per transaction by the retention purge
 
 
-_INSERT_CHUNK = 160  # rows per multi-row INSERT (5 variables each, under the old limit of 999)
+_INSERT_CHUNK_BITS = 8
+"""At most 2**8 rows per multi-row INSERT: at most 3 variables each and one shared, 769 in
+all, under SQLite's old limit of 999."""
+
+
+@functools.cache
+def _insert_sql(rows: int, timed: bool) -> str:
+    """The INSERT of ``rows`` rows: ?1 is the time (both stamps), then per row the payload,
+    the key and (``timed``) the deadline."""
+    width = 3 if timed else 2
+    values = ",".join(
+        f"(?{width * i + 2},?{width * i + 3},?1,?1," + (f"?{width * i + 4})" if timed else "NULL)")
+        for i in range(rows)
+    )
+    return f"INSERT INTO outbox (payload, key, created_at, updated_at, expires_at) VALUES {values}"
 
 
 def in_lists(items: Sequence[_V]) -> Iterator[tuple[list[_V], str]]:
@@ -49,6 +65,8 @@ class Insert:
     rows: tuple[tuple[str, str | None], ...]
     expires_at: float | None = None
     """The rows' deadline in unix seconds (``send(ttl=)``), or None: they never expire."""
+    expiries: tuple[float | None, ...] | None = None
+    """A deadline per row instead (the rows of many ``send()`` calls in one write)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +301,13 @@ def _apply_inserts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch:
     inserts = by_kind.of(Insert)
     if not inserts:
         return
-    rows = [row for _, write in inserts for row in write.rows]
-    expiries = [write.expires_at for _, write in inserts for _ in write.rows]
+    if len(inserts) == 1:  # the usual case under load: one group of send() rows
+        write = inserts[0][1]
+        rows = list(write.rows)
+        expiries: Sequence[float | None] | None = _expiries(write)
+    else:
+        rows = [row for _, write in inserts for row in write.rows]
+        expiries = [expiry for _, write in inserts for expiry in _expiries(write)]
     ids, batch.new_pending = insert_rows(conn, rows, now, expiries)
     offset = 0
     for index, write in inserts:
@@ -292,6 +315,13 @@ def _apply_inserts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch:
         batch.inserted.append((write, mine))
         offset += len(write.rows)
     batch.max_id = max(ids, default=0)
+
+
+def _expiries(write: Insert) -> Sequence[float | None]:
+    """The deadline of each row of an insert."""
+    if write.expiries is not None:
+        return write.expiries
+    return [write.expires_at] * len(write.rows)
 
 
 def _apply_timeouts(conn: sqlite3.Connection, by_kind: ByKind, now: float, batch: Batch) -> None:
@@ -361,35 +391,46 @@ def insert_rows(
     for chunk, marks in in_lists(keys):
         found = conn.execute(keys_sql(marks), chunk)
         existing.update({str(k): int(i) for k, i in found})
-    fresh: list[tuple[str, str | None, float, float, float | None]] = []
-    slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
-    new_key_slot: dict[str, int] = {}
-    if expiries is None:
-        expiries = [None] * len(rows)
-    for (payload, key), expires_at in zip(rows, expiries, strict=True):
-        if key is not None and key in existing:
-            slots.append(-existing[key])
-        elif key is not None and key in new_key_slot:
-            slots.append(new_key_slot[key])
-        else:
-            if key is not None:
-                new_key_slot[key] = len(fresh)
-            slots.append(len(fresh))
-            fresh.append((payload, key, now, now, expires_at))
+    timed = expiries is not None and any(expires_at is not None for expires_at in expiries)
+    if not keys and not timed:  # the usual case: every row is new, none expires
+        fresh: Sequence[tuple[object, ...]] = rows
+        slots: list[int] | None = None
+    else:
+        if expiries is None:
+            expiries = [None] * len(rows)
+        fresh = []
+        found_slots: list[int] = []  # >= 0: index into fresh; < 0: -(existing id)
+        slots = found_slots
+        new_key_slot: dict[str, int] = {}
+        for (payload, key), expires_at in zip(rows, expiries, strict=True):
+            if key is not None and key in existing:
+                found_slots.append(-existing[key])
+            elif key is not None and key in new_key_slot:
+                found_slots.append(new_key_slot[key])
+            else:
+                if key is not None:
+                    new_key_slot[key] = len(fresh)
+                found_slots.append(len(fresh))
+                fresh.append((payload, key, expires_at) if timed else (payload, key))
     first = 0
-    for start in range(0, len(fresh), _INSERT_CHUNK):
+    start = 0
+    while start < len(fresh):
         # One multi-row INSERT per chunk rather than executemany: each sqlite3 step lets go
         # of the GIL, and a busy event loop thread can keep it for a whole switch interval.
-        part = fresh[start : start + _INSERT_CHUNK]
-        conn.execute(
-            "INSERT INTO outbox (payload, key, created_at, updated_at, expires_at) VALUES "
-            + ",".join(["(?,?,?,?,?)"] * len(part)),
-            [value for row in part for value in row],
-        )
+        # Chunks of a power of two rows: a handful of statement texts, each prepared once
+        # (sqlite3 caches them), where a text per row count would be prepared every time.
+        size = 1 << min(_INSERT_CHUNK_BITS, (len(fresh) - start).bit_length() - 1)
+        part = fresh[start : start + size]
+        params: list[object] = [now]  # ?1: created_at and updated_at, bound once
+        params += itertools.chain.from_iterable(part)
+        conn.execute(_insert_sql(size, timed), params)
+        start += size
     if fresh:
         last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         # AUTOINCREMENT under our write lock: the new ids are consecutive, in insert order.
         first = last - len(fresh) + 1
+    if slots is None:
+        return list(range(first, first + len(fresh))), len(fresh)
     return [first + slot if slot >= 0 else -slot for slot in slots], len(fresh)
 
 

@@ -362,17 +362,16 @@ class Outbox:
         text = self._encode(payload)
         if key is not None and not isinstance(key, str):
             raise TypeError(f"an idempotency key must be a str or None, got {key!r}")
-        row = (text, key)
         # The ttl counts from this call (a wait under max_pending uses it up too).
         expires_at = None if ttl is None else self._expires_at(ttl)
         if self.options.max_pending is not None:
-            await self._check_quota(store, (row,))
-        if expires_at is None:
-            ids = await store.insert((row,))
-        else:
-            ids = await store.insert((row,), expires_at)
+            await self._check_quota(store, ((text, key),))
+        # One await: the commit that takes this row (shared with every send() queued
+        # before it begins) sets the id.
+        message_id = await store.insert_one(text, key, expires_at)
+        if expires_at is not None:
             self._expiry_wake.set()  # committed: its deadline may be the nearest
-        return ids[0]
+        return message_id
 
     def _expires_at(self, ttl: object) -> float | None:
         seconds = check_ttl(ttl)

@@ -71,13 +71,62 @@ POLL_INTERVAL = 1.0
 
 @dataclass(slots=True)
 class _Queued:
-    """One queued write. ``future`` is None for writes nobody waits on (acks, timeouts)."""
+    """One queued write. ``future`` is None for writes nobody waits on (acks, timeouts).
+
+    ``group``: the single-row inserts of many ``send()`` calls gathered into one write (its
+    ``write`` is built from the group when the commit takes it).
+    """
 
     write: Write
     future: asyncio.Future[Result] | None = None
+    group: _Group | None = None
+
+
+class _Group:
+    """The rows of every ``insert_one()`` queued since the last commit began, one write.
+
+    Each caller still has a future of its own (so cancelling one caller cancels nobody
+    else), but the commit sees one ``Insert`` and sets every id in one tight loop, instead
+    of a queued write, a result list and a slice per message.
+    """
+
+    __slots__ = ("expiries", "futures", "rows", "timed")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str | None]] = []
+        self.futures: list[asyncio.Future[int]] = []
+        self.expiries: list[float | None] = []
+        self.timed = False
+        """Some row has a deadline (else the commit ignores ``expiries``)."""
+
+    def write(self) -> Insert:
+        """The Insert of the rows whose callers are still waiting (cancelled ones are not
+        written: their transaction had not started)."""
+        futures = self.futures
+        if any(map(asyncio.Future.cancelled, futures)):
+            keep = [i for i, future in enumerate(futures) if not future.cancelled()]
+            self.rows = [self.rows[i] for i in keep]
+            self.expiries = [self.expiries[i] for i in keep]
+            self.futures = [futures[i] for i in keep]
+        expiries = tuple(self.expiries) if self.timed else None
+        return Insert(tuple(self.rows), expiries=expiries)
+
+    def publish(self, ids: Result) -> None:
+        assert isinstance(ids, list)
+        for future, message_id in zip(self.futures, cast(list[int], ids), strict=True):
+            if not future.done():
+                future.set_result(message_id)
+
+    def fail(self, error: BaseException | Callable[[], BaseException]) -> None:
+        """Every caller still waiting gets the error (or, from a factory, one each)."""
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(error if isinstance(error, BaseException) else error())
 
 
 _translate = sqlite.translate
+_EMPTY_INSERT = Insert(())
+"""The placeholder write of a group of insert_one() rows until its commit takes it."""
 
 
 def _prepare(path: str, busy_timeout: float) -> tuple[str, Counts, int, int]:
@@ -151,6 +200,9 @@ class Store:
         self._wal_checked_at = float("-inf")
         self._poll_interval = poll_interval
         self._ops: list[_Queued] = []
+        self._group: _Group | None = None
+        """Where insert_one() adds its rows until the next commit takes them."""
+        self._loop = asyncio.get_running_loop()
         self._in_commit: list[_Queued] = []
         """The writes of the transaction under way (failed too if the loop crashes)."""
         self._acks: list[int] = []
@@ -273,6 +325,32 @@ class Store:
         self._wakeup.set()
         return future
 
+    def insert_one(
+        self, payload: str, key: str | None, expires_at: float | None = None
+    ) -> asyncio.Future[int]:
+        """Queue one ``(payload_json, key)`` row; the future gets its id once it commits.
+
+        The hot path of ``send()``: the rows of every caller queued before the next commit
+        begins share one write. Same rules as :meth:`insert` (a known key returns its id;
+        a caller cancelled before the transaction starts writes nothing).
+        """
+        group = self._group
+        if group is None:
+            self._check_open()
+            group = self._group = _Group()
+            self._ops.append(_Queued(_EMPTY_INSERT, group=group))
+            self._wakeup.set()
+        elif self._crash is not None or self._closed:
+            self._check_open()
+        future: asyncio.Future[int] = self._loop.create_future()
+        group.rows.append((payload, key))
+        group.futures.append(future)
+        group.expiries.append(expires_at)
+        if expires_at is not None:
+            group.timed = True
+        self._queued_rows += 1
+        return future
+
     @property
     def queued_rows(self) -> int:
         """Rows handed to insert() and not yet committed (for the max_pending quota)."""
@@ -304,9 +382,7 @@ class Store:
             return
         self._check_open()
         self._acks.extend(ids)
-        if self._waiters:
-            for message_id in ids:
-                self._resolve(message_id, ("acked", None))
+        self._resolve_acked(ids)
         self._wakeup.set()
 
     def record_timeouts(self, items: Sequence[tuple[int, int]], error: str) -> None:
@@ -450,7 +526,10 @@ class Store:
         """After a crash: every queued write and every waiter gets OutboxBrokenError."""
         queued = [*self._in_commit, *self._ops]
         self._in_commit, self._ops, self._acks, self._queued_rows = [], [], [], 0
+        self._group = None
         for item in queued:
+            if item.group is not None:
+                item.group.fail(self._broken_error)  # a fresh error for each caller
             if item.future is not None and not item.future.done():
                 item.future.set_exception(self._broken_error())
         for futures in self._waiters.values():
@@ -512,7 +591,11 @@ class Store:
                     "outbox: closing with %d writes uncommitted (acks: resent later)",
                     len(self._ops) + len(self._acks),
                 )
+                for item in self._ops:
+                    if item.group is not None:
+                        item.group.fail(OutboxClosedError("the outbox was closed"))
                 self._ops.clear()
+                self._group = None
                 self._acks.clear()
             else:
                 failures += 1
@@ -525,13 +608,22 @@ class Store:
         On failure, callers waiting on their writes get the error at once; acks and
         timeouts (nobody waits on them) go back in the queue for the next attempt.
         """
-        taken, self._ops = self._ops, []
+        taken, self._ops, self._group = self._ops, [], None
+        taken_rows = 0
+        for item in taken:
+            if item.group is not None:
+                taken_rows += len(item.group.rows)  # cancelled callers counted too
+                item.write = item.group.write()
+            elif isinstance(item.write, Insert):
+                taken_rows += len(item.write.rows)
         if self._acks:
             taken.append(_Queued(Ack(tuple(self._acks))))
             self._acks = []
-        taken_rows = sum(len(item.write.rows) for item in taken if isinstance(item.write, Insert))
         self._in_commit = queued = [
-            item for item in taken if item.future is None or not item.future.cancelled()
+            item
+            for item in taken
+            if (item.future is None or not item.future.cancelled())
+            and (item.group is None or item.group.futures)
         ]
         writes = [item.write for item in queued]
         try:
@@ -653,7 +745,9 @@ class Store:
         logger.error("outbox: commit of %d queued writes failed: %s", len(queued), error)
         retry = []
         for item in queued:
-            if item.future is None:
+            if item.group is not None:
+                item.group.fail(error)
+            elif item.future is None:
                 retry.append(item)
             elif not item.future.done():
                 item.future.set_exception(error)
@@ -673,10 +767,11 @@ class Store:
         foreign = self.foreign_generation
         previous_max_id = self._update_counts(batch)
         for index, item in enumerate(queued):
-            if item.future is not None and not item.future.done():
+            if item.group is not None:
+                item.group.publish(batch.results.get(index))
+            elif item.future is not None and not item.future.done():
                 item.future.set_result(batch.results.get(index))
-        for message_id in batch.acked:
-            self._resolve(message_id, ("acked", None))
+        self._resolve_acked(batch.acked)
         if self.counters is not None:
             self.counters.dead += len(batch.dead)
             self.counters.expired += len(batch.expired)
@@ -741,6 +836,19 @@ class Store:
                 listener(new_rows)
             except Exception:  # a listener's bug must not stop the commit loop
                 logger.exception("outbox: a commit listener failed")
+
+    def _resolve_acked(self, ids: Sequence[int]) -> None:
+        """Wake the waiters of these acked ids: a look per waiter or per id, the fewer."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        if len(waiters) < len(ids):
+            acked = set(ids)
+            hits = [message_id for message_id in waiters if message_id in acked]
+        else:
+            hits = [message_id for message_id in ids if message_id in waiters]
+        for message_id in hits:
+            self._resolve(message_id, ("acked", None))
 
     def _resolve(self, message_id: int, outcome: tuple[Status, str | None]) -> None:
         for future in self._waiters.pop(message_id, ()):

@@ -140,15 +140,18 @@ class SendWindow:
         """
         known: list[int] = []
         unknown: list[int] = []
+        pop, solo, max_seq = self._inflight.pop, self.solo, self._max_acked_seq
         for message_id in ids:
-            message = self._inflight.pop(message_id, None)
+            message = pop(message_id, None)
             if message is not None:
                 known.append(message_id)
-                self.solo.discard(message_id)
-                if message.seq > self._max_acked_seq:
-                    self._max_acked_seq = message.seq
+                if solo:
+                    solo.discard(message_id)
+                if message.seq > max_seq:
+                    max_seq = message.seq
             else:
                 unknown.append(message_id)
+        self._max_acked_seq = max_seq
         if known and now is not None:
             self._progress_at = now
         return known, unknown

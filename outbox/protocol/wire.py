@@ -124,9 +124,10 @@ def encode_message(message_id: int, payload_json: str) -> str:
     return f'{{"id":{message_id},"data":{payload_json}}}'
 
 
-def encode_batch(items: Sequence[tuple[int, str]]) -> str:
-    """Many messages in one frame, for servers that announced ``batch``."""
-    body = ",".join(f'{{"id":{message_id},"data":{payload}}}' for message_id, payload in items)
+def encode_batch(items: Sequence[tuple[int, str]] | Sequence[tuple[int, str, int]]) -> str:
+    """Many messages in one frame, for servers that announced ``batch``: ``(id, payload)``
+    pairs, or the sender's rows (their first two fields), each payload JSON text already."""
+    body = ",".join([f'{{"id":{item[0]},"data":{item[1]}}}' for item in items])
     return f'{{"type":"batch","messages":[{body}]}}'
 
 
@@ -286,6 +287,10 @@ def parse_server_frame(frame: str | bytes) -> ServerEvent:
             ids = obj["messageIds"]
             if not isinstance(ids, list):
                 raise ProtocolError("ack: 'messageIds' must be a list of integers")
+            # The usual frame, checked in C: only ints, all in range (bool is not int here).
+            usual = ids and set(map(type, ids)) == {int}
+            if usual and min(ids) > 0 and max(ids) <= MAX_MESSAGE_ID:
+                return Ack(tuple(ids))
             return Ack(tuple(_message_id(i, "ack", "messageIds") for i in ids))
         return Ack((_message_id(obj.get("messageId"), "ack", "messageId"),))
     if kind == "nack":

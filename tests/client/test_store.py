@@ -683,3 +683,56 @@ async def test_a_reader_holding_a_snapshot_grows_the_wal_warns_then_it_shrinks(
         assert "is back to" in caplog.text
     finally:
         await store.close()
+
+
+async def test_insert_one_calls_queued_together_share_one_commit_in_call_order(
+    store: Store, db: Path
+) -> None:
+    commits = store.commits
+    futures = [store.insert_one(f'"m{i}"', None) for i in range(300)]
+    assert store.queued_rows == 300
+    assert [await future for future in futures] == list(range(1, 301))
+    assert store.commits == commits + 1  # one write, one transaction for all of them
+    assert store.queued_rows == 0 and store.counts.pending == 300
+    assert shell(db, "SELECT payload FROM outbox WHERE id = 300") == [('"m299"',)]
+
+
+async def test_insert_one_with_keys_and_deadlines_in_one_group(store: Store, db: Path) -> None:
+    first = store.insert_one('"a"', "k")
+    again = store.insert_one('"b"', "k")  # the same key within the group: one row
+    timed = store.insert_one('"c"', None, 5000.0)
+    plain = store.insert_one('"d"', None)
+    assert [await first, await again, await timed, await plain] == [1, 1, 2, 3]
+    assert shell(db, "SELECT id, payload, key, expires_at FROM outbox ORDER BY id") == [
+        (1, '"a"', "k", None),
+        (2, '"c"', None, 5000.0),
+        (3, '"d"', None, None),
+    ]
+    assert await store.insert_one('"e"', "k") == 1  # a key already committed
+
+
+async def test_a_cancelled_insert_one_writes_nothing_and_spares_its_group(
+    store: Store, db: Path
+) -> None:
+    async def one(text: str, key: str) -> int:
+        return await store.insert_one(text, key)
+
+    tasks = [asyncio.create_task(one(f'"m{i}"', f"k{i}")) for i in range(6)]
+    await asyncio.sleep(0)  # all queued in one group; the commit loop has not run yet
+    assert store.queued_rows == 6
+    for task in tasks[::2]:
+        task.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [isinstance(result, asyncio.CancelledError) for result in done] == [True, False] * 3
+    assert done[1::2] == [1, 2, 3]
+    assert shell(db, "SELECT key FROM outbox ORDER BY id") == [("k1",), ("k3",), ("k5",)]
+    assert store.queued_rows == 0 and store.counts.pending == 3
+
+
+async def test_insert_one_on_a_closed_store_refuses(db: Path) -> None:
+    store = await Store.open(db)
+    pending = store.insert_one('"queued"', None)
+    await store.close()  # what was queued commits first
+    assert await pending == 1
+    with pytest.raises(OutboxClosedError):
+        store.insert_one('"late"', None)

@@ -111,3 +111,34 @@ def test_nack_without_reason_gets_one() -> None:
 def test_bad_server_frames_raise(frame: str | bytes) -> None:
     with pytest.raises(ProtocolError):
         wire.parse_server_frame(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"ack","messageId":007}',  # JSON has no leading zeros
+        '{"type":"ack","messageId":0}',
+        '{"type":"ack","messageId":1_0}',
+        '{"type":"ack","messageId": 5 }x',
+        '{"type":"ack","messageId":}',
+        '{"type":"ack","messageId":9223372036854775808}',  # 2**63
+        '{"type":"ack","messageId":١}',  # a digit, but not ASCII
+        '{"type":"ack","messageIds":[1,true]}',  # bool is not an id
+        '{"type":"ack","messageIds":[0,1]}',
+        '{"type":"ack","messageIds":[1,9223372036854775808]}',
+    ],
+)
+def test_fast_ack_paths_refuse_what_the_general_path_refuses(frame: str) -> None:
+    """The seed ack read without a decoder, and batched acks checked in C, accept exactly
+    what the full parse accepts."""
+    with pytest.raises(ProtocolError):
+        wire.parse_server_frame(frame)
+
+
+def test_fast_ack_paths_read_the_same_ids_as_the_general_path() -> None:
+    assert wire.parse_server_frame('{"type":"ack","messageId":9223372036854775807}') == wire.Ack(
+        (2**63 - 1,)
+    )
+    assert wire.parse_server_frame('{"type": "ack", "messageId": 12}') == wire.Ack((12,))
+    assert wire.parse_server_frame('{"type":"ack","messageIds":[3,1,2]}') == wire.Ack((3, 1, 2))
+    assert wire.parse_server_frame('{"type":"ack","messageIds":[]}') == wire.Ack(())
