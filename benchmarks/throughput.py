@@ -492,18 +492,29 @@ def _check_delivery(
     row: Row, work: Path, result: dict[str, Any], server: dict[str, Any] | None
 ) -> None:
     """lost: ids send() returned that the inbox does not hold as handled (read from the
-    files, after both processes ended); dups: handler calls beyond one per message id."""
+    files, after both processes ended); dups: handler calls beyond one per message id.
+
+    The bounded inbox deletes a client's rows below the low-water mark it announced: ids in
+    the client's ``[base, floor)`` (``inbox_floor``) were recorded and acked, then deleted, so
+    they count as delivered; the handler's own count (``dups``) still shows each handled once.
+    """
     runs: list[list[int]] = result["ids"]
     returned = sum(last - first + 1 for first, last in runs)
+    client_id = result["client_id"]
     with contextlib.closing(sqlite3.connect(work / "inbox.db")) as inbox:
-        delivered = sum(
-            inbox.execute(
+        floor = inbox.execute(
+            "SELECT base, floor FROM inbox_floor WHERE client_id = ?", (client_id,)
+        ).fetchone()
+        base, top = floor if floor is not None else (0, 0)
+        delivered = 0
+        for first, last in runs:
+            delivered += inbox.execute(
                 "SELECT count(*) FROM inbox WHERE client_id = ? AND message_id BETWEEN ? AND ? "
                 "AND reject_reason IS NULL",
-                (result["client_id"], first, last),
+                (client_id, first, last),
             ).fetchone()[0]
-            for first, last in runs
-        )
+            # ids of this run in [base, top): pruned after being acked
+            delivered += max(0, min(last + 1, top) - max(first, base))
     with contextlib.closing(sqlite3.connect(work / "outbox.db")) as outbox:
         statuses = dict(outbox.execute("SELECT status, count(*) FROM outbox GROUP BY status"))
     row.lost = returned - delivered
