@@ -1,8 +1,8 @@
 """The bounded inbox at work: delete what the floor and the time window allow, in chunks.
 
-The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py`` (:class:`FloorStore`
-is what this module needs of a backend: the SQLite inbox has it; PostgreSQL does not yet,
-and a receiver on PostgreSQL keeps every row). This module decides
+The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py`` and ``postgres.py``
+(:class:`FloorStore` is what this module needs of a backend; both inboxes have it). This
+module decides
 *when*: the writer task calls :meth:`Pruner.step` between group commits, never inside one,
 and each step is one small transaction of at most ``chunk`` rows, so deleting never holds
 the acks of a group commit back by more than one chunk (a few milliseconds). Steps are
@@ -12,6 +12,11 @@ writer's time under load, and catches up when it is idle.
 It also answers the writer's question for every new message: is this id below the client's
 floor (a straggler of a forgotten message, to ack as a duplicate)? The floors the writer has
 asked about are cached; only this module changes them, in the same task, after its COMMIT.
+Not so on a shared database (PostgreSQL, ``FloorStore.shared``): other receivers raise floors
+and delete rows, so a cached floor may be stale, and a straggler checked against it would be
+handled again. There ``load`` reads every floor afresh for each group commit, at or after its
+dedup query's snapshot (``postgres.py``, "The bounded inbox in a fleet", says why that is
+enough), and a mark step first takes the client's lock (``FloorStore.lock``).
 """
 
 from __future__ import annotations
@@ -37,8 +42,18 @@ _MAX_CACHED = 100_000
 
 
 class FloorStore(Protocol):
-    """The bounded inbox's SQL, as ``inbox.Inbox`` implements it (see its methods for the
-    contract); ``begin``/``commit``/``rollback`` wrap each chunk."""
+    """The bounded inbox's SQL, as ``inbox.Inbox`` and ``postgres.PostgresInbox`` implement
+    it (see their methods for the contract); ``begin``/``commit``/``rollback`` wrap each chunk."""
+
+    @property
+    def shared(self) -> bool:
+        """Other receivers change the floors too: never answer from a cached one."""
+        ...
+
+    async def lock(self, client_id: str) -> None:
+        """Keep other receivers off this client's floor and rows until the transaction ends
+        (a no-op where this receiver is the only writer)."""
+        ...
 
     async def begin(self) -> None: ...
 
@@ -106,7 +121,7 @@ class Pruner:
         """Make sure the floors of these clients are cached (one query for those missing)."""
         inbox = self.inbox
         assert inbox is not None
-        missing = [c for c in dict.fromkeys(client_ids) if c not in self._floors]
+        missing = [c for c in dict.fromkeys(client_ids) if inbox.shared or c not in self._floors]
         if not missing:
             return
         if len(self._floors) + len(missing) > _MAX_CACHED:
@@ -163,6 +178,7 @@ class Pruner:
         client_id, target = next(iter(self._marks.items()))
         await inbox.begin()
         try:
+            await inbox.lock(client_id)  # before the record is read: it must be the newest
             record = (await inbox.floors([client_id])).get(client_id, Floor())
             noted = raise_mark(record, target)
             run = await inbox.run(client_id, record.floor, noted.mark or 0, self.chunk)
@@ -194,7 +210,8 @@ class Pruner:
             window=self.window,
         )
         # Read outside a transaction: only this task deletes rows, and the writer (the same
-        # task) only adds them, so the keys read are still there to delete.
+        # task) only adds them, so the keys read are still there to delete. (On a shared
+        # database another receiver may have deleted some first: deleting them is a no-op.)
         rows = await inbox.window_rows(self._sweep_after, self.chunk)
         keys, highest = window_victims(rows, cutoff)
         if keys:
