@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +157,19 @@ class OtherLoad:
 
     On a shared machine (another test run, a build) the figures of a row mean little if
     something else took a core meanwhile; this says so. A thread samples every process's
-    CPU time; one first seen after the start counts from zero.
+    CPU time; one first seen after the start counts from zero. ``also_ours`` names more
+    processes of the benchmark's own that are not its children (a database server it
+    started, which daemonized): they are part of what is measured, not a disturbance.
     """
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(
+        self, interval: float = 0.25, also_ours: Callable[[], set[int]] | None = None
+    ) -> None:
         import psutil
 
         self._psutil = psutil
         self._interval = interval
+        self._also_ours = also_ours
         self._me = psutil.Process()
         self._started = time.time()
         self._last: dict[int, float] = {}
@@ -177,6 +182,8 @@ class OtherLoad:
     def _sample(self) -> None:
         psutil = self._psutil
         ours = {self._me.pid} | {p.pid for p in self._me.children(recursive=True)}
+        if self._also_ours is not None:
+            ours |= self._also_ours()
         seen: dict[int, float] = {}
         for process in psutil.process_iter(["cpu_times", "create_time", "ppid"]):
             times = process.info["cpu_times"]

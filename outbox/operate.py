@@ -157,8 +157,8 @@ class InboxStats:
     latest: list[dict[str, Any]] = field(default_factory=list)
     """Per client (the most recent first): its row count, highest message id, last seen."""
     retention: str = (
-        "below each client's low-water mark (the floor answers stragglers), else after "
-        "the receiver's duplicate_window"
+        "when the receiver prunes (a handler, or serve --prune): rows below each client's "
+        "low-water mark (its floor answers stragglers), else after the duplicate_window"
     )
     floors: int = 0
     """Clients with a floor: their rows below it were deleted (migration 0005)."""

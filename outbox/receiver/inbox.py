@@ -346,9 +346,6 @@ class Inbox:
     # ``window_rows`` / ``forget_keys`` serve the time window. The caller (the pruner, in the
     # writer task) wraps each chunk in ``begin()`` / ``commit()``; none of them commits.
 
-    shared = False
-    """One writer per file: the floors this receiver caches are the file's."""
-
     async def lock(self, client_id: str) -> None:
         """Nothing to lock: ``BEGIN IMMEDIATE`` already keeps every other writer out."""
 
@@ -366,6 +363,14 @@ class Inbox:
             ):
                 found[client_id] = Floor(base, floor, high_water, mark)
         return found
+
+    async def unfinished(self) -> list[tuple[str, int]]:
+        """``(client id, mark)`` of the records whose floor has not reached their mark yet:
+        the work a receiver stopped in the middle of, resumed at start."""
+        rows = await self._db.execute_fetchall(
+            "SELECT client_id, mark FROM inbox_floor WHERE mark IS NOT NULL AND mark > floor"
+        )
+        return [(str(client_id), int(mark)) for client_id, mark in rows]
 
     async def run(self, client_id: str, start: int, end: int, limit: int) -> list[tuple[int, bool]]:
         """``(message id, rejected)`` of the client's rows with ``start <= id < end``, in id
@@ -416,17 +421,30 @@ class Inbox:
         )
         return [(str(c), int(m), float(r), bool(marked)) for c, m, r, marked in rows]
 
-    async def forget_keys(self, keys: Sequence[Key], highest: dict[str, int], now: float) -> None:
-        """Delete these rows (the time window's) and keep, per client, the highest id deleted
-        as its record's high-water mark (creating a record with no floor if needed)."""
-        await self._db.executemany("DELETE FROM inbox WHERE client_id = ? AND message_id = ?", keys)
+    async def forget_keys(
+        self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
+    ) -> None:
+        """Delete these rows (the time window's) if received before ``cutoff``, and keep, per
+        client, the highest id deleted as its record's high-water mark (creating a record
+        with no floor if needed)."""
+        # Only if still older than the cutoff: the keys were read before this transaction,
+        # and another receiver process on the file may have deleted and recorded one again.
+        await self._db.executemany(
+            "DELETE FROM inbox WHERE client_id = ? AND message_id = ? AND received_at < ?",
+            [(client_id, message_id, cutoff) for client_id, message_id in keys],
+        )
         await self._db.executemany(
             "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
             "VALUES (?, 0, 0, ?, NULL, ?) ON CONFLICT (client_id) DO UPDATE SET "
             "high_water = max(high_water, excluded.high_water), updated_at = excluded.updated_at",
             [(client_id, high, now) for client_id, high in highest.items()],
         )
-        await self._db.executemany("DELETE FROM inbox WHERE client_id = ? AND message_id = ?", keys)
+        # Only if still older than the cutoff: the keys were read before this transaction,
+        # and another receiver process on the file may have deleted and recorded one again.
+        await self._db.executemany(
+            "DELETE FROM inbox WHERE client_id = ? AND message_id = ? AND received_at < ?",
+            [(client_id, message_id, cutoff) for client_id, message_id in keys],
+        )
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._db.executemany(_INSERT, rows)

@@ -26,9 +26,9 @@ The bounded inbox in a fleet (the pruner, ``pruner.py``, with the rules of
 ``protocol/floor.py``): every receiver sharing the database may raise a client's floor and
 delete the rows below it, so a floor one receiver remembers can be stale: another one raised
 it and deleted the rows under it since. A straggler below the real floor checked against a
-stale floor would find neither its row nor the floor covering it, and be handled again. So on
-PostgreSQL no floor is ever trusted from memory (``shared``: the pruner reads it afresh for
-every group commit), and it is read in *the same statement* as the dedup query (``seen``): one
+stale floor would find neither its row nor the floor covering it, and be handled again. So no
+floor is ever trusted from memory (the pruner asks ``floors`` for every group commit), and on
+PostgreSQL it is read in *the same statement* as the dedup query (``seen``): one
 statement is one snapshot, and a pruner raises the floor and deletes the rows below it in one
 transaction, so that snapshot holds either the rows (committed before the pruning) or the
 raised floor (after it), never neither. A floor read in a later statement would be as safe
@@ -100,6 +100,7 @@ _FLOORS = (
     "SELECT client_id, base, floor, high_water, mark FROM inbox_floor "
     "WHERE client_id = ANY($1::text[])"
 )
+_UNFINISHED = "SELECT client_id, mark FROM inbox_floor WHERE mark IS NOT NULL AND mark > floor"
 _LOCK = "SELECT 1 FROM outbox_fence WHERE client_id = $1 FOR UPDATE"
 _RUN = (
     "SELECT message_id, reject_reason IS NOT NULL FROM inbox WHERE client_id = $1 "
@@ -128,10 +129,11 @@ _WINDOW_RECORD = (
     "updated_at = excluded.updated_at"
 )
 _WINDOW_DELETE = (
-    # Never a row of a client that announced a mark meanwhile (on another receiver): the
-    # floor protects those.
+    # Read before this transaction: only if still older than the cutoff (another receiver
+    # may have deleted it and recorded it again), and never a row of a client that announced
+    # a mark meanwhile (on another receiver): the floor protects those.
     "DELETE FROM inbox AS i USING unnest($1::text[], $2::bigint[]) AS k(c, m) "
-    "WHERE i.client_id = k.c AND i.message_id = k.m AND NOT EXISTS "
+    "WHERE i.client_id = k.c AND i.message_id = k.m AND i.received_at < $3 AND NOT EXISTS "
     "(SELECT 1 FROM inbox_floor AS f WHERE f.client_id = k.c AND f.mark IS NOT NULL)"
 )
 _INSERT = (
@@ -412,9 +414,6 @@ class PostgresInbox:
 
     # -- the bounded inbox (``pruner.FloorStore``; the SQLite inbox's contract) ---------------
 
-    shared = True
-    """Other receivers change the floors: a remembered one may be stale (``pruner.py``)."""
-
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
         """The floor records of those clients that have one: as read with this transaction's
         dedup query when it covered them all, else read now."""
@@ -424,6 +423,12 @@ class PostgresInbox:
                 return {c: floors[c] for c in client_ids if c in floors}
         rows = await self._conn.fetch(_FLOORS, list(dict.fromkeys(client_ids)))
         return {row[0]: Floor(int(row[1]), int(row[2]), int(row[3]), _int(row[4])) for row in rows}
+
+    async def unfinished(self) -> list[tuple[str, int]]:
+        """``(client id, mark)`` of the records whose floor has not reached their mark yet:
+        resumed at start (by every receiver of the fleet; the lock makes that harmless)."""
+        rows = await self._pool.fetch(_UNFINISHED)
+        return [(str(row[0]), int(row[1])) for row in rows]
 
     async def lock(self, client_id: str) -> None:
         """Hold the client's fence row ``FOR UPDATE`` until the transaction ends: no other
@@ -460,11 +465,14 @@ class PostgresInbox:
         rows = await self._conn.fetch(_WINDOW_ROWS, first, second, limit)
         return [(str(r[0]), int(r[1]), float(r[2]), bool(r[3])) for r in rows]
 
-    async def forget_keys(self, keys: Sequence[Key], highest: dict[str, int], now: float) -> None:
-        """Delete these rows (the time window's) and keep, per client, the highest id deleted
-        as its record's high-water mark; the record first, in the same transaction."""
+    async def forget_keys(
+        self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
+    ) -> None:
+        """Delete these rows (the time window's) if still received before ``cutoff``, and
+        keep, per client, the highest id deleted as its record's high-water mark; the record
+        first, in the same transaction."""
         await self._conn.execute(_WINDOW_RECORD, list(highest), list(highest.values()), now)
-        await self._conn.execute(_WINDOW_DELETE, [k[0] for k in keys], [k[1] for k in keys])
+        await self._conn.execute(_WINDOW_DELETE, [k[0] for k in keys], [k[1] for k in keys], cutoff)
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._conn.execute(_INSERT, *(list(column) for column in zip(*rows, strict=True)))

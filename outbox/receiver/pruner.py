@@ -10,13 +10,12 @@ spaced by ``pause`` while work remains, so pruning takes at most a small share o
 writer's time under load, and catches up when it is idle.
 
 It also answers the writer's question for every new message: is this id below the client's
-floor (a straggler of a forgotten message, to ack as a duplicate)? The floors the writer has
-asked about are cached; only this module changes them, in the same task, after its COMMIT.
-Not so on a shared database (PostgreSQL, ``FloorStore.shared``): other receivers raise floors
-and delete rows, so a cached floor may be stale, and a straggler checked against it would be
-handled again. There ``load`` reads every floor afresh for each group commit, at or after its
-dedup query's snapshot (``postgres.py``, "The bounded inbox in a fleet", says why that is
-enough), and a mark step first takes the client's lock (``FloorStore.lock``).
+floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
+each group commit's own transaction (under its write lock), for the clients it carries:
+several receiver processes may share one file, and any of them may raise a floor. On
+PostgreSQL a whole fleet shares the database: there the floors come with the dedup query's
+own snapshot, and a mark step first takes the client's lock (``FloorStore.lock``;
+``postgres.py``, "The bounded inbox in a fleet", says why both are needed).
 """
 
 from __future__ import annotations
@@ -37,18 +36,10 @@ SWEEP_EVERY = 3600.0
 """Most seconds between two passes of the time window: a row goes at most this long after
 it is older than the window (a quarter window when that is shorter)."""
 
-_MAX_CACHED = 100_000
-"""Floors kept in memory (one per client seen); past this the cache starts again."""
-
 
 class FloorStore(Protocol):
     """The bounded inbox's SQL, as ``inbox.Inbox`` and ``postgres.PostgresInbox`` implement
     it (see their methods for the contract); ``begin``/``commit``/``rollback`` wrap each chunk."""
-
-    @property
-    def shared(self) -> bool:
-        """Other receivers change the floors too: never answer from a cached one."""
-        ...
 
     async def lock(self, client_id: str) -> None:
         """Keep other receivers off this client's floor and rows until the transaction ends
@@ -63,6 +54,8 @@ class FloorStore(Protocol):
 
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]: ...
 
+    async def unfinished(self) -> list[tuple[str, int]]: ...
+
     async def run(
         self, client_id: str, start: int, end: int, limit: int
     ) -> list[tuple[int, bool]]: ...
@@ -74,7 +67,7 @@ class FloorStore(Protocol):
     ) -> list[tuple[str, int, float, bool]]: ...
 
     async def forget_keys(
-        self, keys: Sequence[Key], highest: dict[str, int], now: float
+        self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
     ) -> None: ...
 
 
@@ -101,6 +94,7 @@ class Pruner:
         self._started_mono = monotonic()
         self._started_wall = wall()
         self._floors: dict[str, Floor] = {}
+        """The floors of the clients of the group commit in progress (see ``load``)."""
         self._marks: dict[str, int] = {}
         """Announced marks not yet worked through, by client (the newest, highest one)."""
         self._sweep_after: Key | None = None
@@ -115,20 +109,25 @@ class Pruner:
         self.sweeps = 0
         """Passes of the time window over the whole inbox since start."""
 
+    async def resume(self, inbox: FloorStore) -> None:
+        """Use ``inbox`` and take up the marks a previous run had not worked through (a
+        client that never comes back still gets its rows below its last mark deleted)."""
+        self.inbox = inbox
+        for client_id, mark in await inbox.unfinished():
+            self.announce(client_id, mark)
+
     # -- what the writer asks ------------------------------------------------------------------
 
     async def load(self, client_ids: Sequence[str]) -> None:
-        """Make sure the floors of these clients are cached (one query for those missing)."""
+        """Read the floors of these clients, inside the group commit's transaction (one
+        query). Read afresh each time, never from an older transaction: another receiver
+        process on the same file may have raised a floor since, and a stale one would let
+        a forgotten message through to the handler again."""
         inbox = self.inbox
         assert inbox is not None
-        missing = [c for c in dict.fromkeys(client_ids) if inbox.shared or c not in self._floors]
-        if not missing:
-            return
-        if len(self._floors) + len(missing) > _MAX_CACHED:
-            self._floors.clear()
-        found = await inbox.floors(missing)
-        for client_id in missing:
-            self._floors[client_id] = found.get(client_id, Floor())
+        wanted = list(dict.fromkeys(client_ids))
+        found = await inbox.floors(wanted)
+        self._floors = {client_id: found.get(client_id, Floor()) for client_id in wanted}
 
     def covers(self, client_id: str, message_id: int) -> bool:
         """Below the client's floor: a resend of a message handled and forgotten (after
@@ -189,7 +188,6 @@ class Pruner:
             await inbox.commit()
         finally:
             await inbox.rollback()
-        self._floors[client_id] = moved
         self.pruned += deleted
         # Done with this mark when the floor reached it or stopped short of the chunk (a
         # missing or rejected id): a newer mark will try again. Else: the next chunk.
@@ -209,20 +207,17 @@ class Pruner:
             monotonic_at_start=self._started_mono,
             window=self.window,
         )
-        # Read outside a transaction: only this task deletes rows, and the writer (the same
-        # task) only adds them, so the keys read are still there to delete. (On a shared
-        # database another receiver may have deleted some first: deleting them is a no-op.)
+        # Read outside a transaction (no write lock while looking); the delete checks the
+        # age again, as another receiver process on the file may have changed a row since.
         rows = await inbox.window_rows(self._sweep_after, self.chunk)
         keys, highest = window_victims(rows, cutoff)
         if keys:
             await inbox.begin()
             try:
-                await inbox.forget_keys(keys, highest, self._wall())
+                await inbox.forget_keys(keys, highest, self._wall(), cutoff)
                 await inbox.commit()
             finally:
                 await inbox.rollback()
-        for client_id in highest:
-            self._floors.pop(client_id, None)  # its high-water mark changed: read it again
         self.pruned += len(keys)
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None

@@ -222,7 +222,11 @@ class Receiver:
         self._handshake.high_water = self._inbox.high_water
         self._handshake.claim = self._inbox.claim
         if self._pruner is not None:
-            self._pruner.inbox = cast(FloorStore, self._inbox)  # both backends are one
+            try:  # both backends are a FloorStore
+                await self._pruner.resume(cast(FloorStore, self._inbox))
+            except BaseException:
+                await self._inbox.close()
+                raise
         self._writer = Writer(
             self._inbox,
             self._handler,

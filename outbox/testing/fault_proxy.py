@@ -85,9 +85,13 @@ class Fault(enum.StrEnum):
     CHAOS_TRUNCATE = "chaos_truncate"
     CHAOS_STALL = "chaos_stall"
     CHAOS_REFUSE = "chaos_refuse"
+    CUT_UPSTREAM = "cut_upstream"
+    """A round-robin proxy's connections to one upstream, cut because it was killed."""
 
 
-_CUTS = frozenset({Fault.CUT_ALL, Fault.CUT_AFTER, Fault.CHAOS_CUT, Fault.CHAOS_TRUNCATE})
+_CUTS = frozenset(
+    {Fault.CUT_ALL, Fault.CUT_AFTER, Fault.CHAOS_CUT, Fault.CHAOS_TRUNCATE, Fault.CUT_UPSTREAM}
+)
 _REFUSALS = frozenset({Fault.REFUSE, Fault.CHAOS_REFUSE})
 
 
@@ -252,6 +256,11 @@ class _Link:
         self.upstream: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
         self.dead = False
+        self.client_done = False
+        """The client closed its side (EOF): nobody is waiting on this connection's answers."""
+        self.flowing = asyncio.Event()
+        """Cleared: this connection alone is blackholed (see ``RoundRobinProxy.partition``)."""
+        self.flowing.set()
         # One stream of draws per connection and direction, so the chaos decisions for one
         # connection do not depend on how the other connections' chunks interleave.
         self.rngs: dict[Direction, random.Random] = {
@@ -522,13 +531,11 @@ class FaultProxy:
     async def _run_link(self, link: _Link, client_reader: asyncio.StreamReader) -> None:
         completed = False
         try:
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-            except (OSError, TimeoutError) as exc:
+            opened = await self._open_upstream(link)
+            if opened is None:
                 self.stats.upstream_failures += 1
-                logger.debug("fault proxy: upstream %s unreachable: %r", self._upstream, exc)
                 return
+            up_reader, up_writer = opened
             link.upstream = up_writer
             async with asyncio.TaskGroup() as group:
                 pipes: tuple[tuple[Direction, asyncio.StreamReader, asyncio.StreamWriter], ...] = (
@@ -553,6 +560,18 @@ class FaultProxy:
             self._links.discard(link)
             self._notify()
 
+    async def _open_upstream(
+        self, link: _Link
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect ``link`` to the upstream; None if it cannot be reached. A subclass that
+        spreads connections over several upstreams overrides this alone."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await asyncio.open_connection(*self._upstream)
+        except (OSError, TimeoutError) as exc:
+            logger.debug("fault proxy: upstream %s unreachable: %r", self._upstream, exc)
+            return None
+
     async def _read(
         self,
         link: _Link,
@@ -569,6 +588,9 @@ class FaultProxy:
         except OSError:
             link.kill()  # the peer reset: pass the reset on to the other side
             return
+        if direction == "upstream":
+            link.client_done = True
+            self._notify()
         await queue.put(None)
 
     async def _write(
@@ -598,6 +620,7 @@ class FaultProxy:
                     self._notify()
                     await asyncio.sleep(fate.stall)
                 await self._flowing.wait()
+                await link.flowing.wait()
 
                 keep, cut = fate.keep, fate.fault if fate.fault in _CUTS else None
                 armed = self._cut_after[direction]

@@ -419,3 +419,39 @@ async def test_a_batch_handler_never_sees_a_forgotten_message_again(tmp_path: Pa
         assert sorted(acked["messageIds"]) == [5, 6, 41]
     assert calls[(client_id, 5)] == 1 and calls[(client_id, 6)] == 1
     assert calls[(client_id, 41)] == 1 and max(calls.values()) == 1
+
+
+async def test_a_restarted_receiver_finishes_the_pruning_it_stopped_in(
+    tmp_path: Path, handled: Handled
+) -> None:
+    """A receiver stopped before its floor reached a client's mark takes the work up at
+    start, without waiting for the client to come back."""
+    db = tmp_path / "inbox.db"
+    async with serve(handled, db):
+        pass  # the file, migrated
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executemany(
+        "INSERT INTO inbox (client_id, message_id, payload, received_at, payload_sha256) "
+        "VALUES ('gone', ?, '{}', 0, 'x')",
+        [(i,) for i in range(1, 11)],
+    )
+    conn.execute("DELETE FROM inbox WHERE client_id = 'gone' AND message_id < 4")
+    conn.execute(
+        "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+        "VALUES ('gone', 1, 4, 3, 8, 0)"
+    )
+    conn.close()
+    async with serve(handled, db) as rx:
+        await wait_until(lambda: floor_of(db, "gone") == (1, 8, 7, 8))
+        await wait_until(lambda: rx.stats.pruned == 4)  # 4 to 7; 1 to 3 were gone already
+    assert inbox_rows(db, "gone") == 3  # 8, 9, 10: at and above the mark
+
+
+def test_serve_duplicate_window_takes_seconds_or_forever() -> None:
+    import argparse
+
+    from outbox.cli import _window
+
+    assert _window("3600") == 3600.0 and _window("Forever") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="seconds or 'forever'"):
+        _window("a week")

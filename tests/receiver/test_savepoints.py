@@ -62,8 +62,8 @@ async def test_one_statement_per_message_costs_one_hop(db: Path) -> None:
             await ws.send(batch(range(1, 101)))
             assert await acks(ws, 100) == list(range(1, 101))
         assert receiver.stats.transactions == 1
-    # BEGIN, the dedup query, the client's floor (read once, the first time the client is
-    # seen: a bounded inbox), 100 statements, the inbox rows, COMMIT (was 3 per message);
+    # BEGIN, the dedup query, the floors of the clients with new ids (a bounded inbox),
+    # 100 statements, the inbox rows, COMMIT (was 3 per message);
     # around them, the handshake's high-water query and the close.
     begin = next(i for i, h in enumerate(hops) if "BEGIN" in h)
     commit = next(i for i, h in enumerate(hops) if "COMMIT" in h)
