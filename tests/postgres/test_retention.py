@@ -24,6 +24,7 @@ from outbox.protocol import wire
 from outbox.protocol.floor import Floor
 from outbox.receiver import Incoming, serve
 from outbox.receiver.postgres import PostgresInbox
+from outbox.receiver.pruner import Pruner
 
 from ..support import MS, fast_options
 
@@ -350,3 +351,34 @@ async def test_a_restarted_receiver_keeps_the_floor(pg_url: str, tmp_path: Path)
             assert ws.response is not None
             assert ws.response.headers[wire.HIGH_WATER_HEADER] == "30"
     assert not handled.twice() and len(handled.calls) == 30
+
+
+async def test_a_second_receivers_lower_mark_never_lowers_the_floor(pg_url: str) -> None:
+    """Receiver A's pruner raised c1's floor to 11; receiver B's pruner then works on an older,
+    lower mark (6) it heard from c1 earlier. B starts from the record A left (read after
+    taking c1's lock, never remembered), so the floor stays at 11: lowering it over deleted
+    rows would let the stragglers 6..10 through to the handler again."""
+    a = await PostgresInbox.open(pg_url)
+    b = await PostgresInbox.open(pg_url)
+    try:
+        assert a.claim is not None
+        await a.claim("c1")
+        await a.begin()
+        await a.record([("c1", i, "{}", 0.0, None, "d") for i in range(1, 21)])
+        await a.commit()
+        pruners = [Pruner(window=None), Pruner(window=None)]
+        pruners[0].inbox, pruners[1].inbox = a, b
+        pruners[0].announce("c1", 11)
+        assert await pruners[0].step() == 10
+        pruners[1].announce("c1", 6)
+        assert await pruners[1].step() == 0
+        assert await floor_of(pg_url, "c1") == (1, 11, 10, 11)
+        # The record's upsert refuses to go down even when told to.
+        await b.begin()
+        await b.forget("c1", Floor(1, 6, 5, 6), 0.0)
+        await b.commit()
+        assert await floor_of(pg_url, "c1") == (1, 11, 10, 11)
+        assert await inbox_rows(pg_url, "c1") == 10
+    finally:
+        await a.close()
+        await b.close()
