@@ -423,16 +423,12 @@ class Inbox:
 
     async def forget_keys(
         self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
-    ) -> None:
+    ) -> int:
         """Delete these rows (the time window's) if received before ``cutoff``, and keep, per
         client, the highest id deleted as its record's high-water mark (creating a record
-        with no floor if needed)."""
-        # Only if still older than the cutoff: the keys were read before this transaction,
-        # and another receiver process on the file may have deleted and recorded one again.
-        await self._db.executemany(
-            "DELETE FROM inbox WHERE client_id = ? AND message_id = ? AND received_at < ?",
-            [(client_id, message_id, cutoff) for client_id, message_id in keys],
-        )
+        with no floor if needed). Returns the rows deleted."""
+        # The records first: a high_water() read in between (the handshake shares this
+        # connection) then never misses the deleted rows.
         await self._db.executemany(
             "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
             "VALUES (?, 0, 0, ?, NULL, ?) ON CONFLICT (client_id) DO UPDATE SET "
@@ -441,10 +437,11 @@ class Inbox:
         )
         # Only if still older than the cutoff: the keys were read before this transaction,
         # and another receiver process on the file may have deleted and recorded one again.
-        await self._db.executemany(
+        cursor = await self._db.executemany(
             "DELETE FROM inbox WHERE client_id = ? AND message_id = ? AND received_at < ?",
             [(client_id, message_id, cutoff) for client_id, message_id in keys],
         )
+        return max(0, cursor.rowcount)
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._db.executemany(_INSERT, rows)

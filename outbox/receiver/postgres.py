@@ -467,12 +467,15 @@ class PostgresInbox:
 
     async def forget_keys(
         self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
-    ) -> None:
+    ) -> int:
         """Delete these rows (the time window's) if still received before ``cutoff``, and
         keep, per client, the highest id deleted as its record's high-water mark; the record
-        first, in the same transaction."""
+        first, in the same transaction. Returns the rows deleted."""
         await self._conn.execute(_WINDOW_RECORD, list(highest), list(highest.values()), now)
-        await self._conn.execute(_WINDOW_DELETE, [k[0] for k in keys], [k[1] for k in keys], cutoff)
+        status = await self._conn.execute(
+            _WINDOW_DELETE, [k[0] for k in keys], [k[1] for k in keys], cutoff
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._conn.execute(_INSERT, *(list(column) for column in zip(*rows, strict=True)))

@@ -68,7 +68,7 @@ class FloorStore(Protocol):
 
     async def forget_keys(
         self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
-    ) -> None: ...
+    ) -> int: ...
 
 
 class Pruner:
@@ -211,14 +211,15 @@ class Pruner:
         # age again, as another receiver process on the file may have changed a row since.
         rows = await inbox.window_rows(self._sweep_after, self.chunk)
         keys, highest = window_victims(rows, cutoff)
+        deleted = 0
         if keys:
             await inbox.begin()
             try:
-                await inbox.forget_keys(keys, highest, self._wall(), cutoff)
+                deleted = await inbox.forget_keys(keys, highest, self._wall(), cutoff)
                 await inbox.commit()
             finally:
                 await inbox.rollback()
-        self.pruned += len(keys)
+        self.pruned += deleted
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None
             self.sweeps += 1
@@ -226,4 +227,4 @@ class Pruner:
         else:
             self._sweep_after = (rows[-1][0], rows[-1][1])
             self._next_at = now + self.pause * 5  # a pass reads every row: go gently
-        return len(keys)
+        return deleted

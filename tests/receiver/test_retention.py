@@ -201,6 +201,7 @@ async def test_a_seed_client_without_a_mark_gets_the_time_window(
         sweeps = rx._pruner.sweeps
         await wait_until(lambda: rx._pruner.sweeps >= sweeps + 2)
         assert inbox_rows(db, "marked") == 1
+        assert rx.stats.pruned == 3  # counted as deleted, not as chosen
         assert floor_of(db, "seed-page-1") == (0, 0, 3, None)  # its high-water mark is kept
         # The documented trade-off: a resend after the window is handled again.
         async with connect(seed_url) as seed:
