@@ -202,11 +202,12 @@ async def test_a_straggler_reaching_a_receiver_with_a_stale_floor_is_a_duplicate
             await ws.send(wire.encode_low_water(21))
 
             async def pruned() -> bool:
-                return await inbox_rows(pg_url, "c1") == 0
+                counted = a.stats.pruned == 20  # read first: counted after the COMMIT
+                return counted and await inbox_rows(pg_url, "c1") == 0
 
             await until(pruned)
         assert await floor_of(pg_url, "c1") == (1, 21, 20, 21)
-        assert a.stats.pruned == 20 and b.stats.pruned == 0
+        assert b.stats.pruned == 0
         # A stale connection's replay of old frames reaches B: duplicates, not handled.
         async with connect(b.url, additional_headers=headers("c1")) as ws:
             await ws.send(batch([3, 15, 20]))
@@ -382,3 +383,33 @@ async def test_a_second_receivers_lower_mark_never_lowers_the_floor(pg_url: str)
     finally:
         await a.close()
         await b.close()
+
+
+async def test_receivers_starting_together_resume_an_unfinished_mark_once(pg_url: str) -> None:
+    """A previous run noted c1's mark 21 but got its floor only to 11 before it stopped. Two
+    receivers then start on the database: both take the mark up (``unfinished``), take turns
+    on c1's lock, and the floor ends at 21 with exactly the rows below it deleted."""
+    async with serve(Handled(), pg_url):  # the schema, then nobody
+        pass
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("INSERT INTO outbox_fence (client_id, epoch) VALUES ('c1', 3)")
+        await conn.executemany(
+            "INSERT INTO inbox (client_id, message_id, payload, received_at, payload_sha256) "
+            "VALUES ('c1', $1, '{}', 0, 'd')",
+            [(i,) for i in range(11, 31)],
+        )
+        await conn.execute(
+            "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+            "VALUES ('c1', 1, 11, 10, 21, 0)"
+        )
+    finally:
+        await conn.close()
+    async with serve(Handled(), pg_url) as a, serve(Handled(), pg_url) as b:
+
+        async def resumed() -> bool:
+            done = a.stats.pruned + b.stats.pruned == 10  # read first: counted after COMMIT
+            return done and await inbox_rows(pg_url, "c1") == 10
+
+        await until(resumed)
+        assert await floor_of(pg_url, "c1") == (1, 21, 20, 21)
