@@ -7,7 +7,8 @@ as a conflict when its payload digest differs.
 
 Group commit on one dedicated connection, a fixed number of round trips whatever the number of
 messages: ``BEGIN``, the fence (``SELECT ... FOR SHARE`` of the identities carried, skipped
-when there are none), one dedup ``SELECT`` over ``unnest`` of the keys, one ``INSERT ...
+when there are none), one dedup ``SELECT`` over ``unnest`` of the keys (with the floors of
+their clients: the bounded inbox costs no extra round trip), one ``INSERT ...
 SELECT FROM unnest(...)`` of the new rows, ``COMMIT`` (plus whatever SQL the handlers run, and
 one round trip per message that uses ``message.tx`` for its SAVEPOINT: a kept SAVEPOINT is
 released in the same round trip as the next one opens, or by the COMMIT).
