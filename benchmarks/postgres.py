@@ -125,34 +125,45 @@ SCENARIOS = (
 class Inbox:
     """One row's inbox, read with the database's own client after the receivers stopped."""
 
-    def __init__(self, count: Callable[[str], int]) -> None:
-        self._count = count
+    def __init__(self, scalar: Callable[[str], int]) -> None:
+        self._scalar = scalar
 
     @classmethod
     def sqlite(cls, path: Path) -> Inbox:
-        def count(where: str) -> int:
+        def scalar(sql: str) -> int:
             with contextlib.closing(sqlite3.connect(path)) as conn:
-                return int(conn.execute(f"SELECT count(*) FROM inbox WHERE {where}").fetchone()[0])
+                return int(conn.execute(sql).fetchone()[0])
 
-        return cls(count)
+        return cls(scalar)
 
     @classmethod
     def postgresql(cls, server: PostgresServer, dbname: str) -> Inbox:
-        def count(where: str) -> int:
-            return int(server.psql(f"SELECT count(*) FROM inbox WHERE {where}", dbname))
+        def scalar(sql: str) -> int:
+            return int(server.psql(sql, dbname))
 
-        return cls(count)
+        return cls(scalar)
+
+    def _count(self, where: str) -> int:
+        return self._scalar(f"SELECT count(*) FROM inbox WHERE {where}")
 
     def handled(self, client_id: str, first: int, last: int) -> int:
-        """Rows of ``client_id`` with ids in ``first..last``, handled (not rejected)."""
+        """Ids of ``client_id`` in ``first..last`` handled (not rejected): its rows, and those
+        deleted below its floor (a bounded inbox prunes while a handler runs)."""
         quoted = client_id.replace("'", "''")
-        return self._count(
+        rows = self._count(
             f"client_id = '{quoted}' AND message_id BETWEEN {int(first)} AND {int(last)} "
             "AND reject_reason IS NULL"
         )
+        record = f"FROM inbox_floor WHERE client_id = '{quoted}'"
+        base = self._scalar(f"SELECT coalesce((SELECT base {record}), 0)")
+        floor = self._scalar(f"SELECT coalesce((SELECT floor {record}), 0)")
+        return rows + max(0, min(floor, last + 1) - max(base, first))
 
     def total(self) -> int:
-        return self._count("TRUE")
+        """Rows kept, and rows deleted below the clients' floors."""
+        return self._count("TRUE") + self._scalar(
+            "SELECT coalesce(sum(floor - base), 0) FROM inbox_floor"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -391,6 +391,9 @@ class Inbox:
     # ``window_rows`` / ``forget_keys`` serve the time window. The caller (the pruner, in the
     # writer task) wraps each chunk in ``begin()`` / ``commit()``; none of them commits.
 
+    async def lock(self, client_id: str) -> None:
+        """Nothing to lock: ``BEGIN IMMEDIATE`` already keeps every other writer out."""
+
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
         """The floor records of those clients that have one."""
         found: dict[str, Floor] = {}

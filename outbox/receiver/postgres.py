@@ -7,7 +7,8 @@ as a conflict when its payload digest differs.
 
 Group commit on one dedicated connection, a fixed number of round trips whatever the number of
 messages: ``BEGIN``, the fence (``SELECT ... FOR SHARE`` of the identities carried, skipped
-when there are none), one dedup ``SELECT`` over ``unnest`` of the keys, one ``INSERT ...
+when there are none), one dedup ``SELECT`` over ``unnest`` of the keys (with the floors of
+their clients: the bounded inbox costs no extra round trip), one ``INSERT ...
 SELECT FROM unnest(...)`` of the new rows, ``COMMIT`` (plus whatever SQL the handlers run, and
 one round trip per message that uses ``message.tx`` for its SAVEPOINT: a kept SAVEPOINT is
 released in the same round trip as the next one opens, or by the COMMIT).
@@ -21,6 +22,26 @@ commits never deadlock on each other) before its dedup query, and a connection w
 no longer the row's has its items dropped: so once a newer connection is claimed, no older
 one commits anything for that identity, and the newer one's dedup sees all that the older
 ones committed. Anonymous identities (unique per connection) are not fenced.
+
+The bounded inbox in a fleet (the pruner, ``pruner.py``, with the rules of
+``protocol/floor.py``): every receiver sharing the database may raise a client's floor and
+delete the rows below it, so a floor one receiver remembers can be stale: another one raised
+it and deleted the rows under it since. A straggler below the real floor checked against a
+stale floor would find neither its row nor the floor covering it, and be handled again. So no
+floor is ever trusted from memory (the pruner asks ``floors`` for every group commit), and on
+PostgreSQL it is read in *the same statement* as the dedup query (``seen``): one
+statement is one snapshot, and a pruner raises the floor and deletes the rows below it in one
+transaction, so that snapshot holds either the rows (committed before the pruning) or the
+raised floor (after it), never neither. A floor read in a later statement would be as safe
+(floors only rise, a later snapshot sees at least as much pruning); one read before the dedup
+query, or kept from an earlier transaction, is not. The pruner itself takes the client's fence
+row ``FOR UPDATE`` (``lock``) before it reads the floor record, so two receivers' pruners of
+one client never both start from the same old record (the second would write back a floor
+derived from rows the first already deleted), and no group commit carrying the client (it
+holds that row ``FOR SHARE``) runs while a chunk is deleted: each sees the chunk entirely or not
+at all. The upsert keeps the floor, the high-water mark and the mark from ever going down, even
+so. The time window's sweep needs no lock: it deletes only rows older than the window of
+clients without a mark, which no straggler rule protects.
 
 Migrations: numbered files in ``postgres_migrations/``, each applied in its own transaction
 with its row in ``outbox_schema``, under ``pg_advisory_xact_lock`` so receivers that start
@@ -37,6 +58,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SchemaTooNewError, StoreError
+from ..protocol.floor import Floor
 from .backend import StatementFailed
 from .inbox import InboxRow, Key, Recorded
 
@@ -66,10 +88,54 @@ _FENCE = (
     "SELECT client_id, epoch FROM outbox_fence WHERE client_id = ANY($1::text[]) "
     "ORDER BY client_id FOR SHARE"
 )
-_SEEN = (
-    "SELECT i.client_id, i.message_id, i.reject_reason, i.payload_sha256 "
+_SEEN_AND_FLOORS = (
+    # One statement, one snapshot: the rows and the floors that replaced deleted rows agree.
+    "SELECT i.client_id, i.message_id, i.reject_reason, i.payload_sha256, "
+    "NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint "
     "FROM unnest($1::text[], $2::bigint[]) AS k(c, m) "
-    "JOIN inbox AS i ON i.client_id = k.c AND i.message_id = k.m"
+    "JOIN inbox AS i ON i.client_id = k.c AND i.message_id = k.m "
+    "UNION ALL SELECT f.client_id, NULL, NULL, NULL, f.base, f.floor, f.high_water, f.mark "
+    "FROM inbox_floor AS f WHERE f.client_id = ANY($3::text[])"
+)
+_FLOORS = (
+    "SELECT client_id, base, floor, high_water, mark FROM inbox_floor "
+    "WHERE client_id = ANY($1::text[])"
+)
+_UNFINISHED = "SELECT client_id, mark FROM inbox_floor WHERE mark IS NOT NULL AND mark > floor"
+_LOCK = "SELECT 1 FROM outbox_fence WHERE client_id = $1 FOR UPDATE"
+_RUN = (
+    "SELECT message_id, reject_reason IS NOT NULL FROM inbox WHERE client_id = $1 "
+    "AND message_id >= $2 AND message_id < $3 ORDER BY message_id LIMIT $4"
+)
+_FORGET_RECORD = (
+    "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (client_id) DO UPDATE SET "
+    "base = CASE WHEN inbox_floor.floor > 0 THEN inbox_floor.base ELSE excluded.base END, "
+    "floor = GREATEST(inbox_floor.floor, excluded.floor), "
+    "high_water = GREATEST(inbox_floor.high_water, excluded.high_water), "
+    "mark = GREATEST(inbox_floor.mark, excluded.mark), updated_at = excluded.updated_at"
+)
+_FORGET_ROWS = "DELETE FROM inbox WHERE client_id = $1 AND message_id >= $2 AND message_id < $3"
+_WINDOW_ROWS = (
+    "SELECT i.client_id, i.message_id, i.received_at, f.mark IS NOT NULL FROM inbox AS i "
+    "LEFT JOIN inbox_floor AS f ON f.client_id = i.client_id "
+    "WHERE ($1::text IS NULL OR (i.client_id, i.message_id) > ($1::text, $2::bigint)) "
+    "ORDER BY i.client_id, i.message_id LIMIT $3"
+)
+_WINDOW_RECORD = (
+    "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+    "SELECT c, 0, 0, h, NULL, $3 FROM unnest($1::text[], $2::bigint[]) AS k(c, h) "
+    "ON CONFLICT (client_id) DO UPDATE SET "
+    "high_water = GREATEST(inbox_floor.high_water, excluded.high_water), "
+    "updated_at = excluded.updated_at"
+)
+_WINDOW_DELETE = (
+    # Read before this transaction: only if still older than the cutoff (another receiver
+    # may have deleted it and recorded it again), and never a row of a client that announced
+    # a mark meanwhile (on another receiver): the floor protects those.
+    "DELETE FROM inbox AS i USING unnest($1::text[], $2::bigint[]) AS k(c, m) "
+    "WHERE i.client_id = k.c AND i.message_id = k.m AND i.received_at < $3 AND NOT EXISTS "
+    "(SELECT 1 FROM inbox_floor AS f WHERE f.client_id = k.c AND f.mark IS NOT NULL)"
 )
 _INSERT = (
     "INSERT INTO inbox (client_id, message_id, payload, received_at, reject_reason, "
@@ -80,7 +146,11 @@ _CLAIM = (
     "INSERT INTO outbox_fence (client_id, epoch) VALUES ($1, 1) ON CONFLICT (client_id) "
     "DO UPDATE SET epoch = outbox_fence.epoch + 1, claimed_at = now() RETURNING epoch"
 )
-_HIGH_WATER = "SELECT max(message_id) FROM inbox WHERE client_id = $1"
+_HIGH_WATER = (
+    # Counting rows the floor has deleted; one statement, so never between the two.
+    "SELECT GREATEST(coalesce((SELECT max(message_id) FROM inbox WHERE client_id = $1), 0), "
+    "coalesce((SELECT high_water FROM inbox_floor WHERE client_id = $1), 0))"
+)
 
 
 class DriverMissingError(StoreError, ImportError):
@@ -267,6 +337,9 @@ class PostgresInbox:
         self.claim: Callable[[str], Awaitable[int]] | None = self._claim
         self._held = False
         """A handler's SAVEPOINT is still open (kept, not yet released)."""
+        self._floors_seen: tuple[set[str], dict[str, Floor]] | None = None
+        """The floors the last ``seen`` of this transaction read with its rows (clients
+        asked about, records found): what ``floors`` answers for them until it ends."""
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = CONNECT_TIMEOUT) -> PostgresInbox:
@@ -333,6 +406,7 @@ class PostgresInbox:
         if self._conn.is_closed():  # lost earlier (the group got 1013): connect afresh
             self._conn = await _driver().connect(self.url, timeout=CONNECT_TIMEOUT)
         self._held = False
+        self._floors_seen = None
         await self._conn.execute("BEGIN")
 
     async def fence(self, client_ids: Sequence[str]) -> dict[str, int]:
@@ -342,18 +416,99 @@ class PostgresInbox:
         return {row[0]: int(row[1]) for row in rows}
 
     async def seen(self, keys: Sequence[Key]) -> dict[Key, Recorded]:
-        rows = await self._conn.fetch(_SEEN, [k[0] for k in keys], [k[1] for k in keys])
-        return {(row[0], int(row[1])): (row[2], row[3]) for row in rows}
+        """The rows of those keys, and (same statement, same snapshot) the floors of their
+        clients, which ``floors`` then answers for this transaction (see the module's
+        docstring, "The bounded inbox in a fleet")."""
+        client_ids = [k[0] for k in keys]
+        rows = await self._conn.fetch(
+            _SEEN_AND_FLOORS, client_ids, [k[1] for k in keys], sorted(set(client_ids))
+        )
+        found: dict[Key, Recorded] = {}
+        floors: dict[str, Floor] = {}
+        for row in rows:
+            if row[1] is None:
+                floors[row[0]] = Floor(int(row[4]), int(row[5]), int(row[6]), _int(row[7]))
+            else:
+                found[(row[0], int(row[1]))] = (row[2], row[3])
+        self._floors_seen = (set(client_ids), floors)
+        return found
+
+    # -- the bounded inbox (``pruner.FloorStore``; the SQLite inbox's contract) ---------------
+
+    async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
+        """The floor records of those clients that have one: as read with this transaction's
+        dedup query when it covered them all, else read now."""
+        if self._floors_seen is not None and self.in_transaction:
+            asked, floors = self._floors_seen
+            if asked.issuperset(client_ids):
+                return {c: floors[c] for c in client_ids if c in floors}
+        rows = await self._conn.fetch(_FLOORS, list(dict.fromkeys(client_ids)))
+        return {row[0]: Floor(int(row[1]), int(row[2]), int(row[3]), _int(row[4])) for row in rows}
+
+    async def unfinished(self) -> list[tuple[str, int]]:
+        """``(client id, mark)`` of the records whose floor has not reached their mark yet:
+        resumed at start (by every receiver of the fleet; the lock makes that harmless)."""
+        rows = await self._pool.fetch(_UNFINISHED)
+        return [(str(row[0]), int(row[1])) for row in rows]
+
+    async def lock(self, client_id: str) -> None:
+        """Hold the client's fence row ``FOR UPDATE`` until the transaction ends: no other
+        pruner of it, and no group commit carrying it, on any receiver meanwhile."""
+        await self._conn.execute(_LOCK, client_id)
+
+    async def run(self, client_id: str, start: int, end: int, limit: int) -> list[tuple[int, bool]]:
+        """``(message id, rejected)`` of the client's rows with ``start <= id < end``, in id
+        order, at most ``limit``."""
+        rows = await self._conn.fetch(_RUN, client_id, start, end, limit)
+        return [(int(row[0]), bool(row[1])) for row in rows]
+
+    async def forget(self, client_id: str, floor: Floor, now: float) -> int:
+        """Store ``floor`` as the client's record (never lowering it) and delete its rows in
+        ``[floor.base, floor.floor)``, in the caller's transaction; returns the rows deleted."""
+        await self._conn.execute(
+            _FORGET_RECORD,
+            client_id,
+            floor.base,
+            floor.floor,
+            floor.high_water,
+            floor.mark,
+            now,
+        )
+        status = await self._conn.execute(_FORGET_ROWS, client_id, floor.base, floor.floor)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def window_rows(
+        self, after: Key | None, limit: int
+    ) -> list[tuple[str, int, float, bool]]:
+        """``(client id, message id, received_at, client announced a mark)`` of up to ``limit``
+        rows after key ``after`` in key order."""
+        first, second = after if after is not None else (None, None)
+        rows = await self._conn.fetch(_WINDOW_ROWS, first, second, limit)
+        return [(str(r[0]), int(r[1]), float(r[2]), bool(r[3])) for r in rows]
+
+    async def forget_keys(
+        self, keys: Sequence[Key], highest: dict[str, int], now: float, cutoff: float
+    ) -> int:
+        """Delete these rows (the time window's) if still received before ``cutoff``, and
+        keep, per client, the highest id deleted as its record's high-water mark; the record
+        first, in the same transaction. Returns the rows deleted."""
+        await self._conn.execute(_WINDOW_RECORD, list(highest), list(highest.values()), now)
+        status = await self._conn.execute(
+            _WINDOW_DELETE, [k[0] for k in keys], [k[1] for k in keys], cutoff
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
         await self._conn.execute(_INSERT, *(list(column) for column in zip(*rows, strict=True)))
 
     async def commit(self) -> None:
         self._held = False
+        self._floors_seen = None
         await self._conn.execute("COMMIT")
 
     async def rollback(self) -> None:
         self._held = False
+        self._floors_seen = None
         if self.in_transaction:
             await self._conn.execute("ROLLBACK")
 
@@ -375,6 +530,10 @@ class PostgresInbox:
                 "transaction reconnects"
             )
         return exc
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 async def _migrate(conn: asyncpg.Connection, where: str) -> int:

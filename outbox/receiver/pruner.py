@@ -1,8 +1,8 @@
 """The bounded inbox at work: delete what the floor and the time window allow, in chunks.
 
-The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py`` (:class:`FloorStore`
-is what this module needs of a backend: the SQLite inbox has it; PostgreSQL does not yet,
-and a receiver on PostgreSQL keeps every row). This module decides
+The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py`` and ``postgres.py``
+(:class:`FloorStore` is what this module needs of a backend; both inboxes have it). This
+module decides
 *when*: the writer task calls :meth:`Pruner.step` between group commits, never inside one,
 and each step is one small transaction of at most ``chunk`` rows, so deleting never holds
 the acks of a group commit back by more than one chunk (a few milliseconds). Steps are
@@ -12,7 +12,10 @@ writer's time under load, and catches up when it is idle.
 It also answers the writer's question for every new message: is this id below the client's
 floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
 each group commit's own transaction (under its write lock), for the clients it carries:
-several receiver processes may share one file, and any of them may raise a floor.
+several receiver processes may share one file, and any of them may raise a floor. On
+PostgreSQL a whole fleet shares the database: there the floors come with the dedup query's
+own snapshot, and a mark step first takes the client's lock (``FloorStore.lock``;
+``postgres.py``, "The bounded inbox in a fleet", says why both are needed).
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ it is older than the window (a quarter window when that is shorter)."""
 
 
 class FloorStore(Protocol):
-    """The bounded inbox's SQL, as ``inbox.Inbox`` implements it (see its methods for the
-    contract); ``begin``/``commit``/``rollback`` wrap each chunk."""
+    """The bounded inbox's SQL, as ``inbox.Inbox`` and ``postgres.PostgresInbox`` implement
+    it (see their methods for the contract); ``begin``/``commit``/``rollback`` wrap each chunk."""
+
+    async def lock(self, client_id: str) -> None:
+        """Keep other receivers off this client's floor and rows until the transaction ends
+        (a no-op where this receiver is the only writer)."""
+        ...
 
     async def begin(self) -> None: ...
 
@@ -169,6 +177,7 @@ class Pruner:
         client_id, target = next(iter(self._marks.items()))
         await inbox.begin()
         try:
+            await inbox.lock(client_id)  # before the record is read: it must be the newest
             record = (await inbox.floors([client_id])).get(client_id, Floor())
             noted = raise_mark(record, target)
             run = await inbox.run(client_id, record.floor, noted.mark or 0, self.chunk)

@@ -31,7 +31,7 @@ import logging
 import os
 import ssl as ssl_module
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
@@ -44,9 +44,9 @@ from .backend import InboxBackend, is_postgres_url, open_inbox
 from .connection import Peer
 from .drain import RESTART, Connections, drain
 from .handshake import Handshake, _Connection, anonymous_id
-from .inbox import Inbox, Synchronous
+from .inbox import Synchronous
 from .options import DEFAULT_DUPLICATE_WINDOW, DEFAULT_MAX_SIZE, ReceiverOptions
-from .pruner import Pruner
+from .pruner import FloorStore, Pruner
 from .writer import Writer
 
 __all__ = ["Receiver", "serve"]
@@ -187,17 +187,8 @@ class Receiver:
         self._writer: Writer | None = None
         if prune is not None and not isinstance(prune, bool):
             raise TypeError(f"prune must be True, False or None, got {type(prune).__name__}")
-        if prune and is_postgres_url(self._db_path):
-            raise ValueError(
-                "prune=True needs a SQLite inbox: on PostgreSQL the bounded inbox is not "
-                "implemented yet and every row is kept (leave prune unset)"
-            )
         wanted = handler is not None if prune is None else prune
-        self._pruner = (
-            Pruner(window=self._options.duplicate_window)
-            if wanted and not is_postgres_url(self._db_path)
-            else None
-        )
+        self._pruner = Pruner(window=self._options.duplicate_window) if wanted else None
         self._handshake.low_water = self._pruner is not None
         self.transaction_observers: list[Callable[[float], None]] = []
         """Called with each inbox transaction's duration in seconds (``outbox.metrics``)."""
@@ -231,9 +222,8 @@ class Receiver:
         self._handshake.high_water = self._inbox.high_water
         self._handshake.claim = self._inbox.claim
         if self._pruner is not None:
-            assert isinstance(self._inbox, Inbox)  # the bounded inbox's SQL is SQLite's
-            try:
-                await self._pruner.resume(self._inbox)
+            try:  # both backends are a FloorStore
+                await self._pruner.resume(cast(FloorStore, self._inbox))
             except BaseException:
                 await self._inbox.close()
                 raise

@@ -317,12 +317,11 @@ def check(db: Database, clients: dict[str, list[tuple[int, str]]], context: str)
     strangers = sorted(set(inbox) - set(clients))
     assert not strangers, f"inbox rows of client ids nobody used: {strangers} ({context})"
 
-    # A bounded SQLite inbox deletes the rows below each client's floor: those ids were
-    # recorded and acked, and the effect rows below still show each handled once.
+    # A bounded inbox (SQLite or PostgreSQL) deletes the rows below each client's floor:
+    # those ids were recorded and acked, and the effect rows below still show each handled once.
     forgotten: dict[str, range] = {}
-    if not db.url.startswith(("postgresql://", "postgres://")):
-        for client_id, base, floor in db.rows("client_id, base, floor", "inbox_floor"):
-            forgotten[client_id] = range(int(base), int(floor))
+    for client_id, base, floor in db.rows("client_id, base, floor", "inbox_floor"):
+        forgotten[client_id] = range(int(base), int(floor))
 
     effects: dict[str, list[int]] = {}
     for client_id, message_id in db.rows("client_id, message_id", "fleet_effects ORDER BY seq"):

@@ -236,7 +236,11 @@ async def test_migrations_are_idempotent_and_concurrent_starts_apply_each_once(
         rows = await conn.fetch("SELECT version, name FROM outbox_schema ORDER BY version")
     finally:
         await conn.close()
-    assert [(r[0], r[1]) for r in rows] == [(1, "0001_inbox.sql"), (2, "0002_fence.sql")]
+    assert [(r[0], r[1]) for r in rows] == [
+        (1, "0001_inbox.sql"),
+        (2, "0002_fence.sql"),
+        (3, "0003_inbox_floor.sql"),
+    ]
 
 
 async def test_concurrent_setup_hooks_do_not_race(pg_url: str) -> None:
