@@ -309,8 +309,8 @@ class ServerCpu:
     def __init__(self, server: PostgresServer) -> None:
         import psutil
 
-        backend = int(server.psql("SELECT pg_backend_pid()"))
-        self._postmaster = psutil.Process(psutil.Process(backend).ppid())
+        # Its pid file, not a backend's parent: psql's backend may be gone before we look.
+        self._postmaster = psutil.Process(server.postmaster_pid)
 
     def pids(self) -> set[int]:
         try:

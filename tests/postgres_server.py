@@ -174,6 +174,13 @@ class PostgresServer:
 
     # -- use ---------------------------------------------------------------------------------
 
+    @property
+    def postmaster_pid(self) -> int:
+        """The server's main process (the first line of its ``postmaster.pid``)."""
+        if self._dir is None:
+            raise RuntimeError("the server is not running")
+        return int((self._dir / "data" / "postmaster.pid").read_text().split()[0])
+
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
 

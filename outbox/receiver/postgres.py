@@ -50,15 +50,14 @@ at once apply each one once. ``setup`` hooks run under the same lock.
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SchemaTooNewError, StoreError
 from ..protocol.floor import Floor
+from ..storage.schema import Migration, read_migrations
 from .backend import StatementFailed
 from .inbox import InboxRow, Key, Recorded
 
@@ -82,7 +81,6 @@ CLAIM_LOCK_TIMEOUT = 10.0
 receiver) before it answers 503 and the client retries."""
 
 _SAVEPOINT = "outbox_handler"
-_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 _FENCE = (
     "SELECT client_id, epoch FROM outbox_fence WHERE client_id = ANY($1::text[]) "
@@ -199,25 +197,9 @@ def check_url(url: str) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
 def available() -> list[Migration]:
     """The PostgreSQL migrations shipped with this version of outbox, in order."""
-    found = []
-    for entry in resources.files("outbox.receiver.postgres_migrations").iterdir():
-        match = _NAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"PostgreSQL migrations must be numbered 1..n without gaps: {versions}")
-    return found
+    return read_migrations(resources.files("outbox.receiver.postgres_migrations"), "PostgreSQL")
 
 
 class PostgresTransaction:

@@ -34,15 +34,21 @@ def _migrations_folder() -> Traversable:
 
 def available() -> list[Migration]:
     """The migrations shipped with this version of outbox, in order."""
+    return read_migrations(_migrations_folder(), "outbox")
+
+
+def read_migrations(folder: Traversable, label: str) -> list[Migration]:
+    """The ``NNNN_name.sql`` files of a package folder, in order; numbered 1..n or refused.
+    Shared by the SQLite chain and the PostgreSQL receiver's own."""
     found = []
-    for entry in _migrations_folder().iterdir():
+    for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if versions != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"outbox migrations must be numbered 1..n without gaps: {versions}")
+        raise RuntimeError(f"{label} migrations must be numbered 1..n without gaps: {versions}")
     return found
 
 
