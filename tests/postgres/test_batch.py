@@ -15,7 +15,8 @@ from websockets.frames import CloseCode
 from outbox.receiver import Batch, serve
 from outbox.receiver.backend import SUPERSEDED
 
-from .test_receiver import acks, batch, closed_with, create_effects, effects, headers, inbox_rows
+from ..raw_client import acks, batch, closed_with, headers
+from .test_receiver import create_effects, effects, inbox_rows
 
 INSERT = "INSERT INTO effects (client_id, message_id) VALUES ($1, $2)"
 

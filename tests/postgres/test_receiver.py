@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from outbox import Outbox
@@ -28,48 +26,8 @@ from outbox.receiver import Incoming, Reject, serve
 from outbox.receiver.backend import SUPERSEDED
 from outbox.receiver.postgres import DriverMissingError, PostgresInbox, display_url
 
+from ..raw_client import acks, batch, closed_with, headers, message, recv
 from ..support import fast_options, wait_until
-
-OURS = wire.format_features(wire.CLIENT_FEATURES)
-
-
-def headers(client_id: str) -> dict[str, str]:
-    return {wire.CLIENT_ID_HEADER: client_id, wire.FEATURES_HEADER: OURS}
-
-
-def message(message_id: int, data: Any) -> str:
-    return wire.encode_message(message_id, json.dumps(data))
-
-
-def batch(ids: Sequence[int]) -> str:
-    return wire.encode_batch([(i, json.dumps({"n": i})) for i in ids])
-
-
-async def recv(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        frame = await ws.recv()
-    result: dict[str, Any] = json.loads(frame)
-    return result
-
-
-async def acks(ws: ClientConnection, count: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < count:
-        frame = await recv(ws)
-        assert frame["type"] == "ack", frame
-        ids.extend(frame["messageIds"] if "messageIds" in frame else [frame["messageId"]])
-    return ids
-
-
-async def closed_with(ws: ClientConnection) -> int | None:
-    """Read until the server closes; its close code."""
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                await ws.recv()
-    except ConnectionClosed:
-        pass
-    return ws.close_code
 
 
 async def create_effects(tx: Any) -> None:

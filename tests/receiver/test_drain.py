@@ -26,6 +26,7 @@ from outbox.protocol import wire
 from outbox.receiver import ConnectRequest, Incoming, Receiver, Transaction, serve
 
 from ..chaos_support import check_end_state, create_effects_table, record_effect, report
+from ..raw_client import closed_with
 from ..support import MS, fast_options, wait_until
 
 HEADERS = {wire.CLIENT_ID_HEADER: "c1", wire.FEATURES_HEADER: "batch, batch-ack"}
@@ -44,16 +45,6 @@ async def acked_ids(ws: ClientConnection, count: int) -> list[int]:
         assert frame["type"] == "ack", frame
         ids.extend(frame["messageIds"] if "messageIds" in frame else [frame["messageId"]])
     return ids
-
-
-async def closed_with(ws: ClientConnection) -> int:
-    """Read until the server closes; return its close code."""
-    with pytest.raises(ConnectionClosed) as info:
-        async with asyncio.timeout(5):
-            while True:
-                await ws.recv()
-    assert info.value.rcvd is not None, info.value
-    return int(info.value.rcvd.code)
 
 
 def inbox_ids(db: Path) -> list[int]:

@@ -11,14 +11,14 @@ import asyncio
 import json
 import sqlite3
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 from websockets.frames import CloseCode
 
 from outbox import Outbox
@@ -39,55 +39,8 @@ from outbox.receiver import (
     serve,
 )
 
+from ..raw_client import acks, batch, closed_with, features, headers, message, recv
 from ..support import fast_options, wait_until
-
-OURS = wire.format_features(wire.CLIENT_FEATURES)
-
-
-def headers(client_id: str, features: str = OURS) -> dict[str, str]:
-    """What our client sends in the handshake."""
-    return {wire.CLIENT_ID_HEADER: client_id, wire.FEATURES_HEADER: features}
-
-
-def features(ws: ClientConnection) -> str:
-    """The Outbox-Features header of the server's handshake response."""
-    assert ws.response is not None
-    return ws.response.headers[wire.FEATURES_HEADER]
-
-
-def message(message_id: int, data: Any) -> str:
-    return wire.encode_message(message_id, json.dumps(data))
-
-
-def batch(ids: Sequence[int]) -> str:
-    return wire.encode_batch([(i, json.dumps({"n": i})) for i in ids])
-
-
-async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        frame = await ws.recv()
-    result: dict[str, Any] = json.loads(frame)
-    return result
-
-
-async def acks(ws: ClientConnection, count: int) -> list[int]:
-    """Read ack frames (either form) until ``count`` ids arrived; fail on anything else."""
-    ids: list[int] = []
-    while len(ids) < count:
-        frame = await recv(ws)
-        assert frame["type"] == "ack", frame
-        ids.extend(frame["messageIds"] if "messageIds" in frame else [frame["messageId"]])
-    return ids
-
-
-async def closed_with(ws: ClientConnection) -> int:
-    """Read until the server closes; return its close code."""
-    with pytest.raises(ConnectionClosed) as info:
-        async with asyncio.timeout(5):
-            while True:
-                await ws.recv()
-    assert info.value.rcvd is not None
-    return int(info.value.rcvd.code)
 
 
 def inbox_rows(db: Path) -> list[tuple[str, int, str, str | None]]:
