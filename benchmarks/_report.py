@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sqlite3
@@ -10,7 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +238,24 @@ drain. lost: ids send() returned that the receiver's inbox does not hold (enqueu
 outbox file); dups: receiver handler calls beyond one per message id.
 Durable rows run with synchronous=FULL in WAL mode on both ends (also naive and sqlite3).
 Paced: each producer sleeps until its message's slot; that pacing costs client CPU too."""
+
+
+def write_json(
+    path: str,
+    machine: dict[str, Any],
+    settings: Any,
+    rows: Sequence[Row],
+    measured: Sequence[Verdict],
+    status: int,
+) -> None:
+    """``--json PATH``: the run as one document (``settings`` is the script's dataclass)."""
+    document = {
+        "version": 1,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "settings": asdict(settings),
+        "rows": [asdict(row) for row in rows],
+        "verdicts": [asdict(item) for item in measured],
+        "exit_status": status,
+    }
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shutil
 import signal
 import sqlite3
@@ -45,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,7 @@ from _report import (
     format_verdicts,
     fsync_probe,
     machine,
+    write_json,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -544,16 +544,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(NOTES)
     print(f"Took {elapsed:.0f} s; exit status {status}.")
     if args.json:
-        document = {
-            "version": 1,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {**info, "fsync": disk, "postgresql": pg_line},
-            "settings": asdict(settings),
-            "rows": [asdict(row) for row in rows],
-            "verdicts": [asdict(item) for item in measured],
-            "exit_status": status,
-        }
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+        write_json(
+            args.json,
+            {**info, "fsync": disk, "postgresql": pg_line},
+            settings,
+            rows,
+            measured,
+            status,
+        )
     return status
 
 

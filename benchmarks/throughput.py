@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import json
 import shutil
 import signal
 import sqlite3
@@ -57,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +82,7 @@ from _report import (
     fsync_probe,
     machine,
     verdicts,
+    write_json,
 )
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
@@ -756,16 +756,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(NOTES)
     print(f"Took {elapsed:.0f} s; exit status {status}.")
     if args.json:
-        document = {
-            "version": 1,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {**info, "fsync": disk, "other_cpu_seconds": other.seconds},
-            "settings": asdict(settings),
-            "rows": [asdict(row) for row in rows],
-            "verdicts": [asdict(item) for item in measured],
-            "exit_status": status,
-        }
-        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+        write_json(
+            args.json,
+            {**info, "fsync": disk, "other_cpu_seconds": other.seconds},
+            settings,
+            rows,
+            measured,
+            status,
+        )
     return status
 
 

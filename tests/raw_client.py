@@ -25,6 +25,19 @@ def headers(client_id: str, features: str = OURS) -> dict[str, str]:
     return {wire.CLIENT_ID_HEADER: client_id, wire.FEATURES_HEADER: features}
 
 
+def low_water_headers(
+    client_id: str, features: str = "", mark: int | None = None
+) -> dict[str, str]:
+    """A handshake that announces only ``features`` (none: a seed-style client) and, with
+    ``mark``, our client's low-water mark."""
+    result = {wire.CLIENT_ID_HEADER: client_id}
+    if features:
+        result[wire.FEATURES_HEADER] = features
+    if mark is not None:
+        result[wire.LOW_WATER_HEADER] = str(mark)
+    return result
+
+
 def features(ws: ClientConnection) -> str:
     """The Outbox-Features header of the server's handshake response."""
     assert ws.response is not None

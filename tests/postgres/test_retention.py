@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from outbox import Outbox
 from outbox.protocol import wire
@@ -26,6 +26,8 @@ from outbox.receiver import Incoming, serve
 from outbox.receiver.postgres import PostgresInbox
 from outbox.receiver.pruner import Pruner
 
+from ..raw_client import batch, recv
+from ..raw_client import low_water_headers as headers
 from ..support import MS, fast_options
 
 FAST = fast_options(low_water_interval=10 * MS)
@@ -76,25 +78,6 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.005)
-
-
-def headers(client_id: str, features: str = "", mark: int | None = None) -> dict[str, str]:
-    result = {wire.CLIENT_ID_HEADER: client_id}
-    if features:
-        result[wire.FEATURES_HEADER] = features
-    if mark is not None:
-        result[wire.LOW_WATER_HEADER] = str(mark)
-    return result
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(10):
-        result: dict[str, Any] = json.loads(await ws.recv())
-    return result
-
-
-def batch(ids: range | list[int]) -> str:
-    return wire.encode_batch([(i, json.dumps({"n": i})) for i in ids])
 
 
 async def test_postgresql_accepts_low_water_and_prune(pg_url: str) -> None:

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from outbox import Outbox, operate
 from outbox.protocol import wire
 from outbox.receiver import Incoming, Receiver, Reject, serve
 from outbox.storage import schema
 
+from ..raw_client import low_water_headers as headers
+from ..raw_client import recv
 from ..support import MS, ScriptedServer, fast_options, wait_until
 
 FAST = fast_options(low_water_interval=10 * MS)
@@ -65,21 +67,6 @@ def floor_of(db: Path, client_id: str) -> tuple[int, int, int, int | None] | Non
         (client_id,),
     )
     return found[0] if found else None
-
-
-def headers(client_id: str, features: str = "", mark: int | None = None) -> dict[str, str]:
-    result = {wire.CLIENT_ID_HEADER: client_id}
-    if features:
-        result[wire.FEATURES_HEADER] = features
-    if mark is not None:
-        result[wire.LOW_WATER_HEADER] = str(mark)
-    return result
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(5):
-        result: dict[str, Any] = json.loads(await ws.recv())
-    return result
 
 
 @pytest.fixture
