@@ -8,9 +8,10 @@ row, or neither commits and the resend is handled as if it were the first.
 
 One aiosqlite connection (one thread) serves the whole receiver; the receiver's writer loop is
 its only user, one transaction at a time. Every aiosqlite call is a thread hop (tens of
-microseconds), so the per-transaction SQL is fixed at four calls whatever the number of
-messages: ``BEGIN IMMEDIATE``, one dedup ``SELECT`` (chunked only past SQLite's variable
-limit), one ``executemany`` of the new rows, ``COMMIT``.
+microseconds alone, about half a millisecond each on a busy 2-core machine, measured), so a
+transaction costs two hops whatever the number of messages: ``BEGIN IMMEDIATE`` rides with
+the dedup ``SELECT`` (chunked only past SQLite's variable limit), and the ``executemany`` of
+the new rows with the ``COMMIT``. The handler's own statements come in between.
 """
 
 from __future__ import annotations
@@ -148,10 +149,11 @@ class Transaction:
         its RELEASE. None (the setup hook): RELEASE at once, which commits."""
         self._state = self._FRESH
 
-    def _opening(self) -> bool | None:
+    def _opening(self) -> tuple[bool, bool] | None:
         """None if open already; else open it now (before any await: a second statement
         issued concurrently then queues behind the first on the connection's thread) and
-        say whether a kept SAVEPOINT must be released first."""
+        say whether the round's deferred BEGIN must run first, and whether a kept SAVEPOINT
+        must be released first."""
         if self._state == self._OPEN:
             return None
         if self._state == self._DONE:
@@ -160,10 +162,11 @@ class Transaction:
             )
         self._state = self._OPEN
         held = self._held
-        if held is None or not held.pending:
-            return False
-        held.pending = False
-        return True
+        if held is None:
+            return False, False
+        begin, release = held.begin, held.pending
+        held.begin = held.pending = False
+        return begin, release
 
     @property
     def _inside(self) -> bool:
@@ -173,28 +176,27 @@ class Transaction:
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(sqlite3 connection, *args)`` on the connection's thread: one hop."""
-        run = cast(Callable[..., Awaitable[Any]], self._db._execute)  # untyped upstream
-        return await run(fn, self._db._conn, *args)
+        return await _on_thread(self._db, fn, *args)
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> aiosqlite.Cursor:
         """Run one statement inside the message's transaction (like sqlite3's ``execute``)."""
-        release = self._opening()
-        if release is None:
+        opening = self._opening()
+        if opening is None:
             cursor = await self._call(_inside_then, sqlite3.Connection.execute, sql, parameters)
         else:
             cursor = await self._call(
-                _open_then, self._inside, release, sqlite3.Connection.execute, sql, parameters
+                _open_then, self._inside, *opening, sqlite3.Connection.execute, sql, parameters
             )
         return aiosqlite.Cursor(self._db, cursor)
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> aiosqlite.Cursor:
         """Run one statement for each parameter tuple, in one thread hop."""
-        release = self._opening()
-        if release is None:
+        opening = self._opening()
+        if opening is None:
             cursor = await self._call(_inside_then, sqlite3.Connection.executemany, sql, parameters)
         else:
             cursor = await self._call(
-                _open_then, self._inside, release, sqlite3.Connection.executemany, sql, parameters
+                _open_then, self._inside, *opening, sqlite3.Connection.executemany, sql, parameters
             )
         return aiosqlite.Cursor(self._db, cursor)
 
@@ -202,12 +204,12 @@ class Transaction:
         self, sql: str, parameters: Sequence[Any] = ()
     ) -> Iterable[sqlite3.Row]:
         """Run a query and return all its rows, in one thread hop."""
-        release = self._opening()
+        opening = self._opening()
         rows: list[sqlite3.Row]
-        if release is None:
+        if opening is None:
             rows = await self._call(_inside_then, _fetchall, sql, parameters)
         else:
-            rows = await self._call(_open_then, self._inside, release, _fetchall, sql, parameters)
+            rows = await self._call(_open_then, self._inside, *opening, _fetchall, sql, parameters)
         return rows
 
     async def _finish(self, keep: bool) -> None:
@@ -224,11 +226,14 @@ class Transaction:
 
 
 class _Held:
-    """Whether a kept handler SAVEPOINT is still open, waiting for its RELEASE."""
+    """What the next statement of the round must run first, shared by the inbox and its
+    handlers' transactions: the deferred ``BEGIN IMMEDIATE`` (``begin``), or the RELEASE of
+    a kept handler SAVEPOINT (``pending``)."""
 
-    __slots__ = ("pending",)
+    __slots__ = ("begin", "pending")
 
     def __init__(self) -> None:
+        self.begin = False
         self.pending = False
 
 
@@ -261,12 +266,16 @@ def _inside_then(
 def _open_then(
     conn: sqlite3.Connection,
     inside: bool,
+    begin: bool,
     release: bool,
     call: Callable[[sqlite3.Connection, str, Any], Any],
     sql: str,
     parameters: Any,
 ) -> Any:
-    """On the connection's thread: (release the kept SAVEPOINT,) open one, run ``call``."""
+    """On the connection's thread: (the round's deferred BEGIN IMMEDIATE, or the release of
+    the kept SAVEPOINT,) open one, run ``call``."""
+    if begin:
+        conn.execute("BEGIN IMMEDIATE")
     if inside and not conn.in_transaction:
         raise _ended()  # a SAVEPOINT would open a transaction of its own
     if release:
@@ -277,6 +286,38 @@ def _open_then(
 
 def _fetchall(conn: sqlite3.Connection, sql: str, parameters: Any) -> list[Any]:
     return conn.execute(sql, parameters).fetchall()
+
+
+def _on_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    """Run ``fn(sqlite3 connection, *args)`` on the connection's thread: one hop."""
+    run = cast(Callable[..., Awaitable[Any]], db._execute)  # untyped upstream
+    return run(fn, db._conn, *args)
+
+
+def _begin_and_find(
+    conn: sqlite3.Connection, begin: bool, queries: list[tuple[str, list[Any]]]
+) -> list[Any]:
+    """On the connection's thread: (BEGIN IMMEDIATE,) then every dedup query's rows."""
+    if begin:
+        conn.execute("BEGIN IMMEDIATE")
+    found: list[Any] = []
+    for sql, params in queries:
+        found += conn.execute(sql, params).fetchall()
+    return found
+
+
+def _write_and_commit(conn: sqlite3.Connection, begin: bool, rows: Sequence[InboxRow]) -> None:
+    """On the connection's thread: the round's inbox rows, then COMMIT (which also releases a
+    kept handler SAVEPOINT)."""
+    if begin:
+        if not rows:
+            return  # nothing ran in the transaction: no lock to take and let go
+        conn.execute("BEGIN IMMEDIATE")
+    elif not conn.in_transaction:
+        raise _ended()  # the rows would commit on their own, outside the handlers' transaction
+    if rows:
+        conn.executemany(_INSERT, rows)
+    conn.execute("COMMIT")
 
 
 def _undo(conn: sqlite3.Connection) -> None:
@@ -299,6 +340,8 @@ class Inbox:
         self._db = db
         self._keys_per_query = keys_per_query
         self._held = _Held()
+        self._rows: list[InboxRow] = []
+        """The rows record() was given, written by commit()'s hop."""
 
     async def fence(self, client_ids: Sequence[str]) -> dict[str, int]:
         return {}
@@ -337,7 +380,7 @@ class Inbox:
 
     @property
     def in_transaction(self) -> bool:
-        return self._db.in_transaction
+        return self._held.begin or self._db.in_transaction
 
     def transaction(self) -> Transaction:
         """A handle for one message's handler (see :class:`Transaction`)."""
@@ -354,23 +397,38 @@ class Inbox:
         await tx._finish(keep=True)  # the outermost SAVEPOINT: RELEASE commits it
 
     async def begin(self) -> None:
-        """Take the write lock now, not at the first write, so busy_timeout applies here."""
+        """Start a transaction that takes the write lock (``BEGIN IMMEDIATE``, so
+        busy_timeout applies there, not at the first write) with the next statement's hop:
+        in the writer's rounds, the dedup query of :meth:`seen`."""
         self._held.pending = False
-        await self._db.execute("BEGIN IMMEDIATE")
+        self._rows = []
+        self._held.begin = True
+
+    async def _begun(self) -> None:
+        """Run a deferred ``BEGIN IMMEDIATE`` on its own, before a statement that does not
+        carry it."""
+        if self._held.begin:
+            self._held.begin = False
+            await self._db.execute("BEGIN IMMEDIATE")
 
     async def seen(self, keys: Sequence[Key]) -> dict[Key, Recorded]:
         """Which of ``keys`` are already recorded, each with its reject reason (None = acked)
-        and the digest of its payload."""
-        found: dict[Key, Recorded] = {}
+        and the digest of its payload. One hop, with a deferred ``BEGIN`` if there is one."""
         step = self._keys_per_query
+        queries = []
         for start in range(0, len(keys), step):
             chunk = keys[start : start + step]
-            params = [part for key in chunk for part in key]
-            for client_id, message_id, reason, digest, legacy in await self._db.execute_fetchall(
-                _dedup_sql(len(chunk)), params
-            ):
-                found[(client_id, message_id)] = (reason, digest or payload_digest(legacy))
+            queries.append((_dedup_sql(len(chunk)), [part for key in chunk for part in key]))
+        begin, self._held.begin = self._held.begin, False
+        found: dict[Key, Recorded] = {}
+        for client_id, message_id, reason, digest, legacy in await self._call(
+            _begin_and_find, begin, queries
+        ):
+            found[(client_id, message_id)] = (reason, digest or payload_digest(legacy))
         return found
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await _on_thread(self._db, fn, *args)
 
     async def high_water(self, client_id: str) -> int:
         """The highest message id recorded for ``client_id`` (0 for none), counting rows the
@@ -393,9 +451,11 @@ class Inbox:
 
     async def lock(self, client_id: str) -> None:
         """Nothing to lock: ``BEGIN IMMEDIATE`` already keeps every other writer out."""
+        await self._begun()
 
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
         """The floor records of those clients that have one."""
+        await self._begun()
         found: dict[str, Floor] = {}
         step = self._keys_per_query * 2
         for start in range(0, len(client_ids), step):
@@ -420,6 +480,7 @@ class Inbox:
     async def run(self, client_id: str, start: int, end: int, limit: int) -> list[tuple[int, bool]]:
         """``(message id, rejected)`` of the client's rows with ``start <= id < end``, in id
         order, at most ``limit``: one range of the primary key."""
+        await self._begun()
         rows = await self._db.execute_fetchall(
             "SELECT message_id, reject_reason IS NOT NULL FROM inbox WHERE client_id = ? "
             "AND message_id >= ? AND message_id < ? ORDER BY message_id LIMIT ?",
@@ -430,6 +491,7 @@ class Inbox:
     async def forget(self, client_id: str, floor: Floor, now: float) -> int:
         """Delete the client's rows in ``[floor.base, floor.floor)`` and store ``floor`` as its
         record; returns the rows deleted."""
+        await self._begun()
         # The record first: a high_water() read between the two statements (the handshake
         # shares this connection) then never misses the deleted rows.
         await self._db.execute(
@@ -472,6 +534,7 @@ class Inbox:
         """Delete these rows (the time window's) if received before ``cutoff``, and keep, per
         client, the highest id deleted as its record's high-water mark (creating a record
         with no floor if needed). Returns the rows deleted."""
+        await self._begun()
         # The records first: a high_water() read in between (the handshake shares this
         # connection) then never misses the deleted rows.
         await self._db.executemany(
@@ -489,15 +552,20 @@ class Inbox:
         return max(0, cursor.rowcount)
 
     async def record(self, rows: Sequence[InboxRow]) -> None:
-        await self._db.executemany(_INSERT, rows)
+        """Rows for the inbox, written by :meth:`commit`'s hop just before ``COMMIT``."""
+        self._rows += rows
 
     async def commit(self) -> None:
-        await self._db.execute("COMMIT")  # also releases a kept handler SAVEPOINT
+        begin, self._held.begin = self._held.begin, False
+        rows, self._rows = self._rows, []
+        await self._call(_write_and_commit, begin, rows)
         self._held.pending = False
 
     async def rollback(self) -> None:
         """Undo the open transaction, if any (SQLite may already have rolled it back)."""
         self._held.pending = False
+        self._held.begin = False
+        self._rows = []
         if self._db.in_transaction:
             await self._db.execute("ROLLBACK")
 

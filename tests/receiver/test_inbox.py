@@ -5,10 +5,19 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from outbox.receiver.inbox import Inbox, InboxRow, Key, Recorded, encode_payload, payload_digest
+from outbox.receiver.inbox import (
+    Inbox,
+    InboxRow,
+    Key,
+    Recorded,
+    TransactionEndedError,
+    encode_payload,
+    payload_digest,
+)
 
 
 def row(client_id: str, message_id: int, reason: str | None = None) -> InboxRow:
@@ -86,14 +95,48 @@ async def test_seen_splits_many_keys_over_several_queries(inbox: Inbox) -> None:
 
 async def test_rollback_undoes_the_recorded_rows(inbox: Inbox) -> None:
     await inbox.begin()
-    await inbox.record([row("a", 1)])
-    assert reasons(await inbox.seen([("a", 1)])) == {
-        ("a", 1): None
-    }  # visible inside the transaction
+    assert reasons(await inbox.seen([("a", 1)])) == {}
+    await inbox.record([row("a", 1)])  # written with the COMMIT's hop, so never here
     await inbox.rollback()
     assert not inbox.in_transaction
+    await inbox.begin()
     assert reasons(await inbox.seen([("a", 1)])) == {}
+    await inbox.commit()
     await inbox.rollback()  # nothing open: a no-op, not an error
+
+
+async def test_a_round_costs_two_thread_hops_whatever_its_size(
+    inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[str] = []
+    real = inbox._db._execute
+
+    def counted(fn: Any, *args: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return real(fn, *args)
+
+    monkeypatch.setattr(inbox._db, "_execute", counted)
+    await inbox.begin()
+    assert inbox.in_transaction  # the BEGIN waits for seen's hop, but the round is open
+    keys = [("a", i) for i in range(300)]
+    assert await inbox.seen(keys) == {}
+    await inbox.record([row("a", i) for i in range(300)])
+    await inbox.commit()
+    assert hops == ["_begin_and_find", "_write_and_commit"]
+    assert not inbox.in_transaction
+    assert set(reasons(await inbox.seen(keys))) == set(keys)  # all 300 committed
+
+
+async def test_a_round_whose_transaction_ended_under_it_writes_nothing(
+    inbox: Inbox,
+) -> None:
+    await inbox.begin()
+    await inbox.seen([("a", 1)])
+    await inbox._db.execute("ROLLBACK")  # as SQLite does after some errors
+    await inbox.record([row("a", 1)])
+    with pytest.raises(TransactionEndedError):
+        await inbox.commit()
+    assert reasons(await inbox.seen([("a", 1)])) == {}  # not autocommitted on its own
 
 
 async def test_a_savepoint_kept_commits_and_one_rolled_back_undoes_only_its_writes(
