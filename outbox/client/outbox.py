@@ -128,6 +128,9 @@ class Outbox:
             backoff=backoff,
             clock=self._clock,
         )
+        self._supervisor.on_give_up = lambda: store.fail_waiters(
+            lambda message_id: self._given_up_error(f"wait_acked({message_id})")
+        )
         started = asyncio.get_running_loop().create_future()
         self._runner = asyncio.create_task(self._run(started), name=f"outbox:{self.path}")
         await started
@@ -419,26 +422,14 @@ class Outbox:
         try:
             async with asyncio.timeout(timeout):
                 while not task.done():
-                    if supervisor.state is State.GAVE_UP:
-                        raise ReconnectLimitError(
-                            f"{what}: the connection to {self.url} was given up after "
-                            f"max_reconnect_attempts ({supervisor.last_error}); the messages "
-                            f"stay pending in {self.path}"
-                        )
-                    if supervisor.state is State.CLOSED:
-                        if self._store is not None:
-                            self._store.check_broken()
-                        raise OutboxClosedError(f"{what}: the Outbox was closed")
+                    self._check_not_given_up(what)
                     changed = asyncio.ensure_future(supervisor.state_changed.wait())
                     try:
                         await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         changed.cancel()
         except TimeoutError:
-            raise TimeoutError(
-                f"{what}: not done within {timeout}s (connection {supervisor.state.value}"
-                f"{self._last_error_note()}); the messages stay pending in {self.path}"
-            ) from None
+            raise self._timeout_error(what, timeout) from None
         finally:
             task.cancel()
         return task.result()
@@ -447,13 +438,49 @@ class Outbox:
         """Return once the message is acked; MessageDeadError if it became dead
         (MessageExpiredError, a subclass, if it expired)."""
         store = self._open_store()
-        status, reason = await self._unless_given_up(
-            store.wait_status(message_id), timeout, f"wait_acked({message_id})"
-        )
+        what = f"wait_acked({message_id})"
+        self._check_not_given_up(what)
+        # One future, no task of its own: the supervisor's give-up and the store's close
+        # fail it (ReconnectLimitError, OutboxClosedError), as they fail every waiter.
+        future = store.status_future(message_id)
+        try:
+            async with asyncio.timeout(timeout):
+                status, reason = await future
+        except TimeoutError:
+            raise self._timeout_error(what, timeout) from None
+        finally:
+            store.forget_waiter(message_id, future)
         if status == "expired":
             raise MessageExpiredError(message_id, reason)
         if status == "dead":
             raise MessageDeadError(message_id, reason)
+
+    def _check_not_given_up(self, what: str) -> None:
+        supervisor = self._supervisor
+        assert supervisor is not None
+        if supervisor.state is State.GAVE_UP:
+            raise self._given_up_error(what)
+        if supervisor.state is State.CLOSED:
+            if self._store is not None:
+                self._store.check_broken()
+            raise OutboxClosedError(f"{what}: the Outbox was closed")
+
+    def _given_up_error(self, what: str) -> ReconnectLimitError:
+        supervisor = self._supervisor
+        assert supervisor is not None
+        return ReconnectLimitError(
+            f"{what}: the connection to {self.url} was given up after "
+            f"max_reconnect_attempts ({supervisor.last_error}); the messages "
+            f"stay pending in {self.path}"
+        )
+
+    def _timeout_error(self, what: str, timeout: float | None) -> TimeoutError:
+        supervisor = self._supervisor
+        assert supervisor is not None
+        return TimeoutError(
+            f"{what}: not done within {timeout}s (connection {supervisor.state.value}"
+            f"{self._last_error_note()}); the messages stay pending in {self.path}"
+        )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Return once no row is pending or in flight (dead rows do not count)."""

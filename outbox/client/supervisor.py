@@ -148,6 +148,8 @@ class Supervisor:
         self.process_exception = process_exception
         self._state = State.CONNECTING
         self.state_changed = asyncio.Event()
+        self.on_give_up: Callable[[], None] | None = None
+        """Called once the state is GAVE_UP (the Outbox fails its wait_acked() callers)."""
         self.last_error: str | None = None
         self.ws: ClientConnection | None = None
         self._bug_logged_at: float | None = None
@@ -314,6 +316,8 @@ class Supervisor:
 
     def _give_up(self) -> None:
         self.state = State.GAVE_UP
+        if self.on_give_up is not None:
+            self.on_give_up()
         logger.error(
             "giving up on %s after %d failed connection attempt(s) in a row "
             "(max_reconnect_attempts);"

@@ -28,6 +28,7 @@ from outbox.errors import (
     StoreError,
 )
 from outbox.storage import schema
+from tests.support import wait_until
 
 
 class Clock:
@@ -388,6 +389,40 @@ async def test_wait_status_resolves_on_ack_and_on_dead(store: Store) -> None:
     assert await asyncio.wait_for(store.wait_status(1), 5) == ("acked", None)
     with pytest.raises(ValueError):
         await store.wait_status(3)
+
+
+async def test_waiters_registered_together_share_one_read_per_chunk(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,202 waiters cost three queries (500 ids each), not a thread hop each, and every
+    one gets its own answer: settled rows at once, pending ones later, unknown ids an error."""
+    await insert_many(store, 1200)
+    store.mark_acked(list(range(1, 601)))
+    store.mark_dead([(n, "nack: no") for n in range(601, 701)])
+    await store.flush()
+    reads: list[int] = []
+    real = store._reader.execute_fetchall
+
+    async def counted(sql: str, parameters: Any = ()) -> Any:
+        reads.append(len(parameters))
+        return await real(sql, parameters)
+
+    monkeypatch.setattr(store._reader, "execute_fetchall", counted)
+    futures = {n: store.status_future(n) for n in [*range(1, 1201), 5000, 0]}
+    await wait_until(lambda: store._status_reads is None)  # every chunk answered
+    assert reads == [500, 500, 202]
+    assert all(futures[n].result() == ("acked", None) for n in range(1, 601))
+    assert all(futures[n].result() == ("dead", "nack: no") for n in range(601, 701))
+    for unknown in (5000, 0):
+        with pytest.raises(ValueError, match=f"no message with id {unknown}"):
+            futures[unknown].result()
+    pending = [futures[n] for n in range(701, 1201)]
+    assert not any(future.done() for future in pending)
+    store.mark_acked(list(range(701, 1201)))
+    assert [await future for future in pending] == [("acked", None)] * 500
+    for n, future in futures.items():
+        store.forget_waiter(n, future)
+    assert store._waiters == {}
 
 
 async def test_close_wakes_waiters_with_outbox_closed(db: Path) -> None:
