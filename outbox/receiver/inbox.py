@@ -295,15 +295,30 @@ def _on_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> 
 
 
 def _begin_and_find(
-    conn: sqlite3.Connection, begin: bool, queries: list[tuple[str, list[Any]]]
-) -> list[Any]:
-    """On the connection's thread: (BEGIN IMMEDIATE,) then every dedup query's rows."""
+    conn: sqlite3.Connection,
+    begin: bool,
+    queries: list[tuple[str, list[Any]]],
+    floor_queries: list[tuple[str, list[Any]]],
+) -> tuple[list[Any], list[Any]]:
+    """On the connection's thread: (BEGIN IMMEDIATE,) then every dedup query's rows and
+    the floor records of their clients."""
     if begin:
         conn.execute("BEGIN IMMEDIATE")
     found: list[Any] = []
     for sql, params in queries:
         found += conn.execute(sql, params).fetchall()
-    return found
+    floors: list[Any] = []
+    for sql, params in floor_queries:
+        floors += conn.execute(sql, params).fetchall()
+    return found, floors
+
+
+def _floors_sql(count: int) -> str:
+    marks = ",".join("?" * count)
+    return (
+        "SELECT client_id, base, floor, high_water, mark FROM inbox_floor "
+        f"WHERE client_id IN ({marks})"
+    )
 
 
 def _write_and_commit(conn: sqlite3.Connection, begin: bool, rows: Sequence[InboxRow]) -> None:
@@ -340,6 +355,8 @@ class Inbox:
         self._db = db
         self._keys_per_query = keys_per_query
         self._held = _Held()
+        self._floors_seen: tuple[set[str], dict[str, Floor]] | None = None
+        """The floors read with this transaction's dedup query, and whose they are."""
         self._rows: list[InboxRow] = []
         """The rows record() was given, written by commit()'s hop."""
 
@@ -402,6 +419,7 @@ class Inbox:
         in the writer's rounds, the dedup query of :meth:`seen`."""
         self._held.pending = False
         self._rows = []
+        self._floors_seen = None
         self._held.begin = True
 
     async def _begun(self) -> None:
@@ -413,18 +431,29 @@ class Inbox:
 
     async def seen(self, keys: Sequence[Key]) -> dict[Key, Recorded]:
         """Which of ``keys`` are already recorded, each with its reject reason (None = acked)
-        and the digest of its payload. One hop, with a deferred ``BEGIN`` if there is one."""
+        and the digest of its payload. One hop, with a deferred ``BEGIN`` if there is one;
+        the floors of the keys' clients come with it (:meth:`floors` then answers for them
+        until the transaction ends: under its write lock, nobody else can change them)."""
         step = self._keys_per_query
         queries = []
         for start in range(0, len(keys), step):
             chunk = keys[start : start + step]
             queries.append((_dedup_sql(len(chunk)), [part for key in chunk for part in key]))
+        client_ids = list(dict.fromkeys(key[0] for key in keys))
+        floor_queries = [
+            (_floors_sql(len(chunk)), chunk)
+            for start in range(0, len(client_ids), step * 2)
+            if (chunk := client_ids[start : start + step * 2])
+        ]
         begin, self._held.begin = self._held.begin, False
+        rows, floor_rows = await self._call(_begin_and_find, begin, queries, floor_queries)
         found: dict[Key, Recorded] = {}
-        for client_id, message_id, reason, digest, legacy in await self._call(
-            _begin_and_find, begin, queries
-        ):
+        for client_id, message_id, reason, digest, legacy in rows:
             found[(client_id, message_id)] = (reason, digest or payload_digest(legacy))
+        self._floors_seen = (
+            set(client_ids),
+            {row[0]: Floor(row[1], row[2], row[3], row[4]) for row in floor_rows},
+        )
         return found
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -454,17 +483,19 @@ class Inbox:
         await self._begun()
 
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
-        """The floor records of those clients that have one."""
+        """The floor records of those clients that have one: as read with this transaction's
+        dedup query when it covered them all, else read now."""
+        if self._floors_seen is not None and self.in_transaction:
+            asked, seen = self._floors_seen
+            if asked.issuperset(client_ids):
+                return {c: seen[c] for c in client_ids if c in seen}
         await self._begun()
         found: dict[str, Floor] = {}
         step = self._keys_per_query * 2
         for start in range(0, len(client_ids), step):
             chunk = client_ids[start : start + step]
-            marks = ",".join("?" * len(chunk))
             for client_id, base, floor, high_water, mark in await self._db.execute_fetchall(
-                "SELECT client_id, base, floor, high_water, mark FROM inbox_floor "
-                f"WHERE client_id IN ({marks})",
-                chunk,
+                _floors_sql(len(chunk)), chunk
             ):
                 found[client_id] = Floor(base, floor, high_water, mark)
         return found
@@ -558,6 +589,7 @@ class Inbox:
     async def commit(self) -> None:
         begin, self._held.begin = self._held.begin, False
         rows, self._rows = self._rows, []
+        self._floors_seen = None
         await self._call(_write_and_commit, begin, rows)
         self._held.pending = False
 
@@ -566,6 +598,7 @@ class Inbox:
         self._held.pending = False
         self._held.begin = False
         self._rows = []
+        self._floors_seen = None
         if self._db.in_transaction:
             await self._db.execute("ROLLBACK")
 

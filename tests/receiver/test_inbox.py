@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from outbox.protocol.floor import Floor
 from outbox.receiver.inbox import (
     Inbox,
     InboxRow,
@@ -206,3 +207,36 @@ async def test_high_water_is_the_highest_recorded_id_of_one_client(inbox: Inbox)
     await inbox.record([row("a", 3), row("a", 7), row("b", 9)])
     await inbox.commit()
     assert await inbox.high_water("a") == 7
+
+
+async def test_floors_come_with_the_dedup_query_and_are_read_afresh_next_round(
+    inbox: Inbox, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def set_floor(client_id: str, floor: int) -> None:
+        with sqlite3.connect(path) as conn:  # another receiver process on the same file
+            conn.execute(
+                "INSERT OR REPLACE INTO inbox_floor VALUES (?, 1, ?, ?, NULL, 0)",
+                (client_id, floor, floor),
+            )
+
+    set_floor("a", 10)
+    hops: list[str] = []
+    real = inbox._db._execute
+
+    def counted(fn: Any, *args: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return real(fn, *args)
+
+    monkeypatch.setattr(inbox._db, "_execute", counted)
+    await inbox.begin()
+    await inbox.seen([("a", 11), ("c", 1)])
+    assert await inbox.floors(["a", "c"]) == {"a": Floor(1, 10, 10, None)}
+    assert hops == ["_begin_and_find"]  # answered from the dedup query's hop
+    assert await inbox.floors(["b"]) == {}  # not one of the round's clients: read now
+    assert len(hops) == 2
+    await inbox.commit()
+    set_floor("a", 20)
+    await inbox.begin()
+    await inbox.seen([("a", 21)])
+    assert await inbox.floors(["a"]) == {"a": Floor(1, 20, 20, None)}
+    await inbox.commit()

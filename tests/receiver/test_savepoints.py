@@ -62,12 +62,12 @@ async def test_one_statement_per_message_costs_one_hop(db: Path) -> None:
             await ws.send(batch(range(1, 101)))
             assert await acks(ws, 100) == list(range(1, 101))
         assert receiver.stats.transactions == 1
-    # BEGIN with the dedup query, the floors of the clients with new ids (a bounded
-    # inbox), 100 statements, the inbox rows with COMMIT (was 3 per message, then 100 + 5);
+    # BEGIN with the dedup query and the floors of its clients (a bounded inbox), 100
+    # statements, the inbox rows with COMMIT (was 3 per message, then 100 + 5);
     # around them, the handshake's high-water query and the close.
     begin = next(i for i, h in enumerate(hops) if h.startswith("_begin_and_find"))
     commit = next(i for i, h in enumerate(hops) if h.startswith("_write_and_commit"))
-    assert commit - begin + 1 == 100 + 3, hops
+    assert commit - begin + 1 == 100 + 2, hops
     assert effects(db) == [("c1", i) for i in range(1, 101)]
 
 
