@@ -435,16 +435,15 @@ class Inbox:
         the floors of the keys' clients come with it (:meth:`floors` then answers for them
         until the transaction ends: under its write lock, nobody else can change them)."""
         step = self._keys_per_query
-        queries = []
+        queries: list[tuple[str, list[Any]]] = []
         for start in range(0, len(keys), step):
-            chunk = keys[start : start + step]
-            queries.append((_dedup_sql(len(chunk)), [part for key in chunk for part in key]))
+            part = keys[start : start + step]
+            queries.append((_dedup_sql(len(part)), [half for key in part for half in key]))
         client_ids = list(dict.fromkeys(key[0] for key in keys))
-        floor_queries = [
-            (_floors_sql(len(chunk)), chunk)
-            for start in range(0, len(client_ids), step * 2)
-            if (chunk := client_ids[start : start + step * 2])
-        ]
+        floor_queries: list[tuple[str, list[Any]]] = []
+        for start in range(0, len(client_ids), step * 2):
+            some = client_ids[start : start + step * 2]
+            floor_queries.append((_floors_sql(len(some)), list(some)))
         begin, self._held.begin = self._held.begin, False
         rows, floor_rows = await self._call(_begin_and_find, begin, queries, floor_queries)
         found: dict[Key, Recorded] = {}

@@ -232,6 +232,25 @@ async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
     assert statuses(db) == {"pending": 2}
 
 
+async def test_a_wait_acked_already_waiting_fails_when_the_supervisor_gives_up(
+    db: Path,
+) -> None:
+    server = ScriptedServer()
+    await server.start()
+    url = server.url
+    await server.stop()
+    options = {**FAST, "max_reconnect_attempts": 3}
+    async with Outbox(db, url, **options) as box:
+        message_id = await box.send("kept")
+        assert box.state is not State.GAVE_UP
+        waiting = asyncio.create_task(box.wait_acked(message_id))  # no timeout of its own
+        with pytest.raises(ReconnectLimitError, match=rf"wait_acked\({message_id}\)"):
+            await asyncio.wait_for(waiting, 10)
+        assert box.state is State.GAVE_UP
+        assert box._store is not None and box._store._waiters == {}
+    assert statuses(db) == {"pending": 1}
+
+
 async def test_refused_handshake_backs_off_instead_of_hot_looping(db: Path) -> None:
     async with ScriptedServer(refuse_status=401) as server:
         options = {**FAST, "reconnect_interval": 20 * MS, "reconnect_max_interval": 1000 * MS}
