@@ -56,6 +56,7 @@ logger = logging.getLogger("outbox")
 Status = Literal["pending", "acked", "dead", "expired"]
 _T = TypeVar("_T")
 _V = TypeVar("_V")
+_O = TypeVar("_O")
 
 WAL_CHECK_INTERVAL = 0.5
 """Seconds (monotonic) between two looks at the -wal file's size after commits."""
@@ -125,6 +126,20 @@ class _Group:
 
 
 _translate = sqlite.translate
+
+
+def _settle(futures: list[asyncio.Future[_O]], outcome: _O) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(outcome)
+
+
+def _fail(futures: list[asyncio.Future[Any]], error: Exception) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
+
+
 _EMPTY_INSERT = Insert(())
 """The placeholder write of a group of insert_one() rows until its commit takes it."""
 
@@ -221,6 +236,8 @@ class Store:
         rescans from the start."""
         self.renumbered: dict[int, int] = {}
         """Old id -> new id of rows renumbered after an id conflict (this process only)."""
+        self._renumbering: set[int] = set()
+        """Ids whose renumbering transaction is under way (their row may be gone already)."""
         self.commits = 0
         self.foreign_generation = 0
         """Bumped when another connection committed rows past ours (``note_foreign_rows``),
@@ -965,12 +982,19 @@ class Store:
 
     async def _read_statuses(self) -> None:
         """Read the rows of every queued waiter, a chunk of ids per query, until none is
-        left; settle the waiters of rows that are no longer pending."""
+        left; settle the waiters of rows that are no longer pending.
+
+        A read settles only the futures registered before it was issued, judged by what
+        was known then: a waiter that registered while it ran (after a requeue, or after
+        the row was inserted) has a read of its own queued, and gets that one's answer.
+        """
         try:
             while self._status_queue:
                 ids = [n for n in dict.fromkeys(self._status_queue) if n in self._waiters]
                 self._status_queue = []
                 for chunk, marks in commit.in_lists(ids):
+                    asked = {n: list(self._waiters.get(n, ())) for n in chunk}
+                    max_id = self.max_id
                     try:
                         rows = await self._reader.execute_fetchall(
                             f"SELECT id, {commit.STATUS_SQL}, last_error FROM outbox "
@@ -979,23 +1003,32 @@ class Store:
                         )
                     except sqlite3.Error as exc:
                         error = _translate(exc, self.path)
-                        for message_id in chunk:
-                            self._fail_waiters(message_id, error)
+                        for futures in asked.values():
+                            _fail(futures, error)
                         continue
                     found = {int(row[0]): (row[1], row[2]) for row in rows}
-                    for message_id in chunk:
-                        self._settle_read(message_id, found.get(message_id))
+                    for message_id, futures in asked.items():
+                        self._settle_read(message_id, found.get(message_id), futures, max_id)
         finally:
             self._status_reads = None
 
-    def _settle_read(self, message_id: int, row: tuple[Status, str | None] | None) -> None:
-        if row is None and not 0 < message_id <= self.max_id:
-            error = ValueError(f"no message with id {message_id} in {self.path}")
-            self._fail_waiters(message_id, error)
+    def _settle_read(
+        self,
+        message_id: int,
+        row: tuple[Status, str | None] | None,
+        futures: list[asyncio.Future[tuple[Status, str | None]]],
+        max_id: int,
+    ) -> None:
+        """Settle the futures that asked about ``message_id`` with what the read found;
+        ``max_id`` is the store's when the read was issued."""
+        if row is None and (message_id in self._renumbering or message_id in self.renumbered):
+            return  # moved to a new id, pending there: its waiters follow it (renumber)
+        if row is None and not 0 < message_id <= max_id:
+            _fail(futures, ValueError(f"no message with id {message_id} in {self.path}"))
         elif row is None:
-            self._resolve(message_id, ("acked", None))  # purged: only acked rows are deleted
+            _settle(futures, ("acked", None))  # purged: only acked rows are ever deleted
         elif row[0] != "pending":
-            self._resolve(message_id, row)
+            _settle(futures, row)
 
     def _fail_waiters(self, message_id: int, error: Exception) -> None:
         for future in self._waiters.pop(message_id, ()):
@@ -1019,12 +1052,15 @@ class Store:
     async def renumber(self, message_id: int, note: str) -> int | None:
         """Give a pending row the next fresh id, keeping its payload, key and creation time,
         in one transaction; None if it is no longer pending. Waiters follow it."""
+        self._renumbering.add(message_id)
         try:
             new_id: int | None = await self._run_on_writer(
                 commit.renumber, message_id, note, self._clock()
             )
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
+        finally:
+            self._renumbering.discard(message_id)
         if new_id is None:
             return None
         self.renumbered[message_id] = new_id
