@@ -215,11 +215,17 @@ async def test_nack_marks_dead_at_once_with_the_reason(server: ScriptedServer, d
     assert server.ids() == [1, 2, 3]  # a nacked message is not resent
 
 
-async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
+async def nobody_listening() -> str:
+    """The URL of a server that started and stopped: every connection attempt is refused."""
     server = ScriptedServer()
     await server.start()
     url = server.url
     await server.stop()
+    return url
+
+
+async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
+    url = await nobody_listening()
     options = {**FAST, "max_reconnect_attempts": 2}
     async with Outbox(db, url, **options) as box:
         message_id = await box.send("kept")
@@ -235,10 +241,7 @@ async def test_reconnect_limit_gives_up_and_keeps_rows(db: Path) -> None:
 async def test_a_wait_acked_already_waiting_fails_when_the_supervisor_gives_up(
     db: Path,
 ) -> None:
-    server = ScriptedServer()
-    await server.start()
-    url = server.url
-    await server.stop()
+    url = await nobody_listening()
     options = {**FAST, "max_reconnect_attempts": 3}
     async with Outbox(db, url, **options) as box:
         message_id = await box.send("kept")
@@ -342,10 +345,7 @@ async def test_refuses_payloads_before_writing(server: ScriptedServer, db: Path)
 
 
 async def test_max_pending_quota_raises_queue_full(db: Path) -> None:
-    server = ScriptedServer()
-    await server.start()
-    url = server.url
-    await server.stop()
+    url = await nobody_listening()
     async with Outbox(db, url, max_pending=3, **FAST) as box:
         await box.send_many([1, 2, 3])
         with pytest.raises(QueueFullError, match="max_pending is 3"):

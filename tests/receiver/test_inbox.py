@@ -106,9 +106,8 @@ async def test_rollback_undoes_the_recorded_rows(inbox: Inbox) -> None:
     await inbox.rollback()  # nothing open: a no-op, not an error
 
 
-async def test_a_round_costs_two_thread_hops_whatever_its_size(
-    inbox: Inbox, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def count_hops(inbox: Inbox, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions run on the connection's thread from now on, one a hop."""
     hops: list[str] = []
     real = inbox._db._execute
 
@@ -117,6 +116,13 @@ async def test_a_round_costs_two_thread_hops_whatever_its_size(
         return real(fn, *args)
 
     monkeypatch.setattr(inbox._db, "_execute", counted)
+    return hops
+
+
+async def test_a_round_costs_two_thread_hops_whatever_its_size(
+    inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = count_hops(inbox, monkeypatch)
     await inbox.begin()
     assert inbox.in_transaction  # the BEGIN waits for seen's hop, but the round is open
     keys = [("a", i) for i in range(300)]
@@ -220,14 +226,7 @@ async def test_floors_come_with_the_dedup_query_and_are_read_afresh_next_round(
             )
 
     set_floor("a", 10)
-    hops: list[str] = []
-    real = inbox._db._execute
-
-    def counted(fn: Any, *args: Any) -> Any:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return real(fn, *args)
-
-    monkeypatch.setattr(inbox._db, "_execute", counted)
+    hops = count_hops(inbox, monkeypatch)
     await inbox.begin()
     await inbox.seen([("a", 11), ("c", 1)])
     assert await inbox.floors(["a", "c"]) == {"a": Floor(1, 10, 10, None)}
