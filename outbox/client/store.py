@@ -871,9 +871,7 @@ class Store:
             self._resolve(message_id, ("acked", None))
 
     def _resolve(self, message_id: int, outcome: tuple[Status, str | None]) -> None:
-        for future in self._waiters.pop(message_id, ()):
-            if not future.done():
-                future.set_result(outcome)
+        _settle(self._waiters.pop(message_id, []), outcome)
 
     async def _run_on_writer(self, function: Callable[..., _T], *args: Any) -> _T:
         """Run ``function(writer_connection, *args)`` on the writer thread: one hop."""
@@ -1001,8 +999,10 @@ class Store:
                             f"WHERE id IN ({marks})",
                             chunk,
                         )
-                    except sqlite3.Error as exc:
-                        error = _translate(exc, self.path)
+                    except Exception as exc:  # the caller of wait_acked() gets it, as before
+                        error = (
+                            _translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
+                        )
                         for futures in asked.values():
                             _fail(futures, error)
                         continue
@@ -1030,15 +1030,10 @@ class Store:
         elif row[0] != "pending":
             _settle(futures, row)
 
-    def _fail_waiters(self, message_id: int, error: Exception) -> None:
-        for future in self._waiters.pop(message_id, ()):
-            if not future.done():
-                future.set_exception(error)
-
     def fail_waiters(self, error: Callable[[int], Exception]) -> None:
         """Every status waiter gets ``error(its message id)`` (the connection was given up)."""
         for message_id in list(self._waiters):
-            self._fail_waiters(message_id, error(message_id))
+            _fail(self._waiters.pop(message_id), error(message_id))
 
     # -- id conflicts (docs/protocol.md, "Reused ids") ----------------------------------------
 
