@@ -440,12 +440,10 @@ class Inbox:
             part = keys[start : start + step]
             queries.append((_dedup_sql(len(part)), [half for key in part for half in key]))
         client_ids = list(dict.fromkeys(key[0] for key in keys))
-        floor_queries: list[tuple[str, list[Any]]] = []
-        for start in range(0, len(client_ids), step * 2):
-            some = client_ids[start : start + step * 2]
-            floor_queries.append((_floors_sql(len(some)), list(some)))
         begin, self._held.begin = self._held.begin, False
-        rows, floor_rows = await self._call(_begin_and_find, begin, queries, floor_queries)
+        rows, floor_rows = await self._call(
+            _begin_and_find, begin, queries, self._floor_queries(client_ids)
+        )
         found: dict[Key, Recorded] = {}
         for client_id, message_id, reason, digest, legacy in rows:
             found[(client_id, message_id)] = (reason, digest or payload_digest(legacy))
@@ -483,21 +481,23 @@ class Inbox:
 
     async def floors(self, client_ids: Sequence[str]) -> dict[str, Floor]:
         """The floor records of those clients that have one: as read with this transaction's
-        dedup query when it covered them all, else read now."""
+        dedup query when it covered them all, else read now (with a deferred ``BEGIN``)."""
         if self._floors_seen is not None and self.in_transaction:
             asked, seen = self._floors_seen
             if asked.issuperset(client_ids):
                 return {c: seen[c] for c in client_ids if c in seen}
-        await self._begun()
-        found: dict[str, Floor] = {}
+        begin, self._held.begin = self._held.begin, False
+        _, rows = await self._call(_begin_and_find, begin, [], self._floor_queries(client_ids))
+        return {row[0]: Floor(row[1], row[2], row[3], row[4]) for row in rows}
+
+    def _floor_queries(self, client_ids: Sequence[str]) -> list[tuple[str, list[Any]]]:
+        """The queries that read these clients' floor records, chunked under SQLite's
+        variable limit."""
         step = self._keys_per_query * 2
-        for start in range(0, len(client_ids), step):
-            chunk = client_ids[start : start + step]
-            for client_id, base, floor, high_water, mark in await self._db.execute_fetchall(
-                _floors_sql(len(chunk)), chunk
-            ):
-                found[client_id] = Floor(base, floor, high_water, mark)
-        return found
+        return [
+            (_floors_sql(len(client_ids[i : i + step])), list(client_ids[i : i + step]))
+            for i in range(0, len(client_ids), step)
+        ]
 
     async def unfinished(self) -> list[tuple[str, int]]:
         """``(client id, mark)`` of the records whose floor has not reached their mark yet:
