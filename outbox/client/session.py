@@ -22,6 +22,7 @@ from ..protocol.batching import encode_frames, frame_groups
 from ..protocol.feed import CommittedRows, Row
 from ..protocol.heartbeat import HeartbeatMonitor
 from ..protocol.window import InFlight, SendWindow
+from ..websocket_writes import write_text_frames
 from .heartbeat import run_heartbeat
 from .options import Options
 from .stats import Counters
@@ -276,16 +277,17 @@ class Session:
             # Drain after every _WRITE_CHUNK bytes or so: large messages must not pile up
             # in the transport's buffer beyond what flow control would allow.
             written = 0
+            page: list[bytes] = []
+            while start < len(frames) and written < _WRITE_CHUNK:
+                data = frames[start].encode()
+                if len(data) > self._largest[0]:
+                    self._largest = (len(data), rows, start)
+                    self._largest_solo = frozenset(self.window.solo)
+                page.append(data)
+                written += len(data)
+                start += 1
             try:
-                async with ws.send_context():
-                    while start < len(frames) and written < _WRITE_CHUNK:
-                        data = frames[start].encode()
-                        if len(data) > self._largest[0]:
-                            self._largest = (len(data), rows, start)
-                            self._largest_solo = frozenset(self.window.solo)
-                        ws.protocol.send_text(data)
-                        written += len(data)
-                        start += 1
+                await write_text_frames(ws, page)
             except ConnectionClosed as closed:
                 raise self._ended() from closed
             except AttributeError:

@@ -24,6 +24,7 @@ from ..errors import ProtocolError
 from ..logs import PEERS, rate_limited
 from ..protocol import wire
 from ..protocol.wire import Close, Item, Malformed, close_reason, salvage
+from ..websocket_writes import write_text_frames
 from .api import ReceiverStats
 
 __all__ = ["Announce", "Limits", "Peer", "Submit", "read_loop", "run", "send_loop"]
@@ -49,6 +50,9 @@ class Limits:
     frame_messages: int = 1000
     """Most messages one batch frame may carry."""
 
+
+PAGE_BYTES = 256 * 1024
+"""Most bytes of answers the sender writes at once (then waits for the socket to drain)."""
 
 ITEM_OVERHEAD = 256
 """Bytes counted for each queued message on top of its share of the frame: its parsed form
@@ -268,25 +272,38 @@ def _note_protocol_errors(peer: Peer, items: Sequence[Item], stats: ReceiverStat
 async def send_loop(peer: Peer, send_timeout: float | None = None) -> None:
     """Send what the peer's outgoing queue holds, in order, until a Close or the end.
 
-    A send that cannot finish within ``send_timeout`` (the client stopped reading, its
-    socket buffer is full) drops the connection: nothing else would ever free its memory.
+    What is queued meanwhile goes out as one page (one write to the socket, at most
+    ``PAGE_BYTES``): a round's answers cost one write, not one per ack. A page that cannot
+    be written within ``send_timeout`` (the client stopped reading, its socket buffer is
+    full) drops the connection: nothing else would ever free its memory.
     """
     ws = peer.ws
+    outgoing = peer.outgoing
     try:
         while True:
-            if not peer.outgoing:
+            if not outgoing:
                 if peer.closed:
                     return
                 peer.wake.clear()
                 await peer.wake.wait()
                 continue
-            item = peer.outgoing.popleft()
-            if isinstance(item, Close):
-                await ws.close(item.code, item.reason)
+            if isinstance(outgoing[0], Close):
+                close = outgoing.popleft()
+                assert isinstance(close, Close)
+                await ws.close(close.code, close.reason)
                 return
+            page: list[bytes] = []
+            size = 0
+            while outgoing and size < PAGE_BYTES:
+                item = outgoing[0]
+                if isinstance(item, Close):
+                    break
+                outgoing.popleft()
+                page.append(item.encode())
+                size += len(item)
             try:
                 async with asyncio.timeout(send_timeout):
-                    await ws.send(item)
+                    await write_text_frames(ws, page)
             except TimeoutError:
                 peer_log.warning(
                     "client %r did not read its answers for %ss; dropping the connection",
@@ -297,7 +314,7 @@ async def send_loop(peer: Peer, send_timeout: float | None = None) -> None:
                 peer.room.set()
                 ws.transport.abort()
                 return
-            peer.outgoing_bytes -= len(item)
+            peer.outgoing_bytes -= size
             peer.room.set()
     except ConnectionClosed:
         return

@@ -112,6 +112,26 @@ async def test_batch_frames_when_the_server_announces_them(db: Path) -> None:
     assert counters.frames_sent < 400 / 10  # packed many messages per frame
 
 
+async def test_one_message_per_frame_still_writes_a_page_of_frames_at_once(db: Path) -> None:
+    """A seed-style server (no batch frames): one send_many's 100 rows are 100 frames, in
+    one write to the socket (not one system call per frame)."""
+    async with ScriptedServer() as server, Outbox(db, server.url, **FAST) as box:
+        await wait_until(lambda: box.stats().connected)
+        ws = box._supervisor.ws
+        assert ws is not None
+        writes: list[int] = []
+        transport: Any = ws.transport
+        write = transport.write
+        transport.write = lambda data: (writes.append(len(data)), write(data))
+        await box.send_many([{"i": i} for i in range(100)])
+        await box.drain(timeout=5)
+        sizes = list(writes)
+        counters = box.stats().counters
+    assert server.ids() == list(range(1, 101))
+    assert counters.frames_sent == 100
+    assert len(sizes) == 1, sizes
+
+
 async def test_idempotent_key_returns_the_same_row(server: ScriptedServer, db: Path) -> None:
     async with Outbox(db, server.url, **FAST) as box:
         first = await box.send({"order": 42}, key="order-42")
