@@ -27,7 +27,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Floor", "advance", "covers", "raise_mark", "window_cutoff", "window_victims"]
+__all__ = [
+    "Floor",
+    "MarkStep",
+    "StepDone",
+    "advance",
+    "covers",
+    "raise_mark",
+    "window_cutoff",
+    "window_victims",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,42 @@ def raise_mark(floor: Floor, announced: int) -> Floor:
     if floor.mark is not None and floor.mark >= announced:
         return floor
     return Floor(floor.base, floor.floor, floor.high_water, announced)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkStep:
+    """One chunk of work towards a client's announced mark: read its record, note the
+    mark, raise the floor over at most ``limit`` of its rows and delete them."""
+
+    client_id: str
+    target: int
+    """The mark the client announced."""
+    limit: int
+    """Most rows this step moves the floor over."""
+    now: float
+    """Wall clock, for the record's ``updated_at``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """What a :class:`MarkStep` did, once its transaction committed."""
+
+    record: Floor
+    """The client's record as the step found it."""
+    moved: Floor
+    """The record it stored (``record`` itself if nothing moved)."""
+    rows: int
+    """Rows of the run it read (at most the step's ``limit``)."""
+    deleted: int
+
+    def finished(self, step: MarkStep) -> bool:
+        """Whether the mark needs no further step: the floor reached it, or stopped short
+        of the chunk (a missing or rejected id; a newer mark will try again)."""
+        return (
+            self.moved.floor >= step.target
+            or self.rows < step.limit
+            or self.moved.floor == self.record.floor
+        )
 
 
 def window_cutoff(

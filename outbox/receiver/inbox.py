@@ -27,7 +27,7 @@ import aiosqlite
 
 from ..errors import StoreError
 from ..protocol import codec
-from ..protocol.floor import Floor
+from ..protocol.floor import Floor, MarkStep, StepDone, advance, raise_mark
 from ..storage import sqlite
 from ..storage.sqlite import Synchronous as Synchronous  # re-exported for the receiver
 
@@ -41,6 +41,7 @@ Recorded = tuple[str | None, str]
 """What the inbox holds for a key: ``(reject reason or None, payload digest)``."""
 
 _SAVEPOINT = "outbox_handler"
+_PRUNE_SAVEPOINT = "outbox_prune"
 
 _INSERT = (
     "INSERT INTO inbox (client_id, message_id, payload, received_at, reject_reason, "
@@ -321,18 +322,82 @@ def _floors_sql(count: int) -> str:
     )
 
 
-def _write_and_commit(conn: sqlite3.Connection, begin: bool, rows: Sequence[InboxRow]) -> None:
-    """On the connection's thread: the round's inbox rows, then COMMIT (which also releases a
-    kept handler SAVEPOINT)."""
+def _run_rows(
+    conn: sqlite3.Connection, client_id: str, start: int, end: int, limit: int
+) -> list[tuple[int, bool]]:
+    """On the connection's thread: see :meth:`Inbox.run`."""
+    rows = conn.execute(
+        "SELECT message_id, reject_reason IS NOT NULL FROM inbox WHERE client_id = ? "
+        "AND message_id >= ? AND message_id < ? ORDER BY message_id LIMIT ?",
+        (client_id, start, end, limit),
+    ).fetchall()
+    return [(int(message_id), bool(rejected)) for message_id, rejected in rows]
+
+
+def _forget_rows(conn: sqlite3.Connection, client_id: str, floor: Floor, now: float) -> int:
+    """On the connection's thread: see :meth:`Inbox.forget`."""
+    # The record first (and both in one hop): a high_water() read on this connection (the
+    # handshake shares it) never sees the rows gone and the record not yet raised.
+    conn.execute(
+        "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET "
+        "base = excluded.base, floor = excluded.floor, high_water = excluded.high_water, "
+        "mark = excluded.mark, updated_at = excluded.updated_at",
+        (client_id, floor.base, floor.floor, floor.high_water, floor.mark, now),
+    )
+    cursor = conn.execute(
+        "DELETE FROM inbox WHERE client_id = ? AND message_id >= ? AND message_id < ?",
+        (client_id, floor.base, floor.floor),
+    )
+    return max(0, cursor.rowcount)
+
+
+def _mark_step(conn: sqlite3.Connection, step: MarkStep) -> StepDone:
+    """On the connection's thread, inside the open transaction: one pruning step (the
+    pruner's ``_mark_step``, as one function)."""
+    found = conn.execute(_floors_sql(1), (step.client_id,)).fetchall()
+    record = Floor(*found[0][1:]) if found else Floor()
+    noted = raise_mark(record, step.target)
+    end = noted.mark or 0
+    run = _run_rows(conn, step.client_id, record.floor, end, step.limit)
+    moved = advance(noted, end, run)
+    deleted = _forget_rows(conn, step.client_id, moved, step.now) if moved != record else 0
+    return StepDone(record, moved, len(run), deleted)
+
+
+def _folded_step(conn: sqlite3.Connection, step: MarkStep) -> StepDone | sqlite3.Error:
+    """A pruning step inside the round's transaction, under a SAVEPOINT of its own: if it
+    fails, only its writes are undone and the round commits without them."""
+    conn.execute(f"SAVEPOINT {_PRUNE_SAVEPOINT}")
+    try:
+        done = _mark_step(conn, step)
+    except sqlite3.Error as exc:
+        if not conn.in_transaction:  # SQLite rolled the whole round back (full, I/O error)
+            raise
+        conn.execute(f"ROLLBACK TO {_PRUNE_SAVEPOINT}")
+        conn.execute(f"RELEASE {_PRUNE_SAVEPOINT}")
+        return exc
+    conn.execute(f"RELEASE {_PRUNE_SAVEPOINT}")
+    return done
+
+
+def _write_and_commit(
+    conn: sqlite3.Connection, begin: bool, rows: Sequence[InboxRow], step: MarkStep | None
+) -> StepDone | sqlite3.Error | None:
+    """On the connection's thread: the round's inbox rows, a pruning step if one rides
+    along (what it did, or why it failed), then COMMIT (which also releases a kept handler
+    SAVEPOINT)."""
     if begin:
-        if not rows:
-            return  # nothing ran in the transaction: no lock to take and let go
+        if not rows and step is None:
+            return None  # nothing ran in the transaction: no lock to take and let go
         conn.execute("BEGIN IMMEDIATE")
     elif not conn.in_transaction:
         raise _ended()  # the rows would commit on their own, outside the handlers' transaction
     if rows:
         conn.executemany(_INSERT, rows)
+    done = None if step is None else _folded_step(conn, step)
     conn.execute("COMMIT")
+    return done
 
 
 def _undo(conn: sqlite3.Connection) -> None:
@@ -511,31 +576,15 @@ class Inbox:
         """``(message id, rejected)`` of the client's rows with ``start <= id < end``, in id
         order, at most ``limit``: one range of the primary key."""
         await self._begun()
-        rows = await self._db.execute_fetchall(
-            "SELECT message_id, reject_reason IS NOT NULL FROM inbox WHERE client_id = ? "
-            "AND message_id >= ? AND message_id < ? ORDER BY message_id LIMIT ?",
-            (client_id, start, end, limit),
-        )
-        return [(int(message_id), bool(rejected)) for message_id, rejected in rows]
+        rows: list[tuple[int, bool]] = await self._call(_run_rows, client_id, start, end, limit)
+        return rows
 
     async def forget(self, client_id: str, floor: Floor, now: float) -> int:
         """Delete the client's rows in ``[floor.base, floor.floor)`` and store ``floor`` as its
         record; returns the rows deleted."""
         await self._begun()
-        # The record first: a high_water() read between the two statements (the handshake
-        # shares this connection) then never misses the deleted rows.
-        await self._db.execute(
-            "INSERT INTO inbox_floor (client_id, base, floor, high_water, mark, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id) DO UPDATE SET "
-            "base = excluded.base, floor = excluded.floor, high_water = excluded.high_water, "
-            "mark = excluded.mark, updated_at = excluded.updated_at",
-            (client_id, floor.base, floor.floor, floor.high_water, floor.mark, now),
-        )
-        cursor = await self._db.execute(
-            "DELETE FROM inbox WHERE client_id = ? AND message_id >= ? AND message_id < ?",
-            (client_id, floor.base, floor.floor),
-        )
-        return max(0, cursor.rowcount)
+        deleted: int = await self._call(_forget_rows, client_id, floor, now)
+        return deleted
 
     async def window_rows(
         self, after: Key | None, limit: int
@@ -586,11 +635,25 @@ class Inbox:
         self._rows += rows
 
     async def commit(self) -> None:
+        await self._commit(None)
+
+    async def commit_with_step(self, step: MarkStep) -> StepDone | sqlite3.Error:
+        """COMMIT with a pruning step run just before it, in the same hop and the same
+        fsync (``pruner.FoldingStore``). A failed step is undone alone and returned; the
+        transaction's other work still commits."""
+        done = await self._commit(step)
+        assert done is not None
+        return done
+
+    async def _commit(self, step: MarkStep | None) -> StepDone | sqlite3.Error | None:
         begin, self._held.begin = self._held.begin, False
         rows, self._rows = self._rows, []
         self._floors_seen = None
-        await self._call(_write_and_commit, begin, rows)
+        done: StepDone | sqlite3.Error | None = await self._call(
+            _write_and_commit, begin, rows, step
+        )
         self._held.pending = False
+        return done
 
     async def rollback(self) -> None:
         """Undo the open transaction, if any (SQLite may already have rolled it back)."""

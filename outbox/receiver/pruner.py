@@ -2,12 +2,18 @@
 
 The rules are in ``outbox/protocol/floor.py``; the SQL in ``inbox.py`` and ``postgres.py``
 (:class:`FloorStore` is what this module needs of a backend; both inboxes have it). This
-module decides
-*when*: the writer task calls :meth:`Pruner.step` between group commits, never inside one,
-and each step is one small transaction of at most ``chunk`` rows, so deleting never holds
-the acks of a group commit back by more than one chunk (a few milliseconds). Steps are
-spaced by ``pause`` while work remains, so pruning takes at most a small share of the
-writer's time under load, and catches up when it is idle.
+module decides *when*.
+
+Where the backend can (:class:`FoldingStore`: SQLite, whose one writer per file makes the
+round's write lock the only lock there is), a round's own transaction carries a step
+towards a client's mark (:meth:`Pruner.fold`): a few rows more for each message the round
+handled, deleted in the same COMMIT and the same fsync, so under load pruning keeps pace
+with the inserts and never stands between two rounds. A step of its own (:meth:`step`, one
+small transaction of at most ``chunk`` rows) runs when the writer is idle, between group
+commits, never inside one: the catching up after a burst, the time window's sweep, and
+every step on PostgreSQL, where taking a client's fence row inside a round would order
+locks differently from the other receivers. Steps are spaced by ``pause`` while work
+remains, so pruning takes at most a small share of the writer's time under load.
 
 It also answers the writer's question for every new message: is this id below the client's
 floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
@@ -23,12 +29,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from ..protocol.floor import Floor, advance, covers, raise_mark, window_cutoff, window_victims
+from ..protocol.floor import (
+    Floor,
+    MarkStep,
+    StepDone,
+    advance,
+    covers,
+    raise_mark,
+    window_cutoff,
+    window_victims,
+)
 from .inbox import Key
 
-__all__ = ["FloorStore", "Pruner"]
+__all__ = ["FloorStore", "FoldingStore", "Pruner"]
 
 logger = logging.getLogger("outbox.receiver")
 
@@ -71,6 +86,16 @@ class FloorStore(Protocol):
     ) -> int: ...
 
 
+@runtime_checkable
+class FoldingStore(Protocol):
+    """A backend whose round can carry a pruning step in its own COMMIT (``inbox.Inbox``)."""
+
+    async def commit_with_step(self, step: MarkStep) -> StepDone | Exception:
+        """COMMIT, with ``step`` run just before it; a failed step is undone alone and
+        returned (the rest commits)."""
+        ...
+
+
 class Pruner:
     """Pending marks, the floors cache, and the time window's sweep of one receiver."""
 
@@ -79,6 +104,8 @@ class Pruner:
         *,
         window: float | None,
         chunk: int = 2000,
+        fold_rows: int = 2,
+        fold_min: int = 100,
         pause: float = 0.02,
         retry_after: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
@@ -86,6 +113,11 @@ class Pruner:
     ) -> None:
         self.window = window
         self.chunk = chunk
+        self.fold_rows = fold_rows
+        """Rows a round's folded step may delete per message the round carries: above one,
+        so pruning outruns the inserts and catches up on a backlog while under load."""
+        self.fold_min = fold_min
+        """Rows a folded step may always delete, however small the round."""
         self.pause = pause
         self.retry_after = retry_after
         """Seconds to wait after a step failed (the file locked, full): one log line each."""
@@ -140,8 +172,12 @@ class Pruner:
     def announce(self, client_id: str, mark: int) -> None:
         """A client's low-water mark (handshake or frame); only ever raises its own target."""
         if mark > self._marks.get(client_id, 0):
+            waiting = bool(self._marks)
             self._marks[client_id] = mark
-            self._next_at = min(self._next_at, max(self._monotonic(), self._retry_at))
+            due = max(self._monotonic(), self._retry_at)
+            # Due since now if no mark was waiting: the writer defers a step of its own
+            # while rounds fold the work, for at most MAX_DEFER past this time.
+            self._next_at = min(self._next_at, due) if waiting else due
 
     # -- the work ------------------------------------------------------------------------------
 
@@ -151,14 +187,44 @@ class Pruner:
         if self._sweep_after is None and self.window is not None:
             self._sweep_at = max(self._sweep_at, self._next_at)
 
-    def due_in(self) -> float | None:
-        """Seconds until the next step is due (0: now), None if there is nothing to do."""
+    def monotonic(self) -> float:
+        """The pruner's clock (injectable, for tests): the writer times idleness by it."""
+        return self._monotonic()
+
+    def due_at(self) -> float | None:
+        """When the next step of its own is due (monotonic; maybe past), None if there is
+        nothing to do."""
         if self._marks:
-            return max(0.0, self._next_at - self._monotonic())
+            return self._next_at
         if self.window is None:
             return None
-        at = self._sweep_at if self._sweep_after is None else self._next_at
-        return max(0.0, at - self._monotonic())
+        return self._sweep_at if self._sweep_after is None else self._next_at
+
+    def due_in(self) -> float | None:
+        """Seconds until the next step is due (0: now), None if there is nothing to do."""
+        at = self.due_at()
+        return None if at is None else max(0.0, at - self._monotonic())
+
+    def fold(self, messages: int) -> MarkStep | None:
+        """A step towards a waiting mark for a round of ``messages`` to carry in its own
+        transaction (``FoldingStore.commit_with_step``), or None: no mark waits, or a
+        failed step is being backed off. Hand the outcome to :meth:`settle`."""
+        if not self._marks or self._monotonic() < self._retry_at:
+            return None
+        client_id, target = next(iter(self._marks.items()))
+        limit = min(self.chunk, max(self.fold_min, self.fold_rows * messages))
+        return MarkStep(client_id, target, limit, self._wall())
+
+    def settle(self, step: MarkStep, done: StepDone) -> None:
+        """After the COMMIT of ``step``: count it, then drop its mark if no step is left
+        to do for it, or send the client to the back of the line (clients take turns)."""
+        self.pruned += done.deleted
+        self._next_at = self._monotonic() + self.pause
+        if done.finished(step):
+            if self._marks.get(step.client_id) == step.target:
+                del self._marks[step.client_id]
+        elif step.client_id in self._marks:
+            self._marks[step.client_id] = self._marks.pop(step.client_id)
 
     async def step(self) -> int:
         """One chunk in its own transaction: a client's rows below its mark, else a range of
@@ -175,27 +241,21 @@ class Pruner:
 
     async def _mark_step(self, inbox: FloorStore) -> int:
         client_id, target = next(iter(self._marks.items()))
+        step = MarkStep(client_id, target, self.chunk, self._wall())
         await inbox.begin()
         try:
             await inbox.lock(client_id)  # before the record is read: it must be the newest
             record = (await inbox.floors([client_id])).get(client_id, Floor())
             noted = raise_mark(record, target)
-            run = await inbox.run(client_id, record.floor, noted.mark or 0, self.chunk)
+            run = await inbox.run(client_id, record.floor, noted.mark or 0, step.limit)
             moved = advance(noted, noted.mark or 0, run)
             deleted = 0
             if moved != record:
-                deleted = await inbox.forget(client_id, moved, self._wall())
+                deleted = await inbox.forget(client_id, moved, step.now)
             await inbox.commit()
         finally:
             await inbox.rollback()
-        self.pruned += deleted
-        # Done with this mark when the floor reached it or stopped short of the chunk (a
-        # missing or rejected id): a newer mark will try again. Else: the next chunk.
-        if moved.floor >= target or len(run) < self.chunk or moved.floor == record.floor:
-            if self._marks.get(client_id) == target:
-                del self._marks[client_id]
-        else:
-            self._marks[client_id] = self._marks.pop(client_id)  # to the back: take turns
+        self.settle(step, StepDone(record, moved, len(run), deleted))
         return deleted
 
     async def _window_step(self, inbox: FloorStore, now: float) -> int:

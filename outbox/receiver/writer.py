@@ -55,9 +55,13 @@ from .backend import SUPERSEDED, InboxBackend, StatementFailed
 from .connection import Peer
 from .handshake import describe_peer
 from .inbox import InboxRow, Key, Recorded, encode_payload, payload_digest
-from .pruner import Pruner
+from .pruner import FoldingStore, Pruner
 
 __all__ = ["Writer"]
+
+MAX_DEFER = 1.0
+"""Most seconds a due pruning step of its own waits for the writer to be idle (under
+sustained load, where the rounds fold the marks' steps but not the time window's)."""
 
 logger = logging.getLogger("outbox.receiver")
 peer_log = rate_limited(PEERS)
@@ -123,7 +127,12 @@ class Writer:
     ) -> None:
         self._inbox = inbox
         self._pruner = pruner
-        """Deletes what the floors and the time window allow, between rounds (pruner.py)."""
+        """Deletes what the floors and the time window allow: in rounds' own COMMIT where
+        the backend can, else between rounds (pruner.py)."""
+        self._folding = inbox if pruner is not None and isinstance(inbox, FoldingStore) else None
+        """The inbox, where a round's COMMIT can carry a pruning step (SQLite)."""
+        self._last_round = 0.0
+        """When the last round ended (the pruner's clock): steps of their own wait for idle."""
         self._observers = observers
         """Called with each committed transaction's duration in seconds (metrics)."""
         self._handler: Handler | None = None
@@ -208,19 +217,37 @@ class Writer:
                         peer.fail(Close(CloseCode.INTERNAL_ERROR, "receiver error"))
                 finally:
                     self._in_round = False
+                    if self._pruner is not None:
+                        self._last_round = self._pruner.monotonic()
                     self._settled.set()  # also when cancelled: drained() must wake
             else:
                 self._settled.set()
             await self._prune()
 
     async def _wait(self) -> None:
-        """Until there is work, or the pruner's next step is due."""
-        delay = None if self._pruner is None else self._pruner.due_in()
+        """Until there is work, or the pruner's next step of its own is due."""
+        delay = self._prune_in()
         if delay is not None and delay <= 0:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._work.wait()
+
+    def _prune_in(self) -> float | None:
+        """Seconds until the pruner's next step of its own may run (0: now; None: no work).
+
+        Where rounds fold the marks' steps into their own COMMIT, a step of its own (its own
+        transaction and fsync, which the next round would wait behind) waits until no round
+        ran for ``pause``, or at most ``MAX_DEFER`` past its time."""
+        pruner = self._pruner
+        if pruner is None:
+            return None
+        at = pruner.due_at()
+        if at is None:
+            return None
+        if self._folding is not None:
+            at = max(at, min(self._last_round + pruner.pause, at + MAX_DEFER))
+        return max(0.0, at - pruner.monotonic())
 
     async def _prune(self) -> None:
         """One bounded chunk of pruning, in its own transaction, after a round's answers
@@ -228,23 +255,42 @@ class Writer:
         pruner = self._pruner
         if pruner is None or self._stopping:
             return
-        delay = pruner.due_in()
+        delay = self._prune_in()
         if delay is None or delay > 0:
             return
         try:
             await pruner.step()
         except Exception as exc:
-            pruner.back_off()
-            described = self._inbox.describe_error(exc)
-            logger.warning(
-                "pruning the inbox failed (%s); trying again in %ss",
-                described,
-                pruner.retry_after,
-                exc_info=described is exc and not isinstance(exc, StoreError),
-            )
+            self._prune_failed(pruner, exc)
             if self._inbox.in_transaction:
                 await self._inbox.rollback()
         self._stats.pruned = pruner.pruned
+
+    def _prune_failed(self, pruner: Pruner, exc: BaseException) -> None:
+        pruner.back_off()
+        described = self._inbox.describe_error(exc)
+        logger.warning(
+            "pruning the inbox failed (%s); trying again in %ss",
+            described,
+            pruner.retry_after,
+            exc_info=described is exc and not isinstance(exc, StoreError),
+        )
+
+    async def _commit_folding(self, messages: int) -> None:
+        """COMMIT the round, with a step towards a waiting mark in it where the backend can
+        (same hop, same fsync); else plain."""
+        pruner, folding = self._pruner, self._folding
+        step = None if pruner is None or folding is None else pruner.fold(messages)
+        if step is None:
+            await self._inbox.commit()
+            return
+        assert pruner is not None and folding is not None
+        done = await folding.commit_with_step(step)
+        if isinstance(done, Exception):
+            self._prune_failed(pruner, done)
+        else:
+            pruner.settle(step, done)
+            self._stats.pruned = pruner.pruned
 
     def _take(self) -> Batch:
         """Take an equal share of every ready connection's queue (waking its reader).
@@ -375,7 +421,7 @@ class Writer:
         if began:
             if rows:
                 await inbox.record(rows)
-            await inbox.commit()
+            await self._commit_folding(len(keys))
             self._stats.transactions += 1
             if self._observers:
                 self._observe(time.perf_counter() - started)

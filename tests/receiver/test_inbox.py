@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from outbox.protocol.floor import Floor
+from outbox.protocol.floor import Floor, MarkStep, StepDone
 from outbox.receiver.inbox import (
     Inbox,
     InboxRow,
@@ -132,6 +132,56 @@ async def test_a_round_costs_two_thread_hops_whatever_its_size(
     assert hops == ["_begin_and_find", "_write_and_commit"]
     assert not inbox.in_transaction
     assert set(reasons(await inbox.seen(keys))) == set(keys)  # all 300 committed
+
+
+async def test_a_pruning_step_rides_with_the_rounds_commit_in_the_same_hop(
+    inbox: Inbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows 1-300 committed; the next round records 301-310 and carries a step towards
+    mark 251 (limit 500): still two hops, and one COMMIT holds the new rows, the deletion
+    of 1-250 and the floor record."""
+    await inbox.begin()
+    await inbox.seen([("a", 1)])
+    await inbox.record([row("a", i) for i in range(1, 301)])
+    await inbox.commit()
+    hops = count_hops(inbox, monkeypatch)
+    await inbox.begin()
+    new = [("a", i) for i in range(301, 311)]
+    assert await inbox.seen(new) == {}
+    await inbox.record([row(*key) for key in new])
+    step = MarkStep("a", 251, 500, now=1234.5)
+    done = await inbox.commit_with_step(step)
+    assert hops == ["_begin_and_find", "_write_and_commit"]
+    assert done == StepDone(Floor(), Floor(1, 251, 250, 251), rows=250, deleted=250)
+    assert done.finished(step)
+    assert await inbox.floors(["a"]) == {"a": Floor(1, 251, 250, 251)}
+    left = reasons(await inbox.seen([("a", i) for i in range(1, 311)]))
+    assert sorted(i for _, i in left) == list(range(251, 311))
+
+
+async def test_a_failing_step_is_undone_alone_and_the_round_still_commits(
+    inbox: Inbox, path: Path
+) -> None:
+    """The step's DELETE fails (a trigger, as a full disk would): its record and deletions
+    are undone, the error comes back as the outcome, and the round's rows commit."""
+    await inbox.begin()
+    await inbox.seen([("a", 1)])
+    await inbox.record([row("a", i) for i in range(1, 11)])
+    await inbox.commit()
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    await inbox.begin()
+    await inbox.seen([("a", 11)])
+    await inbox.record([row("a", 11)])
+    done = await inbox.commit_with_step(MarkStep("a", 11, 100, now=1.0))
+    assert isinstance(done, sqlite3.Error) and "disk is full" in str(done)
+    assert not inbox.in_transaction
+    assert await inbox.floors(["a"]) == {}  # the record was undone with the deletion
+    assert len(await inbox.seen([("a", i) for i in range(1, 12)])) == 11  # 11 committed
+    await inbox.rollback()
 
 
 async def test_a_round_whose_transaction_ended_under_it_writes_nothing(

@@ -21,7 +21,11 @@ from websockets.asyncio.client import connect
 
 from outbox import Outbox, operate
 from outbox.protocol import wire
-from outbox.receiver import Incoming, Receiver, Reject, serve
+from outbox.protocol.floor import Floor, MarkStep, StepDone
+from outbox.receiver import Incoming, Receiver, ReceiverStats, Reject, serve
+from outbox.receiver.inbox import Inbox
+from outbox.receiver.pruner import Pruner
+from outbox.receiver.writer import MAX_DEFER, Writer
 from outbox.storage import schema
 
 from ..raw_client import low_water_headers as headers
@@ -152,12 +156,13 @@ async def test_a_hostile_mark_prunes_only_its_own_rows_and_is_clipped(
         await ws.send(wire.encode_batch([(i, json.dumps({"h": i})) for i in (1, 2, 3)]))
         assert await recv(ws) == {"type": "ack", "messageIds": [1, 2, 3]}
         await ws.send(wire.encode_low_water(2**63 - 1))
-        await wait_until(lambda: inbox_rows(db, hostile) == 0)
-        # Clipped to what it holds: its next id is handled as new, not swallowed as old.
+        # Clipped to what it holds: the floor stops past its last row, whatever the mark.
+        await wait_until(lambda: floor_of(db, hostile) == (1, 4, 3, 2**63 - 1))
+        assert inbox_rows(db, hostile) == 0
+        # So its next id is handled as new, not swallowed as old.
         await ws.send(wire.encode_message(4, json.dumps({"h": 4})))
         assert await recv(ws) == {"type": "ack", "messageIds": [4]}
     assert handled.calls[(hostile, 4)] == 1
-    assert floor_of(db, hostile) == (1, 4, 3, 2**63 - 1)
     assert inbox_rows(db, victim) == 20 and floor_of(db, victim) in (None, (0, 0, 0, 1))
     # The high-water mark our client reads survives the pruning.
     async with connect(
@@ -165,6 +170,75 @@ async def test_a_hostile_mark_prunes_only_its_own_rows_and_is_clipped(
     ) as ws:
         assert ws.response is not None
         assert ws.response.headers[wire.HIGH_WATER_HEADER] == "4"
+
+
+async def test_under_load_each_round_prunes_in_its_own_commit(
+    tmp_path: Path, receiver: Receiver, handled: Handled
+) -> None:
+    """The writer never idle (the pruner's clock frozen): no pruning step of its own runs,
+    yet each round of 100 messages also forgets the rows below the mark announced before
+    it, in its own COMMIT, so the inbox holds one round. Once the clock moves on (idle),
+    a step of its own finishes the last mark."""
+    db = tmp_path / "inbox.db"
+    pruner = receiver._pruner
+    assert pruner is not None
+    frozen = pruner.monotonic()
+    pruner._monotonic = lambda: frozen
+    steps = 0
+    real_step = pruner.step
+
+    async def counted_step() -> int:
+        nonlocal steps
+        steps += 1
+        return await real_step()
+
+    pruner.step = counted_step  # type: ignore[method-assign]
+    async with connect(
+        receiver.url, additional_headers=headers("busy", "batch-ack, low-water")
+    ) as ws:
+        for start in range(1, 1001, 100):
+            ids = list(range(start, start + 100))
+            await ws.send(wire.encode_batch([(i, json.dumps({"n": i})) for i in ids]))
+            assert await recv(ws) == {"type": "ack", "messageIds": ids}
+            assert inbox_rows(db, "busy") == 100  # this round's; the one before is forgotten
+            await ws.send(wire.encode_low_water(start + 100))
+        assert steps == 0
+        assert floor_of(db, "busy") == (1, 901, 900, 901)
+        pruner._monotonic = lambda: frozen + 1.0  # the writer has been idle since
+        receiver._writer.wake()
+        await wait_until(lambda: inbox_rows(db, "busy") == 0)
+    assert steps >= 1
+    assert floor_of(db, "busy") == (1, 1001, 1000, 1001)
+    assert len(handled.calls) == 1000 and not handled.twice()
+
+
+async def test_a_step_of_its_own_waits_for_idle_but_never_beyond_max_defer(
+    tmp_path: Path,
+) -> None:
+    """On SQLite, where rounds fold the marks' steps, the writer runs a step of its own only
+    once no round ran for ``pause``, or ``MAX_DEFER`` after it was due (the time window's
+    sweep, which no round folds, must not starve under sustained load)."""
+    clock = [100.0]
+    pruner = Pruner(window=None, pause=0.02, monotonic=lambda: clock[0])
+    inbox = await Inbox.open(tmp_path / "inbox.db")
+    try:
+        writer = Writer(inbox, None, ReceiverStats(), pruner=pruner)
+        assert writer._prune_in() is None  # nothing to do
+        pruner.announce("c", 10)
+        writer._last_round = clock[0]  # a round just ended
+        assert writer._prune_in() == pytest.approx(0.02)
+        clock[0] += 0.02
+        assert writer._prune_in() == 0  # idle for pause: go
+        clock[0] = writer._last_round = 100.0 + MAX_DEFER / 2  # a round every few ms since
+        assert writer._prune_in() == pytest.approx(0.02)  # still waiting for idle
+        clock[0] = writer._last_round = 100.0 + MAX_DEFER
+        assert writer._prune_in() == 0  # overdue by MAX_DEFER: go anyway
+        pruner.settle(MarkStep("c", 10, 2000, 0.0), StepDone(Floor(), Floor(), 0, 0))
+        assert writer._prune_in() is None  # the mark is done
+        pruner.announce("c", 20)  # due since now, not since the last mark
+        assert writer._prune_in() == pytest.approx(0.02)
+    finally:
+        await inbox.close()
 
 
 async def test_a_seed_client_without_a_mark_gets_the_time_window(
@@ -332,32 +406,31 @@ async def test_an_inbox_from_schema_version_4_is_migrated(tmp_path: Path, handle
 async def test_a_failing_prune_step_never_stops_the_acks(
     tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The prune step's transaction fails (as on a full disk): it is rolled back and logged,
-    messages go on being handled and acked, and pruning resumes after the back-off."""
-    inbox = receiver._inbox
+    """Every deletion from the inbox fails (a trigger, as a full disk would), in the rounds'
+    folded steps and in steps of their own alike: each is undone and logged, messages go
+    on being handled and acked, and pruning resumes once deleting works again."""
     pruner = receiver._pruner
-    assert inbox is not None and pruner is not None
+    assert pruner is not None
     pruner.retry_after = 20 * MS
-    real_forget = inbox.forget
-    failures = 0
-
-    async def forget_fails_twice(*args: Any) -> int:
-        nonlocal failures
-        if failures < 2:
-            failures += 1
-            raise sqlite3.OperationalError("database or disk is full")
-        return await real_forget(*args)
-
-    inbox.forget = forget_fails_twice  # type: ignore[method-assign]
     db = tmp_path / "inbox.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
     async with Outbox(tmp_path / "outbox.db", receiver.url, **FAST) as box:
         for start in range(0, 300, 100):
             await box.send_many([{"n": n} for n in range(start, start + 100)])
             await box.drain(timeout=10)  # acked while steps fail
         client_id = box.client_id
-        await wait_until(lambda: inbox_rows(db, client_id) == 0)
-    assert failures == 2 and len(handled.calls) == 300 and not handled.twice()
-    assert "pruning the inbox failed" in caplog.text
+        await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 2)
+        assert inbox_rows(db, client_id) == 300
+        with sqlite3.connect(db, timeout=10) as conn:
+            conn.execute("DROP TRIGGER no_forgetting")
+        await box.send({"n": 300})  # a round of its own, then idle: either may prune
+        await box.drain(timeout=10)
+        await wait_until(lambda: inbox_rows(db, client_id) <= 1)
+    assert len(handled.calls) == 301 and not handled.twice()
     assert receiver.stats.storage_errors == 0  # no group commit failed
 
 
