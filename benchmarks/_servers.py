@@ -141,6 +141,7 @@ async def run(args: argparse.Namespace) -> None:
             "handler_errors": s.handler_errors,
             "protocol_errors": s.protocol_errors,
             "connections": s.connections,
+            "pruned": s.pruned,
         }
         if counter.times is not None:
             stats["handled_at"] = sorted(counter.times.items())
