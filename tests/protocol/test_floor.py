@@ -10,6 +10,8 @@ from outbox.errors import ProtocolError
 from outbox.protocol import wire
 from outbox.protocol.floor import (
     Floor,
+    MarkStep,
+    StepDone,
     advance,
     covers,
     raise_mark,
@@ -58,6 +60,17 @@ def test_the_floor_continues_from_where_it_was_and_keeps_its_base() -> None:
     floor = Floor(base=1, floor=50, high_water=49, mark=100)
     moved = advance(floor, 100, rows(50, 51, 53))  # 52 never sent (a gap): passed
     assert moved == Floor(base=1, floor=54, high_water=53, mark=100)
+
+
+def test_a_mark_step_is_finished_at_the_mark_at_a_short_run_or_when_stuck() -> None:
+    step = MarkStep("c", target=100, limit=10, now=0.0)
+    start = Floor(1, 50, 49, 100)
+    reached = StepDone(start, Floor(1, 100, 99, 100), rows=10, deleted=50)
+    short = StepDone(start, Floor(1, 55, 54, 100), rows=5, deleted=5)  # no rows past 54
+    stuck = StepDone(start, start, rows=10, deleted=0)  # a rejected row at 50
+    more = StepDone(start, Floor(1, 60, 59, 100), rows=10, deleted=10)  # a full chunk
+    assert reached.finished(step) and short.finished(step) and stuck.finished(step)
+    assert not more.finished(step)
 
 
 def test_no_floor_covers_nothing() -> None:
