@@ -9,11 +9,12 @@ round's write lock the only lock there is), a round's own transaction carries a 
 towards a client's mark (:meth:`Pruner.fold`): a few rows more for each message the round
 handled, deleted in the same COMMIT and the same fsync, so under load pruning keeps pace
 with the inserts and never stands between two rounds. A step of its own (:meth:`step`, one
-small transaction of at most ``chunk`` rows) runs when the writer is idle, between group
-commits, never inside one: the catching up after a burst, the time window's sweep, and
-every step on PostgreSQL, where taking a client's fence row inside a round would order
-locks differently from the other receivers. Steps are spaced by ``pause`` while work
-remains, so pruning takes at most a small share of the writer's time under load.
+small transaction of at most ``chunk`` rows) runs between group commits, never inside one:
+towards a mark, once the writer is idle (the catching up after a burst; at most MAX_DEFER
+late); the time window's sweep, idle or not (no round folds it), one chunk per
+``5 * pause``; and every step on PostgreSQL, where taking a client's fence row inside a
+round would order locks differently from the other receivers, spaced by ``pause``. So
+pruning takes at most a small share of the writer's time under load.
 
 It also answers the writer's question for every new message: is this id below the client's
 floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
@@ -43,9 +44,13 @@ from ..protocol.floor import (
 )
 from .inbox import Key
 
-__all__ = ["FloorStore", "FoldingStore", "Pruner"]
+__all__ = ["MAX_DEFER", "FloorStore", "FoldingStore", "Pruner"]
 
 logger = logging.getLogger("outbox.receiver")
+
+MAX_DEFER = 1.0
+"""Most seconds a due step towards a mark waits for the writer to be idle, where rounds fold
+such steps (a client whose mark no round carries, as rounds take clients in turn)."""
 
 SWEEP_EVERY = 3600.0
 """Most seconds between two passes of the time window: a row goes at most this long after
@@ -131,9 +136,18 @@ class Pruner:
         """Announced marks not yet worked through, by client (the newest, highest one)."""
         self._sweep_after: Key | None = None
         self._sweep_at = self._started_mono + (window or 0.0)
-        """When the time window's next pass starts (monotonic); mid-pass, as soon as due."""
-        self._next_at = 0.0
+        """When the time window's next chunk is due (monotonic): the next pass, or mid-pass
+        the next range. Kept apart from the marks' time, which every round may push back."""
+        self._mark_at = 0.0
+        """When a step of its own towards a waiting mark is due (monotonic)."""
         self._retry_at = 0.0
+        self.folding = False
+        """Set by the writer where rounds fold the marks' steps (a :class:`FoldingStore`):
+        then a mark's step of its own waits for the writer to be idle, at most MAX_DEFER."""
+        self._fold_failed = False
+        """A round that carried a step failed as a whole: steps run on their own (where a
+        failure is theirs alone) until one succeeds."""
+        self._last_round = float("-inf")
         self.inbox: FloorStore | None = None
         """Set by the receiver once the inbox is open (the writer's own connection)."""
         self.pruned = 0
@@ -175,30 +189,55 @@ class Pruner:
             waiting = bool(self._marks)
             self._marks[client_id] = mark
             due = max(self._monotonic(), self._retry_at)
-            # Due since now if no mark was waiting: the writer defers a step of its own
-            # while rounds fold the work, for at most MAX_DEFER past this time.
-            self._next_at = min(self._next_at, due) if waiting else due
+            # Due since now if no mark was waiting: where rounds fold the work, a step of
+            # its own waits for idle at most MAX_DEFER past this time.
+            self._mark_at = min(self._mark_at, due) if waiting else due
+
+    def round_ended(self) -> None:
+        """The writer finished a group commit: it is busy (a mark's step of its own waits)."""
+        self._last_round = self._monotonic()
 
     # -- the work ------------------------------------------------------------------------------
 
     def back_off(self) -> None:
         """The last step failed: wait ``retry_after`` before the next (marks are kept)."""
-        self._next_at = self._retry_at = self._monotonic() + self.retry_after
-        if self._sweep_after is None and self.window is not None:
-            self._sweep_at = max(self._sweep_at, self._next_at)
+        self._retry_at = self._monotonic() + self.retry_after
+        self._mark_at = max(self._mark_at, self._retry_at)
+        if self.window is not None:
+            self._sweep_at = max(self._sweep_at, self._retry_at)
+
+    def fold_failed(self) -> None:
+        """A round carrying a folded step failed as a whole (SQLite rolled it all back: the
+        step may be why). Back off, and fold no step until one of its own succeeded, so a
+        step that keeps failing costs no client's round again."""
+        self._fold_failed = True
+        self.back_off()
 
     def monotonic(self) -> float:
-        """The pruner's clock (injectable, for tests): the writer times idleness by it."""
+        """The pruner's clock (injectable, for tests)."""
         return self._monotonic()
+
+    def _mark_due(self) -> float | None:
+        if not self._marks:
+            return None
+        at = self._mark_at
+        if self.folding and not self._fold_failed:
+            # The rounds do this work in their own COMMITs; a step of its own (its own
+            # transaction and fsync, which the next round would wait behind) waits until
+            # no round ran for ``pause``, or at most MAX_DEFER past its time.
+            at = max(at, min(self._last_round + self.pause, at + MAX_DEFER))
+        return at
+
+    def _sweep_due(self) -> float | None:
+        """The time window's chunks never wait for idle: no round folds them, and under
+        sustained load they must keep pace with the inserts (a chunk per ``5 * pause``)."""
+        return None if self.window is None else self._sweep_at
 
     def due_at(self) -> float | None:
         """When the next step of its own is due (monotonic; maybe past), None if there is
         nothing to do."""
-        if self._marks:
-            return self._next_at
-        if self.window is None:
-            return None
-        return self._sweep_at if self._sweep_after is None else self._next_at
+        due = [at for at in (self._mark_due(), self._sweep_due()) if at is not None]
+        return min(due) if due else None
 
     def due_in(self) -> float | None:
         """Seconds until the next step is due (0: now), None if there is nothing to do."""
@@ -209,7 +248,7 @@ class Pruner:
         """A step towards a waiting mark for a round of ``messages`` to carry in its own
         transaction (``FoldingStore.commit_with_step``), or None: no mark waits, or a
         failed step is being backed off. Hand the outcome to :meth:`settle`."""
-        if not self._marks or self._monotonic() < self._retry_at:
+        if not self._marks or self._fold_failed or self._monotonic() < self._retry_at:
             return None
         client_id, target = next(iter(self._marks.items()))
         limit = min(self.chunk, max(self.fold_min, self.fold_rows * messages))
@@ -219,7 +258,7 @@ class Pruner:
         """After the COMMIT of ``step``: count it, then drop its mark if no step is left
         to do for it, or send the client to the back of the line (clients take turns)."""
         self.pruned += done.deleted
-        self._next_at = self._monotonic() + self.pause
+        self._mark_at = self._monotonic() + self.pause
         if done.finished(step):
             if self._marks.get(step.client_id) == step.target:
                 del self._marks[step.client_id]
@@ -227,15 +266,16 @@ class Pruner:
             self._marks[step.client_id] = self._marks.pop(step.client_id)
 
     async def step(self) -> int:
-        """One chunk in its own transaction: a client's rows below its mark, else a range of
-        the time window's sweep. Returns the rows deleted. Call only with no transaction open."""
+        """One chunk in its own transaction, whichever is due: a client's rows below its
+        mark, or a range of the time window's sweep. Returns the rows deleted. Call only
+        with no transaction open."""
         inbox = self.inbox
         assert inbox is not None
         now = self._monotonic()
-        self._next_at = now + self.pause
-        if self._marks:
+        mark_at = self._mark_due()
+        if mark_at is not None and mark_at <= now:
             return await self._mark_step(inbox)
-        if self.window is not None and (self._sweep_after is not None or now >= self._sweep_at):
+        if self.window is not None and self._sweep_at <= now:
             return await self._window_step(inbox, now)
         return 0
 
@@ -255,6 +295,7 @@ class Pruner:
             await inbox.commit()
         finally:
             await inbox.rollback()
+        self._fold_failed = False
         self.settle(step, StepDone(record, moved, len(run), deleted))
         return deleted
 
@@ -286,5 +327,5 @@ class Pruner:
             self._sweep_at = now + min(self.window / 4, SWEEP_EVERY)
         else:
             self._sweep_after = (rows[-1][0], rows[-1][1])
-            self._next_at = now + self.pause * 5  # a pass reads every row: go gently
+            self._sweep_at = now + self.pause * 5  # a pass reads every row: go gently
         return deleted

@@ -59,10 +59,6 @@ from .pruner import FoldingStore, Pruner
 
 __all__ = ["Writer"]
 
-MAX_DEFER = 1.0
-"""Most seconds a due pruning step of its own waits for the writer to be idle (under
-sustained load, where the rounds fold the marks' steps but not the time window's)."""
-
 logger = logging.getLogger("outbox.receiver")
 peer_log = rate_limited(PEERS)
 
@@ -131,8 +127,8 @@ class Writer:
         the backend can, else between rounds (pruner.py)."""
         self._folding = inbox if pruner is not None and isinstance(inbox, FoldingStore) else None
         """The inbox, where a round's COMMIT can carry a pruning step (SQLite)."""
-        self._last_round = 0.0
-        """When the last round ended (the pruner's clock): steps of their own wait for idle."""
+        if pruner is not None and self._folding is not None:
+            pruner.folding = True
         self._observers = observers
         """Called with each committed transaction's duration in seconds (metrics)."""
         self._handler: Handler | None = None
@@ -218,7 +214,7 @@ class Writer:
                 finally:
                     self._in_round = False
                     if self._pruner is not None:
-                        self._last_round = self._pruner.monotonic()
+                        self._pruner.round_ended()
                     self._settled.set()  # also when cancelled: drained() must wake
             else:
                 self._settled.set()
@@ -226,28 +222,12 @@ class Writer:
 
     async def _wait(self) -> None:
         """Until there is work, or the pruner's next step of its own is due."""
-        delay = self._prune_in()
+        delay = None if self._pruner is None else self._pruner.due_in()
         if delay is not None and delay <= 0:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._work.wait()
-
-    def _prune_in(self) -> float | None:
-        """Seconds until the pruner's next step of its own may run (0: now; None: no work).
-
-        Where rounds fold the marks' steps into their own COMMIT, a step of its own (its own
-        transaction and fsync, which the next round would wait behind) waits until no round
-        ran for ``pause``, or at most ``MAX_DEFER`` past its time."""
-        pruner = self._pruner
-        if pruner is None:
-            return None
-        at = pruner.due_at()
-        if at is None:
-            return None
-        if self._folding is not None:
-            at = max(at, min(self._last_round + pruner.pause, at + MAX_DEFER))
-        return max(0.0, at - pruner.monotonic())
 
     async def _prune(self) -> None:
         """One bounded chunk of pruning, in its own transaction, after a round's answers
@@ -255,8 +235,7 @@ class Writer:
         pruner = self._pruner
         if pruner is None or self._stopping:
             return
-        delay = self._prune_in()
-        if delay is None or delay > 0:
+        if pruner.due_in() != 0:
             return
         try:
             await pruner.step()
@@ -285,7 +264,11 @@ class Writer:
             await self._inbox.commit()
             return
         assert pruner is not None and folding is not None
-        done = await folding.commit_with_step(step)
+        try:
+            done = await folding.commit_with_step(step)
+        except Exception:
+            pruner.fold_failed()  # the round fails (1013); the step goes on alone
+            raise
         if isinstance(done, Exception):
             self._prune_failed(pruner, done)
         else:

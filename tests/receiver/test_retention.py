@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from outbox import Outbox, operate
 from outbox.protocol import wire
 from outbox.protocol.floor import Floor, MarkStep, StepDone
 from outbox.receiver import Incoming, Receiver, ReceiverStats, Reject, serve
-from outbox.receiver.inbox import Inbox
-from outbox.receiver.pruner import Pruner
-from outbox.receiver.writer import MAX_DEFER, Writer
+from outbox.receiver.inbox import Inbox, payload_digest
+from outbox.receiver.pruner import MAX_DEFER, Pruner
+from outbox.receiver.writer import Writer
 from outbox.storage import schema
 
 from ..raw_client import low_water_headers as headers
@@ -215,30 +216,158 @@ async def test_under_load_each_round_prunes_in_its_own_commit(
 async def test_a_step_of_its_own_waits_for_idle_but_never_beyond_max_defer(
     tmp_path: Path,
 ) -> None:
-    """On SQLite, where rounds fold the marks' steps, the writer runs a step of its own only
-    once no round ran for ``pause``, or ``MAX_DEFER`` after it was due (the time window's
-    sweep, which no round folds, must not starve under sustained load)."""
+    """On SQLite, where rounds fold the marks' steps, a step of its own towards a mark runs
+    only once no round ran for ``pause``, or ``MAX_DEFER`` after it was due."""
     clock = [100.0]
     pruner = Pruner(window=None, pause=0.02, monotonic=lambda: clock[0])
     inbox = await Inbox.open(tmp_path / "inbox.db")
     try:
-        writer = Writer(inbox, None, ReceiverStats(), pruner=pruner)
-        assert writer._prune_in() is None  # nothing to do
+        Writer(inbox, None, ReceiverStats(), pruner=pruner)
+        assert pruner.folding  # the writer saw a backend whose rounds fold steps
+        assert pruner.due_in() is None  # nothing to do
         pruner.announce("c", 10)
-        writer._last_round = clock[0]  # a round just ended
-        assert writer._prune_in() == pytest.approx(0.02)
+        pruner.round_ended()
+        assert pruner.due_in() == pytest.approx(0.02)
         clock[0] += 0.02
-        assert writer._prune_in() == 0  # idle for pause: go
-        clock[0] = writer._last_round = 100.0 + MAX_DEFER / 2  # a round every few ms since
-        assert writer._prune_in() == pytest.approx(0.02)  # still waiting for idle
-        clock[0] = writer._last_round = 100.0 + MAX_DEFER
-        assert writer._prune_in() == 0  # overdue by MAX_DEFER: go anyway
+        assert pruner.due_in() == 0  # idle for pause: go
+        clock[0] = 100.0 + MAX_DEFER / 2  # a round every few ms since
+        pruner.round_ended()
+        assert pruner.due_in() == pytest.approx(0.02)  # still waiting for idle
+        clock[0] = 100.0 + MAX_DEFER
+        pruner.round_ended()
+        assert pruner.due_in() == 0  # overdue by MAX_DEFER: go anyway
         pruner.settle(MarkStep("c", 10, 2000, 0.0), StepDone(Floor(), Floor(), 0, 0))
-        assert writer._prune_in() is None  # the mark is done
+        assert pruner.due_in() is None  # the mark is done
         pruner.announce("c", 20)  # due since now, not since the last mark
-        assert writer._prune_in() == pytest.approx(0.02)
+        assert pruner.due_in() == pytest.approx(0.02)
     finally:
         await inbox.close()
+
+
+async def test_the_time_windows_sweep_never_waits_for_idle_nor_for_the_marks(
+    tmp_path: Path,
+) -> None:
+    """A writer busy every millisecond with rounds that fold a marked client's steps (each
+    pushing that client's next step back): the time window's pass still goes on, a chunk
+    every ``5 * pause`` as without the marks, so it keeps pace with a steady seed load."""
+    clock, wall = [100.0], [1_000.0]
+    pruner = Pruner(
+        window=1.0, chunk=10, pause=0.02, monotonic=lambda: clock[0], wall=lambda: wall[0]
+    )
+    db = tmp_path / "inbox.db"
+    inbox = await Inbox.open(db)
+    try:
+        Writer(inbox, None, ReceiverStats(), pruner=pruner)
+        await inbox.begin()
+        await inbox.record(
+            [("seed", n, "{}", wall[0], None, payload_digest("{}")) for n in range(25)]
+        )
+        await inbox.commit()
+        await pruner.resume(inbox)
+        clock[0] += 2.0
+        wall[0] += 2.0  # the rows are older than the window: a pass is due
+        steps_of_its_own = 0
+        for round_number in range(1, 301):  # 300 ms of rounds, one each millisecond
+            pruner.announce("busy", round_number)
+            step = pruner.fold(messages=100)
+            assert step is not None and step.client_id == "busy"
+            pruner.settle(step, StepDone(Floor(), Floor(), 0, 0))
+            pruner.round_ended()
+            if pruner.due_in() == 0:
+                steps_of_its_own += 1
+                await pruner.step()
+            clock[0] += 0.001
+            wall[0] += 0.001
+        assert inbox_rows(db, "seed") == 0 and pruner.sweeps == 1
+        assert steps_of_its_own == 3  # the pass's three chunks, 100 ms apart; no mark's
+    finally:
+        await inbox.close()
+
+
+async def test_the_time_windows_sweep_goes_on_while_a_marked_client_keeps_the_writer_busy(
+    tmp_path: Path, handled: Handled
+) -> None:
+    """A client's 500 rows without a mark, past the window, take ten chunks of the sweep;
+    meanwhile a marked client keeps the writer busy with rounds that fold its own steps.
+    The sweep must not wait for an idle writer (it would never come) nor behind the marks'
+    steps."""
+    db = tmp_path / "inbox.db"
+    async with serve(handled, db, duplicate_window=50 * MS) as rx:
+        rx._pruner.chunk = 50
+        rx._pruner.pause = 5 * MS
+        async with connect(rx.url, additional_headers=headers("seed", "batch-ack")) as seed:
+            ids = list(range(1, 501))
+            await seed.send(wire.encode_batch([(i, "{}") for i in ids]))
+            assert await recv(seed) == {"type": "ack", "messageIds": ids}
+        # Named to sort after the seed's: the sweep goes in key order.
+        busy = headers("zz-busy", "batch-ack, low-water", mark=1)
+        async with connect(rx.url, additional_headers=busy) as ws:
+            rounds, deadline = 0, asyncio.get_running_loop().time() + 5.0
+            while inbox_rows(db, "seed") and asyncio.get_running_loop().time() < deadline:
+                ids = list(range(rounds * 20 + 1, rounds * 20 + 21))
+                await ws.send(wire.encode_batch([(i, "{}") for i in ids]))
+                assert await recv(ws) == {"type": "ack", "messageIds": ids}
+                await ws.send(wire.encode_low_water(ids[-1] + 1))
+                rounds += 1
+        assert inbox_rows(db, "seed") == 0, f"the sweep starved over {rounds} busy rounds"
+        assert inbox_rows(db, "zz-busy") <= 40  # and the busy client's rows went meanwhile
+    assert not handled.twice()
+
+
+async def test_a_step_that_rolls_the_whole_round_back_fails_that_round_only(
+    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting makes SQLite roll the whole transaction back (a trigger here, as a full disk
+    or an I/O error may): at most the one round that carried the step fails, with 1013, and
+    its client resends. No round carries a step again until one of its own succeeds, so a
+    step that keeps failing costs only its own retries (logged), never another client's."""
+    pruner = receiver._pruner
+    assert pruner is not None
+    pruner.retry_after = 1 * MS  # retried as fast as rounds come: each would fail again
+    db = tmp_path / "inbox.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox "
+            "BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
+        )
+    marked = headers("marked", "batch-ack, low-water")
+    async with connect(receiver.url, additional_headers=marked) as ws:
+        await ws.send(wire.encode_batch([(i, "{}") for i in (1, 2, 3)]))
+        assert await recv(ws) == {"type": "ack", "messageIds": [1, 2, 3]}
+        await ws.send(wire.encode_low_water(4))  # a step is due from now on
+    other = headers("other", "batch-ack")
+    failed = 0
+    ws = await connect(receiver.url, additional_headers=other)
+    try:
+        for start in range(1, 1001, 50):
+            ids = list(range(start, start + 50))
+            while True:
+                try:
+                    await ws.send(wire.encode_batch([(i, "{}") for i in ids]))
+                    answer = await recv(ws)
+                except ConnectionClosed as closed:
+                    assert closed.rcvd is not None and closed.rcvd.code == 1013
+                    failed += 1
+                    ws = await connect(receiver.url, additional_headers=other)
+                    continue
+                assert answer == {"type": "ack", "messageIds": ids}
+                break
+    finally:
+        await ws.close()
+    assert failed <= 1 and receiver.stats.storage_errors == failed
+    await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 3)
+    assert inbox_rows(db, "marked") == 3  # nothing forgotten while deleting fails
+    await asyncio.to_thread(drop_trigger, db)  # off the loop: a step may hold the lock
+    await wait_until(lambda: inbox_rows(db, "marked") == 0)
+    assert {i for (client, i) in handled.calls if client == "other"} == set(range(1, 1001))
+
+
+def drop_trigger(db: Path) -> None:
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        conn.execute("DROP TRIGGER no_forgetting")
+    finally:
+        conn.close()
 
 
 async def test_a_seed_client_without_a_mark_gets_the_time_window(
@@ -425,8 +554,7 @@ async def test_a_failing_prune_step_never_stops_the_acks(
         client_id = box.client_id
         await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 2)
         assert inbox_rows(db, client_id) == 300
-        with sqlite3.connect(db, timeout=10) as conn:
-            conn.execute("DROP TRIGGER no_forgetting")
+        await asyncio.to_thread(drop_trigger, db)  # off the loop: a step may hold the lock
         await box.send({"n": 300})  # a round of its own, then idle: either may prune
         await box.drain(timeout=10)
         await wait_until(lambda: inbox_rows(db, client_id) <= 1)
