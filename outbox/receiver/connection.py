@@ -51,8 +51,11 @@ class Limits:
     """Most messages one batch frame may carry."""
 
 
-PAGE_BYTES = 256 * 1024
-"""Most bytes of answers the sender writes at once (then waits for the socket to drain)."""
+PAGE_BYTES = 16 * 1024
+"""Most bytes of answers the sender writes at once (then waits for the socket to drain).
+Below websockets' write high-water mark (32 KiB by default), so a page alone never makes
+the drain wait: ``send_timeout`` judges a slow reader by the bytes it leaves unread, as
+one frame at a time did, not by a page it must swallow whole within the timeout."""
 
 ITEM_OVERHEAD = 256
 """Bytes counted for each queued message on top of its share of the frame: its parsed form
