@@ -206,12 +206,12 @@ class Pruner:
         if self.window is not None:
             self._sweep_at = max(self._sweep_at, self._retry_at)
 
-    def fold_failed(self) -> None:
-        """A round carrying a folded step failed as a whole (SQLite rolled it all back: the
-        step may be why). Back off, and fold no step until one of its own succeeded, so a
-        step that keeps failing costs no client's round again."""
+    def fold_failed(self, step: MarkStep) -> None:
+        """The round carrying ``step`` failed as a whole (SQLite rolled it all back: the
+        step may be why). As :meth:`step_failed`, and fold no step until one of its own
+        succeeded, so a step that keeps failing costs no client's round again."""
         self._fold_failed = True
-        self.back_off()
+        self.step_failed(step)
 
     def monotonic(self) -> float:
         """The pruner's clock (injectable, for tests)."""
@@ -262,8 +262,18 @@ class Pruner:
         if done.finished(step):
             if self._marks.get(step.client_id) == step.target:
                 del self._marks[step.client_id]
-        elif step.client_id in self._marks:
-            self._marks[step.client_id] = self._marks.pop(step.client_id)
+        else:
+            self._to_the_back(step.client_id)
+
+    def step_failed(self, step: MarkStep) -> None:
+        """``step`` failed (undone): back off, and send its client to the back of the line,
+        so that one client whose rows cannot be deleted holds up no other client's."""
+        self._to_the_back(step.client_id)
+        self.back_off()
+
+    def _to_the_back(self, client_id: str) -> None:
+        if client_id in self._marks:
+            self._marks[client_id] = self._marks.pop(client_id)
 
     async def step(self) -> int:
         """One chunk in its own transaction, whichever is due: a client's rows below its
@@ -293,6 +303,9 @@ class Pruner:
             if moved != record:
                 deleted = await inbox.forget(client_id, moved, step.now)
             await inbox.commit()
+        except Exception:
+            self._to_the_back(client_id)  # the caller backs off and logs
+            raise
         finally:
             await inbox.rollback()
         self._fold_failed = False

@@ -247,6 +247,9 @@ class Writer:
 
     def _prune_failed(self, pruner: Pruner, exc: BaseException) -> None:
         pruner.back_off()
+        self._log_prune_failure(pruner, exc)
+
+    def _log_prune_failure(self, pruner: Pruner, exc: BaseException) -> None:
         described = self._inbox.describe_error(exc)
         logger.warning(
             "pruning the inbox failed (%s); trying again in %ss",
@@ -267,10 +270,11 @@ class Writer:
         try:
             done = await folding.commit_with_step(step)
         except Exception:
-            pruner.fold_failed()  # the round fails (1013); the step goes on alone
+            pruner.fold_failed(step)  # the round fails (1013); the step goes on alone
             raise
         if isinstance(done, Exception):
-            self._prune_failed(pruner, done)
+            pruner.step_failed(step)
+            self._log_prune_failure(pruner, done)
         else:
             pruner.settle(step, done)
             self._stats.pruned = pruner.pruned

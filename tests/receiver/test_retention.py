@@ -362,6 +362,36 @@ async def test_a_step_that_rolls_the_whole_round_back_fails_that_round_only(
     assert {i for (client, i) in handled.calls if client == "other"} == set(range(1, 1001))
 
 
+async def test_a_client_whose_rows_cannot_be_deleted_holds_up_no_other_client(
+    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting the first marked client's rows always fails (a trigger): after each failed
+    step that client goes to the back of the line, so the next client's rows still go."""
+    pruner = receiver._pruner
+    assert pruner is not None
+    pruner.retry_after = 20 * MS
+    db = tmp_path / "inbox.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox WHEN old.client_id = 'stuck' "
+            "BEGIN SELECT RAISE(ABORT, 'database disk image is malformed'); END"
+        )
+
+    async def three_then_mark(client_id: str) -> None:
+        marked = headers(client_id, "batch-ack, low-water")
+        async with connect(receiver.url, additional_headers=marked) as ws:
+            await ws.send(wire.encode_batch([(i, "{}") for i in (1, 2, 3)]))
+            assert await recv(ws) == {"type": "ack", "messageIds": [1, 2, 3]}
+            await ws.send(wire.encode_low_water(4))
+
+    await three_then_mark("stuck")
+    await wait_until(lambda: "stuck" in pruner._marks)  # it heads the line
+    await three_then_mark("next")
+    await wait_until(lambda: inbox_rows(db, "next") == 0)
+    assert inbox_rows(db, "stuck") == 3 and "pruning the inbox failed" in caplog.text
+    assert receiver.stats.storage_errors == 0 and len(handled.calls) == 6
+
+
 def drop_trigger(db: Path) -> None:
     conn = sqlite3.connect(db, timeout=10)
     try:
