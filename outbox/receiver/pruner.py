@@ -16,6 +16,11 @@ late); the time window's sweep, idle or not (no round folds it), one chunk per
 round would order locks differently from the other receivers, spaced by ``pause``. So
 pruning takes at most a small share of the writer's time under load.
 
+A step that fails is backed off for the marks or for the window, never both: a client whose
+rows cannot be deleted goes to the back of the line (and, if its folded step took the whole
+round down, is no longer folded), and a range of the sweep that fails is passed over until
+the next pass.
+
 It also answers the writer's question for every new message: is this id below the client's
 floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
 each group commit's own transaction (under its write lock), for the clients it carries:
@@ -139,14 +144,20 @@ class Pruner:
         """When the time window's next chunk is due (monotonic): the next pass, or mid-pass
         the next range. Kept apart from the marks' time, which every round may push back."""
         self._mark_at = 0.0
-        """When a step of its own towards a waiting mark is due (monotonic)."""
-        self._retry_at = 0.0
+        """When a step towards a waiting mark is next due (monotonic); every step, folded
+        or not, pushes it back by ``pause``."""
+        self._own_at = 0.0
+        """When a step of its own for a client no round may carry is due: pushed back by
+        such steps only, so the rounds folding other clients' steps never starve it."""
+        self._marks_retry_at = 0.0
+        """No step towards a mark before this (one failed): the time window is not held up."""
         self.folding = False
         """Set by the writer where rounds fold the marks' steps (a :class:`FoldingStore`):
         then a mark's step of its own waits for the writer to be idle, at most MAX_DEFER."""
-        self._fold_failed = False
-        """A round that carried a step failed as a whole: steps run on their own (where a
-        failure is theirs alone) until one succeeds."""
+        self._unfoldable: set[str] = set()
+        """Clients whose folded step failed with the whole round (SQLite rolled it all
+        back): their steps run on their own, where a failure is theirs alone, until one
+        succeeds or their mark is done."""
         self._last_round = float("-inf")
         self.inbox: FloorStore | None = None
         """Set by the receiver once the inbox is open (the writer's own connection)."""
@@ -188,10 +199,11 @@ class Pruner:
         if mark > self._marks.get(client_id, 0):
             waiting = bool(self._marks)
             self._marks[client_id] = mark
-            due = max(self._monotonic(), self._retry_at)
+            due = max(self._monotonic(), self._marks_retry_at)
             # Due since now if no mark was waiting: where rounds fold the work, a step of
             # its own waits for idle at most MAX_DEFER past this time.
             self._mark_at = min(self._mark_at, due) if waiting else due
+            self._own_at = min(self._own_at, due) if waiting else due
 
     def round_ended(self) -> None:
         """The writer finished a group commit: it is busy (a mark's step of its own waits)."""
@@ -199,34 +211,51 @@ class Pruner:
 
     # -- the work ------------------------------------------------------------------------------
 
-    def back_off(self) -> None:
-        """The last step failed: wait ``retry_after`` before the next (marks are kept)."""
-        self._retry_at = self._monotonic() + self.retry_after
-        self._mark_at = max(self._mark_at, self._retry_at)
-        if self.window is not None:
-            self._sweep_at = max(self._sweep_at, self._retry_at)
+    def step_failed(self, step: MarkStep) -> None:
+        """``step`` failed (undone): wait ``retry_after`` before the next step towards a
+        mark (one log line each; the time window goes on), and send its client to the back
+        of the line, so that one client whose rows cannot be deleted holds up no other."""
+        self._to_the_back(step.client_id)
+        self._marks_retry_at = retry = self._monotonic() + self.retry_after
+        self._mark_at = max(self._mark_at, retry)
+        self._own_at = max(self._own_at, retry)
 
     def fold_failed(self, step: MarkStep) -> None:
         """The round carrying ``step`` failed as a whole (SQLite rolled it all back: the
-        step may be why). As :meth:`step_failed`, and fold no step until one of its own
-        succeeded, so a step that keeps failing costs no client's round again."""
-        self._fold_failed = True
+        step may be why). As :meth:`step_failed`, and no round carries this client's steps
+        until one of its own succeeded: a step that keeps failing costs no round again."""
+        self._unfoldable.add(step.client_id)
         self.step_failed(step)
+
+    def _to_the_back(self, client_id: str) -> None:
+        if client_id in self._marks:
+            self._marks[client_id] = self._marks.pop(client_id)
 
     def monotonic(self) -> float:
         """The pruner's clock (injectable, for tests)."""
         return self._monotonic()
 
-    def _mark_due(self) -> float | None:
+    def _next_own(self) -> str | None:
+        """The client whose mark a step of its own works on: one no round may carry first."""
         if not self._marks:
             return None
+        if self._unfoldable:
+            for client_id in self._marks:
+                if client_id in self._unfoldable:
+                    return client_id
+        return next(iter(self._marks))
+
+    def _mark_due(self) -> float | None:
+        client_id = self._next_own()
+        if client_id is None:
+            return None
+        if client_id in self._unfoldable or not self.folding:
+            return self._own_at
+        # The rounds do this work in their own COMMITs; a step of its own (its own
+        # transaction and fsync, which the next round would wait behind) waits until no
+        # round ran for ``pause``, or at most MAX_DEFER past its time.
         at = self._mark_at
-        if self.folding and not self._fold_failed:
-            # The rounds do this work in their own COMMITs; a step of its own (its own
-            # transaction and fsync, which the next round would wait behind) waits until
-            # no round ran for ``pause``, or at most MAX_DEFER past its time.
-            at = max(at, min(self._last_round + self.pause, at + MAX_DEFER))
-        return at
+        return max(at, min(self._last_round + self.pause, at + MAX_DEFER))
 
     def _sweep_due(self) -> float | None:
         """The time window's chunks never wait for idle: no round folds them, and under
@@ -248,9 +277,12 @@ class Pruner:
         """A step towards a waiting mark for a round of ``messages`` to carry in its own
         transaction (``FoldingStore.commit_with_step``), or None: no mark waits, or a
         failed step is being backed off. Hand the outcome to :meth:`settle`."""
-        if not self._marks or self._fold_failed or self._monotonic() < self._retry_at:
+        if not self._marks or self._monotonic() < self._marks_retry_at:
             return None
-        client_id, target = next(iter(self._marks.items()))
+        client_id = next((c for c in self._marks if c not in self._unfoldable), None)
+        if client_id is None:
+            return None
+        target = self._marks[client_id]
         limit = min(self.chunk, max(self.fold_min, self.fold_rows * messages))
         return MarkStep(client_id, target, limit, self._wall())
 
@@ -262,41 +294,34 @@ class Pruner:
         if done.finished(step):
             if self._marks.get(step.client_id) == step.target:
                 del self._marks[step.client_id]
+                self._unfoldable.discard(step.client_id)
         else:
             self._to_the_back(step.client_id)
 
-    def step_failed(self, step: MarkStep) -> None:
-        """``step`` failed (undone): back off, and send its client to the back of the line,
-        so that one client whose rows cannot be deleted holds up no other client's."""
-        self._to_the_back(step.client_id)
-        self.back_off()
-
-    def _to_the_back(self, client_id: str) -> None:
-        if client_id in self._marks:
-            self._marks[client_id] = self._marks.pop(client_id)
-
     async def step(self) -> int:
-        """One chunk in its own transaction, whichever is due: a client's rows below its
-        mark, or a range of the time window's sweep. Returns the rows deleted. Call only
-        with no transaction open."""
+        """One chunk in its own transaction, whichever is due first (the time window on a
+        tie): a client's rows below its mark, or a range of the time window's sweep.
+        Returns the rows deleted; a failure is backed off here (the caller logs it), for
+        the marks or for the window, never both. Call only with no transaction open."""
         inbox = self.inbox
         assert inbox is not None
         now = self._monotonic()
-        mark_at = self._mark_due()
+        mark_at, sweep_at = self._mark_due(), self._sweep_due()
+        if sweep_at is not None and sweep_at <= now and (mark_at is None or sweep_at <= mark_at):
+            return await self._window_step(inbox, now)
         if mark_at is not None and mark_at <= now:
             return await self._mark_step(inbox)
-        if self.window is not None and self._sweep_at <= now:
-            return await self._window_step(inbox, now)
         return 0
 
     async def _mark_step(self, inbox: FloorStore) -> int:
-        client_id, target = next(iter(self._marks.items()))
-        step = MarkStep(client_id, target, self.chunk, self._wall())
-        await inbox.begin()
+        client_id = self._next_own()
+        assert client_id is not None
+        step = MarkStep(client_id, self._marks[client_id], self.chunk, self._wall())
         try:
+            await inbox.begin()
             await inbox.lock(client_id)  # before the record is read: it must be the newest
             record = (await inbox.floors([client_id])).get(client_id, Floor())
-            noted = raise_mark(record, target)
+            noted = raise_mark(record, step.target)
             run = await inbox.run(client_id, record.floor, noted.mark or 0, step.limit)
             moved = advance(noted, noted.mark or 0, run)
             deleted = 0
@@ -304,11 +329,12 @@ class Pruner:
                 deleted = await inbox.forget(client_id, moved, step.now)
             await inbox.commit()
         except Exception:
-            self._to_the_back(client_id)  # the caller backs off and logs
+            self.step_failed(step)
             raise
         finally:
             await inbox.rollback()
-        self._fold_failed = False
+        self._unfoldable.discard(client_id)
+        self._own_at = self._monotonic() + self.pause
         self.settle(step, StepDone(record, moved, len(run), deleted))
         return deleted
 
@@ -321,19 +347,34 @@ class Pruner:
             monotonic_at_start=self._started_mono,
             window=self.window,
         )
-        # Read outside a transaction (no write lock while looking); the delete checks the
-        # age again, as another receiver process on the file may have changed a row since.
-        rows = await inbox.window_rows(self._sweep_after, self.chunk)
-        keys, highest = window_victims(rows, cutoff)
+        rows: list[tuple[str, int, float, bool]] = []
         deleted = 0
-        if keys:
-            await inbox.begin()
-            try:
-                deleted = await inbox.forget_keys(keys, highest, self._wall(), cutoff)
-                await inbox.commit()
-            finally:
-                await inbox.rollback()
+        try:
+            # Read outside a transaction (no write lock while looking); the delete checks
+            # the age again, as another receiver process on the file may have changed a
+            # row since.
+            rows = await inbox.window_rows(self._sweep_after, self.chunk)
+            keys, highest = window_victims(rows, cutoff)
+            if keys:
+                await inbox.begin()
+                try:
+                    deleted = await inbox.forget_keys(keys, highest, self._wall(), cutoff)
+                    await inbox.commit()
+                finally:
+                    await inbox.rollback()
+        except Exception:
+            # Past this range all the same (the next pass tries it again): rows that cannot
+            # be deleted must not stop the sweep for the clients after them.
+            if rows:
+                self._sweep_past(rows, now)
+            self._sweep_at = max(self._sweep_at, self._monotonic() + self.retry_after)
+            raise
         self.pruned += deleted
+        self._sweep_past(rows, now)
+        return deleted
+
+    def _sweep_past(self, rows: Sequence[tuple[str, int, float, bool]], now: float) -> None:
+        assert self.window is not None
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None
             self.sweeps += 1
@@ -341,4 +382,3 @@ class Pruner:
         else:
             self._sweep_after = (rows[-1][0], rows[-1][1])
             self._sweep_at = now + self.pause * 5  # a pass reads every row: go gently
-        return deleted

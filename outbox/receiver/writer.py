@@ -239,15 +239,11 @@ class Writer:
             return
         try:
             await pruner.step()
-        except Exception as exc:
-            self._prune_failed(pruner, exc)
+        except Exception as exc:  # backed off by the pruner
+            self._log_prune_failure(pruner, exc)
             if self._inbox.in_transaction:
                 await self._inbox.rollback()
         self._stats.pruned = pruner.pruned
-
-    def _prune_failed(self, pruner: Pruner, exc: BaseException) -> None:
-        pruner.back_off()
-        self._log_prune_failure(pruner, exc)
 
     def _log_prune_failure(self, pruner: Pruner, exc: BaseException) -> None:
         described = self._inbox.describe_error(exc)
