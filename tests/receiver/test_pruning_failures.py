@@ -1,206 +1,191 @@
-"""Pruning that fails: a client's rows that cannot be deleted hold up neither the time
-window, nor the other clients, nor (more than once) the rounds that carried the step.
+"""Pruning that fails: a client's rows that cannot be deleted hold up neither the acks, nor
+the time window, nor the other clients, nor (more than once) the rounds that carried the step.
 
 Real SQLite files and real triggers that make deletes fail, as a bad page or a full disk
-would; the pruner's clock injected where the test plays the writer's loop itself.
+would; real receivers and clients on 127.0.0.1, or, where the test plays the writer's loop
+itself, the pruner's clocks in the test's hands (``pruning_scenes.played``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
-from outbox.protocol import wire
-from outbox.receiver import ReceiverStats, serve
-from outbox.receiver.inbox import Inbox, payload_digest
-from outbox.receiver.pruner import Pruner
-from outbox.receiver.writer import Writer
+from outbox import Outbox
+from outbox.receiver import Receiver
 
 from ..raw_client import low_water_headers as headers
-from ..raw_client import recv
-from .test_retention import Handled, inbox_rows
+from ..support import MS, wait_until
+from .pruning_scenes import Resending, deletable, played, undeletable
+from .test_retention import FAST, Handled, inbox_rows
+from .test_retention import handled as handled  # the fixtures, shared
+from .test_retention import receiver as receiver
 
 
-@pytest.fixture
-def handled() -> Handled:
-    return Handled()
+def retry_after(receiver: Receiver, seconds: float) -> None:
+    """Retry failed pruning steps this soon (5 s by default), so the test sees several."""
+    assert receiver._pruner is not None
+    receiver._pruner.retry_after = seconds
 
 
-def undeletable(db: Path, client_id: str, how: str = "ABORT") -> None:
-    """Deleting this client's inbox rows fails (a bad page, a full disk, ...)."""
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox "
-            f"WHEN old.client_id = '{client_id}' "
-            f"BEGIN SELECT RAISE({how}, 'database disk image is malformed'); END"
-        )
+MARKED = "batch-ack, low-water"
 
 
-async def seeded(inbox: Inbox, client_id: str, ids: range, received_at: float) -> None:
-    await inbox.begin()
-    await inbox.record([(client_id, n, "{}", received_at, None, payload_digest("{}")) for n in ids])
-    await inbox.commit()
+async def three_then_mark(receiver: Receiver, client_id: str) -> None:
+    """A marked client's messages 1-3, acked, then its mark past them: a step is due."""
+    async with Resending(receiver.url, headers(client_id, MARKED)) as client:
+        await client.send([1, 2, 3])
+        await client.mark(4)
 
 
-async def test_a_mark_that_keeps_failing_starves_the_time_window_when_idle(
-    tmp_path: Path,
+async def test_a_failing_prune_step_never_stops_the_acks(
+    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A marked client whose rows cannot be deleted; an unmarked client's rows are past the
-    window. The writer is idle: each pass of its loop runs the due step (``Writer._prune``).
-    The marked client's step fails and is retried every ``retry_after``; the sweep, which
-    would delete the other client's rows fine, must still get its turn."""
-    clock, wall = [100.0], [1_000.0]
-    pruner = Pruner(
-        window=1.0,
-        chunk=10,
-        pause=0.02,
-        retry_after=0.05,
-        monotonic=lambda: clock[0],
-        wall=lambda: wall[0],
-    )
+    """Every deletion from the inbox fails, in the rounds' folded steps and in steps of
+    their own alike: each is undone and logged, messages go on being handled and acked,
+    and pruning resumes once deleting works again."""
+    retry_after(receiver, 20 * MS)
     db = tmp_path / "inbox.db"
-    inbox = await Inbox.open(db)
-    try:
-        writer = Writer(inbox, None, ReceiverStats(), pruner=pruner)
-        await seeded(inbox, "seed", range(1, 6), wall[0])
-        await pruner.resume(inbox)
-        clock[0] += 2.0
-        wall[0] += 2.0  # the seed's rows are past the window: a pass is due
-        await seeded(inbox, "stuck", range(1, 4), wall[0] + 3600)  # young all test long
-        undeletable(db, "stuck")
-        pruner.announce("stuck", 4)
-        steps = 0
-        for _ in range(50):  # half a second of an idle writer, polled every 10 ms
-            if pruner.due_in() == 0:
-                steps += 1
-                await writer._prune()  # a failure backs off, as in the writer's loop
-            clock[0] += 0.01
-            wall[0] += 0.01
-        assert steps >= 5  # the stuck mark was retried (and failed) all along
-        assert inbox_rows(db, "stuck") == 3
-        assert inbox_rows(db, "seed") == 0, f"no sweep in {steps} steps; {pruner.sweeps} passes"
-    finally:
-        await inbox.close()
+    undeletable(db)
+    async with Outbox(tmp_path / "outbox.db", receiver.url, **FAST) as box:
+        for start in range(0, 300, 100):
+            await box.send_many([{"n": n} for n in range(start, start + 100)])
+            await box.drain(timeout=10)  # acked while steps fail
+        client_id = box.client_id
+        await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 2)
+        assert inbox_rows(db, client_id) == 300
+        await asyncio.to_thread(deletable, db)
+        await box.send({"n": 300})  # a round of its own, then idle: either may prune
+        await box.drain(timeout=10)
+        await wait_until(lambda: inbox_rows(db, client_id) <= 1)
+    assert len(handled.calls) == 301 and not handled.twice()
+    assert receiver.stats.storage_errors == 0  # no group commit failed
 
 
-async def test_a_folded_step_that_keeps_failing_starves_the_time_window_under_load(
-    tmp_path: Path,
+async def test_a_step_that_rolls_the_whole_round_back_fails_that_round_only(
+    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As above, under load: a round every millisecond, each carrying the stuck client's
-    step in its COMMIT (``Writer._commit_folding``, the real SAVEPOINT), which fails and is
-    undone alone; after each round the writer runs a step of its own if one is due."""
-    clock, wall = [100.0], [1_000.0]
-    pruner = Pruner(
-        window=1.0,
-        chunk=10,
-        pause=0.02,
-        retry_after=0.05,
-        monotonic=lambda: clock[0],
-        wall=lambda: wall[0],
-    )
+    """Deleting makes SQLite roll the whole transaction back (as a full disk or an I/O error
+    may): at most the one round that carried the step fails, with 1013, and its client
+    resends. No round carries that client's steps again until one of its own succeeds, so
+    a step that keeps failing costs only its own retries (logged), never another client's."""
+    retry_after(receiver, 1 * MS)  # retried as fast as rounds come
     db = tmp_path / "inbox.db"
-    inbox = await Inbox.open(db)
-    try:
-        writer = Writer(inbox, None, ReceiverStats(), pruner=pruner)
-        await seeded(inbox, "seed", range(1, 6), wall[0])
-        await pruner.resume(inbox)
-        clock[0] += 2.0
-        wall[0] += 2.0
-        await seeded(inbox, "stuck", range(1, 4), wall[0] + 3600)
-        undeletable(db, "stuck")
-        pruner.announce("stuck", 4)
-        for n in range(1, 301):  # 300 ms, one round each millisecond
-            await inbox.begin()
-            await inbox.record([("busy", n, "{}", wall[0] + 3600, None, payload_digest("{}"))])
-            await writer._commit_folding(1)
-            pruner.round_ended()
-            await writer._prune()
-            clock[0] += 0.001
-            wall[0] += 0.001
-        assert inbox_rows(db, "busy") == 300 and inbox_rows(db, "stuck") == 3
-        assert inbox_rows(db, "seed") == 0, f"{pruner.sweeps} passes of the window"
-    finally:
-        await inbox.close()
+    undeletable(db, how="ROLLBACK")
+    await three_then_mark(receiver, "marked")
+    async with Resending(receiver.url, headers("other", "batch-ack")) as other:
+        for start in range(1, 1001, 50):
+            await other.send(range(start, start + 50))
+    assert other.failed <= 1 and receiver.stats.storage_errors == other.failed
+    await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 3)
+    assert inbox_rows(db, "marked") == 3  # nothing forgotten while deleting fails
+    await asyncio.to_thread(deletable, db)
+    await wait_until(lambda: inbox_rows(db, "marked") == 0)
+    assert {i for (client, i) in handled.calls if client == "other"} == set(range(1, 1001))
 
 
 async def test_a_step_that_rolls_rounds_back_costs_one_round_even_with_other_marks(
-    tmp_path: Path, handled: Handled
+    tmp_path: Path, receiver: Receiver
 ) -> None:
-    """Deleting one client's rows makes SQLite roll the whole transaction back. Another
-    client keeps sending and announcing marks (its own rows delete fine). At most one of
-    its rounds may fail with 1013: folding must stay off for the failing client's step,
-    not resume as soon as some other client's step of its own succeeds."""
+    """As above, while another client keeps sending and announcing marks (its own rows
+    delete fine): folding must stay off for the failing client's steps, not resume as soon
+    as some other client's step of its own succeeds."""
+    retry_after(receiver, 5 * MS)
     db = tmp_path / "inbox.db"
-    async with serve(handled, db) as rx:
-        pruner = rx._pruner
-        assert pruner is not None
-        pruner.retry_after = 5 * 0.001
-        undeletable(db, "marked", how="ROLLBACK")
-        marked = headers("marked", "batch-ack, low-water")
-        async with connect(rx.url, additional_headers=marked) as ws:
-            await ws.send(wire.encode_batch([(i, "{}") for i in (1, 2, 3)]))
-            assert await recv(ws) == {"type": "ack", "messageIds": [1, 2, 3]}
-            await ws.send(wire.encode_low_water(4))
-        other = headers("other", "batch-ack, low-water")
-        failed, start = 0, 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.5
-        ws = await connect(rx.url, additional_headers=other)
-        try:
-            while failed < 2 and loop.time() < deadline:
-                ids = list(range(start, start + 20))
-                try:
-                    await ws.send(wire.encode_batch([(i, "{}") for i in ids]))
-                    answer = await recv(ws)
-                except ConnectionClosed as closed:
-                    assert closed.rcvd is not None and closed.rcvd.code == 1013
-                    failed += 1
-                    ws = await connect(rx.url, additional_headers=other)
-                    continue
-                assert answer == {"type": "ack", "messageIds": ids}
-                await ws.send(wire.encode_low_water(ids[-1] + 1))
-                start += 20
-        finally:
-            await ws.close()
-        assert inbox_rows(db, "marked") == 3
-        assert failed <= 1, f"{failed} rounds of 'other' failed with 1013"
+    undeletable(db, "marked", how="ROLLBACK")
+    await three_then_mark(receiver, "marked")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.5
+    async with Resending(receiver.url, headers("other", MARKED)) as other:
+        start = 1
+        while other.failed < 2 and loop.time() < deadline:
+            await other.send(range(start, start + 20))
+            await other.mark(start + 20)
+            start += 20
+    assert inbox_rows(db, "marked") == 3
+    assert other.failed <= 1, f"{other.failed} rounds of 'other' failed with 1013"
 
 
-async def test_a_window_range_that_cannot_be_deleted_holds_up_the_clients_after_it(
+async def test_a_client_whose_rows_cannot_be_deleted_holds_up_no_other_client(
+    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting the first marked client's rows always fails: after each failed step that
+    client goes to the back of the line, so the next client's rows still go."""
+    retry_after(receiver, 20 * MS)
+    pruner = receiver._pruner
+    assert pruner is not None
+    db = tmp_path / "inbox.db"
+    undeletable(db, "stuck", message="database disk image is malformed")
+    await three_then_mark(receiver, "stuck")
+    await wait_until(lambda: "stuck" in pruner._marks)  # it heads the line
+    await three_then_mark(receiver, "next")
+    await wait_until(lambda: inbox_rows(db, "next") == 0)
+    assert inbox_rows(db, "stuck") == 3 and "pruning the inbox failed" in caplog.text
+    assert receiver.stats.storage_errors == 0 and len(handled.calls) == 6
+
+
+async def test_a_mark_that_keeps_failing_never_starves_the_time_window_when_idle(
+    tmp_path: Path,
+) -> None:
+    """A marked client whose rows cannot be deleted; an unmarked client's rows are past the
+    window. The writer is idle: each pass of its loop runs the due step. The marked
+    client's step fails and is retried every ``retry_after``; the sweep, which deletes the
+    other client's rows fine, still gets its turn."""
+    async with played(tmp_path, chunk=10, retry_after=0.05) as scene:
+        await scene.seed("seed", range(1, 6), scene.wall)
+        await scene.pruner.resume(scene.inbox)
+        scene.advance(2.0)  # the seed's rows are past the window: a pass is due
+        await scene.seed("stuck", range(1, 4), scene.wall + 3600)  # young all test long
+        undeletable(scene.db, "stuck")
+        scene.pruner.announce("stuck", 4)
+        steps = 0
+        for _ in range(50):  # half a second of an idle writer, polled every 10 ms
+            if scene.pruner.due_in() == 0:
+                steps += 1
+                await scene.writer._prune()  # a failure is backed off, as in the loop
+            scene.advance(0.01)
+        assert steps >= 5  # the stuck mark was retried (and failed) all along
+        assert inbox_rows(scene.db, "stuck") == 3
+        assert inbox_rows(scene.db, "seed") == 0, f"no sweep in {steps} steps"
+
+
+async def test_a_folded_step_that_keeps_failing_never_starves_the_time_window_under_load(
+    tmp_path: Path,
+) -> None:
+    """As above, under load: a round every millisecond, each carrying the stuck client's
+    step in its COMMIT (the real SAVEPOINT), which fails and is undone alone; after each
+    round the writer runs a step of its own if one is due."""
+    async with played(tmp_path, chunk=10, retry_after=0.05) as scene:
+        await scene.seed("seed", range(1, 6), scene.wall)
+        await scene.pruner.resume(scene.inbox)
+        scene.advance(2.0)
+        await scene.seed("stuck", range(1, 4), scene.wall + 3600)
+        undeletable(scene.db, "stuck")
+        scene.pruner.announce("stuck", 4)
+        for n in range(1, 301):  # 300 ms, one round each millisecond
+            await scene.round("busy", range(n, n + 1), scene.wall + 3600)
+            await scene.writer._prune()
+            scene.advance(0.001)
+        assert inbox_rows(scene.db, "busy") == 300 and inbox_rows(scene.db, "stuck") == 3
+        assert inbox_rows(scene.db, "seed") == 0, f"{scene.pruner.sweeps} passes"
+
+
+async def test_a_window_range_that_cannot_be_deleted_holds_up_no_client_after_it(
     tmp_path: Path,
 ) -> None:
     """Two unmarked clients, both past the window; deleting the first one's rows fails.
-    The second one's rows, in a later range of the sweep, must still go."""
-    clock, wall = [100.0], [1_000.0]
-    pruner = Pruner(
-        window=1.0,
-        chunk=2,
-        pause=0.02,
-        retry_after=0.05,
-        monotonic=lambda: clock[0],
-        wall=lambda: wall[0],
-    )
-    db = tmp_path / "inbox.db"
-    inbox = await Inbox.open(db)
-    try:
-        writer = Writer(inbox, None, ReceiverStats(), pruner=pruner)
-        await seeded(inbox, "aa-stuck", range(1, 3), wall[0])
-        await seeded(inbox, "zz-seed", range(1, 6), wall[0])
-        await pruner.resume(inbox)
-        undeletable(db, "aa-stuck")
-        clock[0] += 2.0
-        wall[0] += 2.0
+    The second one's rows, in a later range of the sweep, still go."""
+    async with played(tmp_path, chunk=2, retry_after=0.05) as scene:
+        await scene.seed("aa-stuck", range(1, 3), scene.wall)
+        await scene.seed("zz-seed", range(1, 6), scene.wall)
+        await scene.pruner.resume(scene.inbox)
+        undeletable(scene.db, "aa-stuck")
+        scene.advance(2.0)
         for _ in range(100):  # a second of an idle writer, polled every 10 ms
-            if pruner.due_in() == 0:
-                await writer._prune()
-            clock[0] += 0.01
-            wall[0] += 0.01
-        assert inbox_rows(db, "aa-stuck") == 2
-        assert inbox_rows(db, "zz-seed") == 0
-    finally:
-        await inbox.close()
+            if scene.pruner.due_in() == 0:
+                await scene.writer._prune()
+            scene.advance(0.01)
+        assert inbox_rows(scene.db, "aa-stuck") == 2
+        assert inbox_rows(scene.db, "zz-seed") == 0

@@ -18,13 +18,12 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from outbox import Outbox, operate
 from outbox.protocol import wire
 from outbox.protocol.floor import Floor, MarkStep, StepDone
 from outbox.receiver import Incoming, Receiver, ReceiverStats, Reject, serve
-from outbox.receiver.inbox import Inbox, payload_digest
+from outbox.receiver.inbox import Inbox
 from outbox.receiver.pruner import MAX_DEFER, Pruner
 from outbox.receiver.writer import Writer
 from outbox.storage import schema
@@ -32,6 +31,7 @@ from outbox.storage import schema
 from ..raw_client import low_water_headers as headers
 from ..raw_client import recv
 from ..support import MS, ScriptedServer, fast_options, wait_until
+from .pruning_scenes import played
 
 FAST = fast_options(low_water_interval=10 * MS)
 
@@ -250,22 +250,11 @@ async def test_the_time_windows_sweep_never_waits_for_idle_nor_for_the_marks(
     """A writer busy every millisecond with rounds that fold a marked client's steps (each
     pushing that client's next step back): the time window's pass still goes on, a chunk
     every ``5 * pause`` as without the marks, so it keeps pace with a steady seed load."""
-    clock, wall = [100.0], [1_000.0]
-    pruner = Pruner(
-        window=1.0, chunk=10, pause=0.02, monotonic=lambda: clock[0], wall=lambda: wall[0]
-    )
-    db = tmp_path / "inbox.db"
-    inbox = await Inbox.open(db)
-    try:
-        Writer(inbox, None, ReceiverStats(), pruner=pruner)
-        await inbox.begin()
-        await inbox.record(
-            [("seed", n, "{}", wall[0], None, payload_digest("{}")) for n in range(25)]
-        )
-        await inbox.commit()
-        await pruner.resume(inbox)
-        clock[0] += 2.0
-        wall[0] += 2.0  # the rows are older than the window: a pass is due
+    async with played(tmp_path, chunk=10) as scene:
+        pruner = scene.pruner
+        await scene.seed("seed", range(25), scene.wall)
+        await pruner.resume(scene.inbox)
+        scene.advance(2.0)  # the rows are older than the window: a pass is due
         steps_of_its_own = 0
         for round_number in range(1, 301):  # 300 ms of rounds, one each millisecond
             pruner.announce("busy", round_number)
@@ -276,12 +265,9 @@ async def test_the_time_windows_sweep_never_waits_for_idle_nor_for_the_marks(
             if pruner.due_in() == 0:
                 steps_of_its_own += 1
                 await pruner.step()
-            clock[0] += 0.001
-            wall[0] += 0.001
-        assert inbox_rows(db, "seed") == 0 and pruner.sweeps == 1
+            scene.advance(0.001)
+        assert inbox_rows(scene.db, "seed") == 0 and pruner.sweeps == 1
         assert steps_of_its_own == 3  # the pass's three chunks, 100 ms apart; no mark's
-    finally:
-        await inbox.close()
 
 
 async def test_the_time_windows_sweep_goes_on_while_a_marked_client_keeps_the_writer_busy(
@@ -312,92 +298,6 @@ async def test_the_time_windows_sweep_goes_on_while_a_marked_client_keeps_the_wr
         assert inbox_rows(db, "seed") == 0, f"the sweep starved over {rounds} busy rounds"
         assert inbox_rows(db, "zz-busy") <= 40  # and the busy client's rows went meanwhile
     assert not handled.twice()
-
-
-async def test_a_step_that_rolls_the_whole_round_back_fails_that_round_only(
-    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Deleting makes SQLite roll the whole transaction back (a trigger here, as a full disk
-    or an I/O error may): at most the one round that carried the step fails, with 1013, and
-    its client resends. No round carries a step again until one of its own succeeds, so a
-    step that keeps failing costs only its own retries (logged), never another client's."""
-    pruner = receiver._pruner
-    assert pruner is not None
-    pruner.retry_after = 1 * MS  # retried as fast as rounds come: each would fail again
-    db = tmp_path / "inbox.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox "
-            "BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
-        )
-    marked = headers("marked", "batch-ack, low-water")
-    async with connect(receiver.url, additional_headers=marked) as ws:
-        await ws.send(wire.encode_batch([(i, "{}") for i in (1, 2, 3)]))
-        assert await recv(ws) == {"type": "ack", "messageIds": [1, 2, 3]}
-        await ws.send(wire.encode_low_water(4))  # a step is due from now on
-    other = headers("other", "batch-ack")
-    failed = 0
-    ws = await connect(receiver.url, additional_headers=other)
-    try:
-        for start in range(1, 1001, 50):
-            ids = list(range(start, start + 50))
-            while True:
-                try:
-                    await ws.send(wire.encode_batch([(i, "{}") for i in ids]))
-                    answer = await recv(ws)
-                except ConnectionClosed as closed:
-                    assert closed.rcvd is not None and closed.rcvd.code == 1013
-                    failed += 1
-                    ws = await connect(receiver.url, additional_headers=other)
-                    continue
-                assert answer == {"type": "ack", "messageIds": ids}
-                break
-    finally:
-        await ws.close()
-    assert failed <= 1 and receiver.stats.storage_errors == failed
-    await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 3)
-    assert inbox_rows(db, "marked") == 3  # nothing forgotten while deleting fails
-    await asyncio.to_thread(drop_trigger, db)  # off the loop: a step may hold the lock
-    await wait_until(lambda: inbox_rows(db, "marked") == 0)
-    assert {i for (client, i) in handled.calls if client == "other"} == set(range(1, 1001))
-
-
-async def test_a_client_whose_rows_cannot_be_deleted_holds_up_no_other_client(
-    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Deleting the first marked client's rows always fails (a trigger): after each failed
-    step that client goes to the back of the line, so the next client's rows still go."""
-    pruner = receiver._pruner
-    assert pruner is not None
-    pruner.retry_after = 20 * MS
-    db = tmp_path / "inbox.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox WHEN old.client_id = 'stuck' "
-            "BEGIN SELECT RAISE(ABORT, 'database disk image is malformed'); END"
-        )
-
-    async def three_then_mark(client_id: str) -> None:
-        marked = headers(client_id, "batch-ack, low-water")
-        async with connect(receiver.url, additional_headers=marked) as ws:
-            await ws.send(wire.encode_batch([(i, "{}") for i in (1, 2, 3)]))
-            assert await recv(ws) == {"type": "ack", "messageIds": [1, 2, 3]}
-            await ws.send(wire.encode_low_water(4))
-
-    await three_then_mark("stuck")
-    await wait_until(lambda: "stuck" in pruner._marks)  # it heads the line
-    await three_then_mark("next")
-    await wait_until(lambda: inbox_rows(db, "next") == 0)
-    assert inbox_rows(db, "stuck") == 3 and "pruning the inbox failed" in caplog.text
-    assert receiver.stats.storage_errors == 0 and len(handled.calls) == 6
-
-
-def drop_trigger(db: Path) -> None:
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        conn.execute("DROP TRIGGER no_forgetting")
-    finally:
-        conn.close()
 
 
 async def test_a_seed_client_without_a_mark_gets_the_time_window(
@@ -560,36 +460,6 @@ async def test_an_inbox_from_schema_version_4_is_migrated(tmp_path: Path, handle
             await ws.send(wire.encode_message(2, "{}"))  # forgotten, still a duplicate
             assert await recv(ws) == {"type": "ack", "messageId": 2}
     assert floor_of(db, "old") == (1, 4, 3, 4) and not handled.calls
-
-
-async def test_a_failing_prune_step_never_stops_the_acks(
-    tmp_path: Path, receiver: Receiver, handled: Handled, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Every deletion from the inbox fails (a trigger, as a full disk would), in the rounds'
-    folded steps and in steps of their own alike: each is undone and logged, messages go
-    on being handled and acked, and pruning resumes once deleting works again."""
-    pruner = receiver._pruner
-    assert pruner is not None
-    pruner.retry_after = 20 * MS
-    db = tmp_path / "inbox.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "CREATE TRIGGER no_forgetting BEFORE DELETE ON inbox "
-            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-        )
-    async with Outbox(tmp_path / "outbox.db", receiver.url, **FAST) as box:
-        for start in range(0, 300, 100):
-            await box.send_many([{"n": n} for n in range(start, start + 100)])
-            await box.drain(timeout=10)  # acked while steps fail
-        client_id = box.client_id
-        await wait_until(lambda: caplog.text.count("pruning the inbox failed") >= 2)
-        assert inbox_rows(db, client_id) == 300
-        await asyncio.to_thread(drop_trigger, db)  # off the loop: a step may hold the lock
-        await box.send({"n": 300})  # a round of its own, then idle: either may prune
-        await box.drain(timeout=10)
-        await wait_until(lambda: inbox_rows(db, client_id) <= 1)
-    assert len(handled.calls) == 301 and not handled.twice()
-    assert receiver.stats.storage_errors == 0  # no group commit failed
 
 
 async def test_a_dead_row_holds_the_floor_and_its_resend_is_nacked_again(tmp_path: Path) -> None:
