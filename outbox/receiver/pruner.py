@@ -12,7 +12,7 @@ with the inserts and never stands between two rounds. A step of its own (:meth:`
 small transaction of at most ``chunk`` rows) runs between group commits, never inside one:
 towards a mark, once the writer is idle (the catching up after a burst; at most MAX_DEFER
 late); the time window's sweep, idle or not (no round folds it), one chunk per
-``5 * pause``; and every step on PostgreSQL, where taking a client's fence row inside a
+``5 * pause`` (per ``pause`` while most of what it reads goes); and every step on PostgreSQL, where taking a client's fence row inside a
 round would order locks differently from the other receivers, spaced by ``pause``. So
 pruning takes at most a small share of the writer's time under load.
 
@@ -366,14 +366,16 @@ class Pruner:
             # Past this range all the same (the next pass tries it again): rows that cannot
             # be deleted must not stop the sweep for the clients after them.
             if rows:
-                self._sweep_past(rows, now)
+                self._sweep_past(rows, now, deleted=0)
             self._sweep_at = max(self._sweep_at, self._monotonic() + self.retry_after)
             raise
         self.pruned += deleted
-        self._sweep_past(rows, now)
+        self._sweep_past(rows, now, deleted)
         return deleted
 
-    def _sweep_past(self, rows: Sequence[tuple[str, int, float, bool]], now: float) -> None:
+    def _sweep_past(
+        self, rows: Sequence[tuple[str, int, float, bool]], now: float, deleted: int
+    ) -> None:
         assert self.window is not None
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
             self._sweep_after = None
@@ -381,4 +383,8 @@ class Pruner:
             self._sweep_at = now + min(self.window / 4, SWEEP_EVERY)
         else:
             self._sweep_after = (rows[-1][0], rows[-1][1])
-            self._sweep_at = now + self.pause * 5  # a pass reads every row: go gently
+            # A pass reads every row: where it mostly finds rows to keep, it goes gently;
+            # where it mostly deletes, at the marks' pace, so a seed-style load past
+            # chunk / (5 * pause) rows a second does not outgrow it.
+            spacing = self.pause if 2 * deleted > len(rows) else self.pause * 5
+            self._sweep_at = now + spacing

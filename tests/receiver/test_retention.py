@@ -244,30 +244,34 @@ async def test_a_step_of_its_own_waits_for_idle_but_never_beyond_max_defer(
         await inbox.close()
 
 
+@pytest.mark.parametrize("old", [True, False], ids=["rows-to-delete", "rows-to-keep"])
 async def test_the_time_windows_sweep_never_waits_for_idle_nor_for_the_marks(
-    tmp_path: Path,
+    tmp_path: Path, old: bool
 ) -> None:
     """A writer busy every millisecond with rounds that fold a marked client's steps (each
-    pushing that client's next step back): the time window's pass still goes on, a chunk
-    every ``5 * pause`` as without the marks, so it keeps pace with a steady seed load."""
+    pushing that client's next step back): the time window's pass still goes on, at its
+    own pace: a chunk every ``pause`` while it deletes most of what it reads (so it keeps
+    up with a steady seed load), every ``5 * pause`` while it keeps most of it."""
     async with played(tmp_path, chunk=10) as scene:
         pruner = scene.pruner
-        await scene.seed("seed", range(25), scene.wall)
+        await scene.seed("seed", range(25), scene.wall if old else scene.wall + 3600)
         await pruner.resume(scene.inbox)
-        scene.advance(2.0)  # the rows are older than the window: a pass is due
-        steps_of_its_own = 0
-        for round_number in range(1, 301):  # 300 ms of rounds, one each millisecond
+        scene.advance(2.0)  # a pass is due
+        steps_at: list[float] = []
+        for round_number in range(1, 251):  # 250 ms of rounds, one each millisecond
             pruner.announce("busy", round_number)
             step = pruner.fold(messages=100)
             assert step is not None and step.client_id == "busy"
             pruner.settle(step, StepDone(Floor(), Floor(), 0, 0))
             pruner.round_ended()
             if pruner.due_in() == 0:
-                steps_of_its_own += 1
+                steps_at.append(pruner.monotonic())
                 await pruner.step()
             scene.advance(0.001)
-        assert inbox_rows(scene.db, "seed") == 0 and pruner.sweeps == 1
-        assert steps_of_its_own == 3  # the pass's three chunks, 100 ms apart; no mark's
+        assert pruner.sweeps == 1 and inbox_rows(scene.db, "seed") == (0 if old else 25)
+        # The pass's three chunks (no mark's step of its own), this far apart.
+        gaps = [round(b - a, 3) for a, b in zip(steps_at, steps_at[1:], strict=False)]
+        assert gaps == ([0.02, 0.02] if old else [0.1, 0.1])
 
 
 async def test_the_time_windows_sweep_goes_on_while_a_marked_client_keeps_the_writer_busy(
