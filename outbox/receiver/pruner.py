@@ -12,9 +12,10 @@ with the inserts and never stands between two rounds. A step of its own (:meth:`
 small transaction of at most ``chunk`` rows) runs between group commits, never inside one:
 towards a mark, once the writer is idle (the catching up after a burst; at most MAX_DEFER
 late); the time window's sweep, idle or not (no round folds it), one chunk per
-``5 * pause`` (per ``pause`` while most of what it reads goes); and every step on PostgreSQL, where taking a client's fence row inside a
-round would order locks differently from the other receivers, spaced by ``pause``. So
-pruning takes at most a small share of the writer's time under load.
+``5 * pause`` (per ``pause`` while most of what it reads goes); and every step on PostgreSQL,
+where taking a client's fence row inside a round would order locks differently from the
+other receivers, spaced by ``pause``. So pruning takes at most a small share of the
+writer's time under load.
 
 A step that fails is backed off for the marks or for the window, never both: a client whose
 rows cannot be deleted goes to the back of the line (and, if its folded step took the whole

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import shutil
 import sqlite3
@@ -270,7 +271,7 @@ async def test_the_time_windows_sweep_never_waits_for_idle_nor_for_the_marks(
             scene.advance(0.001)
         assert pruner.sweeps == 1 and inbox_rows(scene.db, "seed") == (0 if old else 25)
         # The pass's three chunks (no mark's step of its own), this far apart.
-        gaps = [round(b - a, 3) for a, b in zip(steps_at, steps_at[1:], strict=False)]
+        gaps = [round(b - a, 3) for a, b in itertools.pairwise(steps_at)]
         assert gaps == ([0.02, 0.02] if old else [0.1, 0.1])
 
 
