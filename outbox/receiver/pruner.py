@@ -55,8 +55,8 @@ __all__ = ["MAX_DEFER", "FloorStore", "FoldingStore", "Pruner"]
 logger = logging.getLogger("outbox.receiver")
 
 MAX_DEFER = 1.0
-"""Most seconds a due step towards a mark waits for the writer to be idle, where rounds fold
-such steps (a client whose mark no round carries, as rounds take clients in turn)."""
+"""Most seconds a due step of its own towards a mark waits for the writer to be idle, where
+rounds fold such steps: the work gets done even if the rounds stopped carrying it."""
 
 SWEEP_EVERY = 3600.0
 """Most seconds between two passes of the time window: a row goes at most this long after
@@ -238,13 +238,10 @@ class Pruner:
 
     def _next_own(self) -> str | None:
         """The client whose mark a step of its own works on: one no round may carry first."""
-        if not self._marks:
-            return None
-        if self._unfoldable:
-            for client_id in self._marks:
-                if client_id in self._unfoldable:
-                    return client_id
-        return next(iter(self._marks))
+        for client_id in self._marks:
+            if client_id in self._unfoldable:
+                return client_id
+        return next(iter(self._marks), None)
 
     def _mark_due(self) -> float | None:
         client_id = self._next_own()
@@ -260,7 +257,7 @@ class Pruner:
 
     def _sweep_due(self) -> float | None:
         """The time window's chunks never wait for idle: no round folds them, and under
-        sustained load they must keep pace with the inserts (a chunk per ``5 * pause``)."""
+        sustained load they must keep pace with the inserts (see ``_sweep_past``)."""
         return None if self.window is None else self._sweep_at
 
     def due_at(self) -> float | None:
@@ -276,8 +273,9 @@ class Pruner:
 
     def fold(self, messages: int) -> MarkStep | None:
         """A step towards a waiting mark for a round of ``messages`` to carry in its own
-        transaction (``FoldingStore.commit_with_step``), or None: no mark waits, or a
-        failed step is being backed off. Hand the outcome to :meth:`settle`."""
+        transaction (``FoldingStore.commit_with_step``), or None: no mark waits, a failed
+        step is being backed off, or the waiting clients' steps must run on their own
+        (:meth:`fold_failed`). Hand the outcome to :meth:`settle`."""
         if not self._marks or self._monotonic() < self._marks_retry_at:
             return None
         client_id = next((c for c in self._marks if c not in self._unfoldable), None)
