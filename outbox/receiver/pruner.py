@@ -17,10 +17,10 @@ where taking a client's fence row inside a round would order locks differently f
 other receivers, spaced by ``pause``. So pruning takes at most a small share of the
 writer's time under load.
 
-A step that fails is backed off for the marks or for the window, never both: a client whose
-rows cannot be deleted goes to the back of the line (and, if its folded step took the whole
-round down, is no longer folded), and a range of the sweep that fails is passed over until
-the next pass.
+A step that fails is backed off for its client alone, or for the window alone: a client
+whose rows cannot be deleted waits ``retry_after`` and goes to the back of the line (and, if
+its folded step took the whole round down, is no longer folded: its steps run between
+rounds), and a range of the sweep that fails is passed over until the next pass.
 
 It also answers the writer's question for every new message: is this id below the client's
 floor (a straggler of a forgotten message, to ack as a duplicate)? The floors are read in
@@ -150,8 +150,9 @@ class Pruner:
         self._own_at = 0.0
         """When a step of its own for a client no round may carry is due: pushed back by
         such steps only, so the rounds folding other clients' steps never starve it."""
-        self._marks_retry_at = 0.0
-        """No step towards a mark before this (one failed): the time window is not held up."""
+        self._held: dict[str, float] = {}
+        """Clients whose last step failed, and until when (monotonic) none of theirs runs:
+        each client backs off alone, so the time window and the other clients go on."""
         self.folding = False
         """Set by the writer where rounds fold the marks' steps (a :class:`FoldingStore`):
         then a mark's step of its own waits for the writer to be idle, at most MAX_DEFER."""
@@ -200,7 +201,7 @@ class Pruner:
         if mark > self._marks.get(client_id, 0):
             waiting = bool(self._marks)
             self._marks[client_id] = mark
-            due = max(self._monotonic(), self._marks_retry_at)
+            due = self._monotonic()
             # Due since now if no mark was waiting: where rounds fold the work, a step of
             # its own waits for idle at most MAX_DEFER past this time.
             self._mark_at = min(self._mark_at, due) if waiting else due
@@ -213,13 +214,13 @@ class Pruner:
     # -- the work ------------------------------------------------------------------------------
 
     def step_failed(self, step: MarkStep) -> None:
-        """``step`` failed (undone): wait ``retry_after`` before the next step towards a
-        mark (one log line each; the time window goes on), and send its client to the back
-        of the line, so that one client whose rows cannot be deleted holds up no other."""
+        """``step`` failed (undone): no step for its client for ``retry_after`` (one log
+        line each), and that client to the back of the line; the time window and the other
+        clients go on, so one client whose rows cannot be deleted holds up no other."""
+        now = self._monotonic()
         self._to_the_back(step.client_id)
-        self._marks_retry_at = retry = self._monotonic() + self.retry_after
-        self._mark_at = max(self._mark_at, retry)
-        self._own_at = max(self._own_at, retry)
+        self._held[step.client_id] = now + self.retry_after
+        self._mark_at = self._own_at = now + self.pause
 
     def fold_failed(self, step: MarkStep) -> None:
         """The round carrying ``step`` failed as a whole (SQLite rolled it all back: the
@@ -236,18 +237,24 @@ class Pruner:
         """The pruner's clock (injectable, for tests)."""
         return self._monotonic()
 
-    def _next_own(self) -> str | None:
-        """The client whose mark a step of its own works on: one no round may carry first."""
-        for client_id in self._marks:
-            if client_id in self._unfoldable:
-                return client_id
-        return next(iter(self._marks), None)
+    def _ready(self, client_id: str, now: float) -> bool:
+        """Not backing off from a failed step."""
+        held = self._held.get(client_id)
+        return held is None or now >= held
+
+    def _next_own(self, now: float) -> str | None:
+        """The client whose mark a step of its own works on: the first in line that is
+        not backing off (the line turns as steps are done or fail)."""
+        return next((c for c in self._marks if self._ready(c, now)), None)
 
     def _mark_due(self) -> float | None:
-        client_id = self._next_own()
-        if client_id is None:
+        if not self._marks:
             return None
+        client_id = self._next_own(self._monotonic())
+        if client_id is None:  # every one backing off: due when the first may go again
+            return min(self._held[c] for c in self._marks)
         if client_id in self._unfoldable or not self.folding:
+            # No round carries it: between rounds, at its own pace, idle or not.
             return self._own_at
         # The rounds do this work in their own COMMITs; a step of its own (its own
         # transaction and fsync, which the next round would wait behind) waits until no
@@ -276,9 +283,10 @@ class Pruner:
         transaction (``FoldingStore.commit_with_step``), or None: no mark waits, a failed
         step is being backed off, or the waiting clients' steps must run on their own
         (:meth:`fold_failed`). Hand the outcome to :meth:`settle`."""
-        if not self._marks or self._monotonic() < self._marks_retry_at:
-            return None
-        client_id = next((c for c in self._marks if c not in self._unfoldable), None)
+        now = self._monotonic()
+        client_id = next(
+            (c for c in self._marks if c not in self._unfoldable and self._ready(c, now)), None
+        )
         if client_id is None:
             return None
         target = self._marks[client_id]
@@ -290,6 +298,7 @@ class Pruner:
         to do for it, or send the client to the back of the line (clients take turns)."""
         self.pruned += done.deleted
         self._mark_at = self._monotonic() + self.pause
+        self._held.pop(step.client_id, None)
         if done.finished(step):
             if self._marks.get(step.client_id) == step.target:
                 del self._marks[step.client_id]
@@ -313,7 +322,7 @@ class Pruner:
         return 0
 
     async def _mark_step(self, inbox: FloorStore) -> int:
-        client_id = self._next_own()
+        client_id = self._next_own(self._monotonic())
         assert client_id is not None
         step = MarkStep(client_id, self._marks[client_id], self.chunk, self._wall())
         try:

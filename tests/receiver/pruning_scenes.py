@@ -79,6 +79,18 @@ class Played:
         await self.inbox.record([(client_id, n, "{}", received_at, None, digest) for n in ids])
         await self.inbox.commit()
 
+    async def idle(self, seconds: float) -> int:
+        """An idle writer for ``seconds`` of the pruner's clocks, polled every 10 ms: each
+        pass of its loop runs the step that is due (a failure is backed off, as in the
+        loop). Returns the steps run."""
+        steps = 0
+        for _ in range(round(seconds / 0.01)):
+            if self.pruner.due_in() == 0:
+                steps += 1
+                await self.writer._prune()
+            self.advance(0.01)
+        return steps
+
     async def round(self, client_id: str, ids: range, received_at: float) -> None:
         """A group commit of these rows, carrying a pruning step as the writer's would."""
         digest = payload_digest("{}")

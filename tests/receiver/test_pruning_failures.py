@@ -9,6 +9,7 @@ itself, the pruner's clocks in the test's hands (``pruning_scenes.played``).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from outbox.receiver import Receiver
 
 from ..raw_client import low_water_headers as headers
 from ..support import MS, wait_until
-from .pruning_scenes import Resending, deletable, played, undeletable
+from .pruning_scenes import Played, Resending, deletable, played, undeletable
 from .test_retention import FAST, Handled, inbox_rows
 from .test_retention import handled as handled  # the fixtures, shared
 from .test_retention import receiver as receiver
@@ -38,6 +39,22 @@ async def three_then_mark(receiver: Receiver, client_id: str) -> None:
     async with Resending(receiver.url, headers(client_id, MARKED)) as client:
         await client.send([1, 2, 3])
         await client.mark(4)
+
+
+YOUNG = 3600.0
+"""Seconds ahead of the wall clock for rows that the time window must keep all test long."""
+
+
+async def unfold(scene: Played, client_id: str, message_id: int) -> None:
+    """A round (of an unmarked client's one message) carries ``client_id``'s step, whose
+    delete makes SQLite roll the whole round back: the client is no longer folded."""
+    try:
+        await scene.round("busy", range(message_id, message_id + 1), scene.wall + YOUNG)
+    except sqlite3.Error:
+        await scene.inbox.rollback()
+    else:
+        raise AssertionError("the round carrying the step did not fail")
+    assert client_id in scene.pruner._unfoldable
 
 
 async def test_a_failing_prune_step_never_stops_the_acks(
@@ -140,12 +157,7 @@ async def test_a_mark_that_keeps_failing_never_starves_the_time_window_when_idle
         await scene.seed("stuck", range(1, 4), scene.wall + 3600)  # young all test long
         undeletable(scene.db, "stuck")
         scene.pruner.announce("stuck", 4)
-        steps = 0
-        for _ in range(50):  # half a second of an idle writer, polled every 10 ms
-            if scene.pruner.due_in() == 0:
-                steps += 1
-                await scene.writer._prune()  # a failure is backed off, as in the loop
-            scene.advance(0.01)
+        steps = await scene.idle(0.5)
         assert steps >= 5  # the stuck mark was retried (and failed) all along
         assert inbox_rows(scene.db, "stuck") == 3
         assert inbox_rows(scene.db, "seed") == 0, f"no sweep in {steps} steps"
@@ -183,9 +195,50 @@ async def test_a_window_range_that_cannot_be_deleted_holds_up_no_client_after_it
         await scene.pruner.resume(scene.inbox)
         undeletable(scene.db, "aa-stuck")
         scene.advance(2.0)
-        for _ in range(100):  # a second of an idle writer, polled every 10 ms
-            if scene.pruner.due_in() == 0:
-                await scene.writer._prune()
-            scene.advance(0.01)
+        await scene.idle(1.0)
         assert inbox_rows(scene.db, "aa-stuck") == 2
         assert inbox_rows(scene.db, "zz-seed") == 0
+
+
+async def test_an_unfoldable_client_that_keeps_failing_never_starves_a_foldable_one_when_idle(
+    tmp_path: Path,
+) -> None:
+    """'stuck' took a round down (its delete rolls SQLite's transaction back), so it is
+    unfolded, and every step of its own fails. 'next' announces a mark over rows that delete
+    fine, and the writer goes idle (no round will fold 'next''s step): a step of its own for
+    'next' is due (at most MAX_DEFER late) and must come, stuck or not."""
+    async with played(tmp_path, chunk=10, retry_after=0.05) as scene:
+        await scene.seed("stuck", range(1, 4), scene.wall + YOUNG)
+        await scene.seed("next", range(1, 4), scene.wall + YOUNG)
+        await scene.pruner.resume(scene.inbox)
+        undeletable(scene.db, "stuck", how="ROLLBACK")
+        scene.pruner.announce("stuck", 4)
+        await unfold(scene, "stuck", 1)
+        scene.pruner.announce("next", 4)
+        steps = await scene.idle(2.0)  # twice MAX_DEFER, 40 retries of 'stuck'
+        assert steps >= 10
+        assert inbox_rows(scene.db, "stuck") == 3
+        assert inbox_rows(scene.db, "next") == 0, f"{steps} steps, none for 'next'"
+
+
+async def test_a_stuck_client_does_not_throttle_a_busy_clients_folded_steps(
+    tmp_path: Path,
+) -> None:
+    """'stuck''s rows cannot be deleted (its folded step fails alone, in its SAVEPOINT).
+    'busy' sends 10 messages a millisecond and announces its mark after each round: its
+    rounds fold up to 100 rows each, ten times what they insert, so its rows stay a few
+    rounds' worth. Retries of 'stuck' every 50 ms must not leave 'busy' one step each."""
+    async with played(tmp_path, chunk=2000, retry_after=0.05) as scene:
+        await scene.seed("stuck", range(1, 4), scene.wall + YOUNG)
+        await scene.pruner.resume(scene.inbox)
+        undeletable(scene.db, "stuck")
+        scene.pruner.announce("stuck", 4)
+        for n in range(300):  # 300 ms, one round of 10 messages each millisecond
+            first = 1 + 10 * n
+            await scene.round("busy", range(first, first + 10), scene.wall + YOUNG)
+            scene.pruner.announce("busy", first + 10)
+            await scene.writer._prune()
+            scene.advance(0.001)
+        assert inbox_rows(scene.db, "stuck") == 3
+        busy = inbox_rows(scene.db, "busy")
+        assert busy <= 200, f"'busy' keeps {busy} of 3000 rows"
