@@ -299,11 +299,10 @@ class Pruner:
         self.pruned += done.deleted
         self._mark_at = self._monotonic() + self.pause
         self._held.pop(step.client_id, None)
-        if done.finished(step):
-            if self._marks.get(step.client_id) == step.target:
-                del self._marks[step.client_id]
-                self._unfoldable.discard(step.client_id)
-        else:
+        if done.finished(step) and self._marks.get(step.client_id) == step.target:
+            del self._marks[step.client_id]
+            self._unfoldable.discard(step.client_id)
+        else:  # work left, or a mark raised meanwhile: after the others
             self._to_the_back(step.client_id)
 
     async def step(self) -> int:

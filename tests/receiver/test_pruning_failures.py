@@ -1,5 +1,6 @@
-"""Pruning that fails: a client's rows that cannot be deleted hold up neither the acks, nor
-the time window, nor the other clients, nor (more than once) the rounds that carried the step.
+"""Pruning that fails, and the line of clients it works through: a client's rows that cannot
+be deleted hold up neither the acks, nor the time window, nor the other clients, nor (more
+than once) the rounds that carried the step; a busy client holds up no other.
 
 Real SQLite files and real triggers that make deletes fail, as a bad page or a full disk
 would; real receivers and clients on 127.0.0.1, or, where the test plays the writer's loop
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from outbox import Outbox
+from outbox.protocol.floor import MarkStep, StepDone
 from outbox.receiver import Receiver
 
 from ..raw_client import low_water_headers as headers
@@ -242,3 +244,78 @@ async def test_a_stuck_client_does_not_throttle_a_busy_clients_folded_steps(
         assert inbox_rows(scene.db, "stuck") == 3
         busy = inbox_rows(scene.db, "busy")
         assert busy <= 200, f"'busy' keeps {busy} of 3000 rows"
+
+
+def marks_raised_mid_round(scene: Played, client_id: str) -> list[int]:
+    """Each round's COMMIT announces ``client_id``'s next mark (the ids it was acked up to,
+    set by the test in the returned list) while it is in flight, as the connection's reader
+    would while the writer waits on the hop."""
+    pending: list[int] = []
+    commit, commit_with_step = scene.inbox.commit, scene.inbox.commit_with_step
+
+    def announce() -> None:
+        while pending:
+            scene.pruner.announce(client_id, pending.pop())
+
+    async def plain() -> None:
+        announce()
+        await commit()
+
+    async def folded(step: MarkStep) -> StepDone | sqlite3.Error:
+        announce()
+        return await commit_with_step(step)
+
+    scene.inbox.commit = plain  # type: ignore[method-assign]
+    scene.inbox.commit_with_step = folded  # type: ignore[method-assign]
+    return pending
+
+
+async def busy_rounds(scene: Played, pending: list[int], rounds: int) -> None:
+    """'busy' sends 10 messages a millisecond, from id 11 on (1-10 were acked before its
+    mark of 1 came in); the mark acking what came before a round arrives during that
+    round's COMMIT. After each round the writer runs a step of its own if one is due."""
+    for n in range(rounds):
+        first = 11 + 10 * n
+        pending.append(first)
+        await scene.round("busy", range(first, first + 10), scene.wall + YOUNG)
+        await scene.writer._prune()
+        scene.advance(0.001)
+
+
+async def test_an_unfolded_client_gets_its_steps_while_busy_behind_a_raised_mark(
+    tmp_path: Path,
+) -> None:
+    """README: no round carries an unfolded client's steps, 'those run between rounds, busy
+    or not'. 'unfolded' took a round down once (and deletes fine since); 'busy' heads the
+    line. 300 ms of rounds: 'unfolded''s rows must go (its hold was 50 ms)."""
+    async with played(tmp_path, chunk=2000, retry_after=0.05) as scene:
+        await scene.seed("unfolded", range(1, 4), scene.wall + YOUNG)
+        await scene.seed("busy", range(1, 11), scene.wall + YOUNG)
+        await scene.pruner.resume(scene.inbox)
+        undeletable(scene.db, "unfolded", how="ROLLBACK")
+        scene.pruner.announce("unfolded", 4)
+        scene.pruner.announce("busy", 1)
+        await unfold(scene, "unfolded", 10_000)  # the round carried 'unfolded''s step
+        await asyncio.to_thread(deletable, scene.db)
+        assert list(scene.pruner._marks) == ["busy", "unfolded"]
+        pending = marks_raised_mid_round(scene, "busy")
+        await busy_rounds(scene, pending, 300)
+        assert inbox_rows(scene.db, "busy") <= 200  # its folded steps keep pace
+        assert inbox_rows(scene.db, "unfolded") == 0, f"line: {list(scene.pruner._marks)}"
+
+
+async def test_a_busy_clients_raised_marks_do_not_starve_another_foldable_client(
+    tmp_path: Path,
+) -> None:
+    """As above, with a foldable 'quiet' client behind 'busy' (clients take turns, says
+    ``settle``): 300 ms of rounds, each able to carry 100 rows, must reach its 3 rows."""
+    async with played(tmp_path, chunk=2000, retry_after=0.05) as scene:
+        await scene.seed("quiet", range(1, 4), scene.wall + YOUNG)
+        await scene.seed("busy", range(1, 11), scene.wall + YOUNG)
+        await scene.pruner.resume(scene.inbox)
+        scene.pruner.announce("busy", 1)
+        scene.pruner.announce("quiet", 4)
+        pending = marks_raised_mid_round(scene, "busy")
+        await busy_rounds(scene, pending, 300)
+        assert inbox_rows(scene.db, "busy") <= 200
+        assert inbox_rows(scene.db, "quiet") == 0, f"line: {list(scene.pruner._marks)}"
