@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .wire import MAX_MESSAGE_ID
+
 __all__ = [
     "Floor",
     "MarkStep",
@@ -34,6 +36,7 @@ __all__ = [
     "advance",
     "covers",
     "raise_mark",
+    "sweep_resume",
     "window_cutoff",
     "window_victims",
 ]
@@ -156,3 +159,18 @@ def window_victims(
         if message_id > highest.get(client_id, 0):
             highest[client_id] = message_id
     return keys, highest
+
+
+def sweep_resume(last: tuple[str, int, float, bool], cutoff: float) -> tuple[str, int]:
+    """Where the time window's pass goes on after a full range that ended with row ``last``
+    (as ``window_victims`` takes it): right after it, or, where the window keeps that row
+    (its client announced a mark, or it was received after ``cutoff``), after all of that
+    client's rows. A client's ids grow as its messages arrive, so the window keeps the rest
+    of them too; passing over them keeps a pass from chasing a busy client's new rows for
+    ever. A client whose ids do not grow with time (the seed's, restarting them) may have
+    an old row wait until the rows before it are old too; nothing is deleted early
+    (``forget_keys`` checks each age again)."""
+    client_id, message_id, received_at, marked = last
+    if marked or received_at >= cutoff:
+        return (client_id, MAX_MESSAGE_ID)
+    return (client_id, message_id)

@@ -45,6 +45,7 @@ from ..protocol.floor import (
     advance,
     covers,
     raise_mark,
+    sweep_resume,
     window_cutoff,
     window_victims,
 )
@@ -373,15 +374,15 @@ class Pruner:
             # Past this range all the same (the next pass tries it again): rows that cannot
             # be deleted must not stop the sweep for the clients after them.
             if rows:
-                self._sweep_past(rows, now, deleted=0)
+                self._sweep_past(rows, now, cutoff, deleted=0)
             self._sweep_at = max(self._sweep_at, self._monotonic() + self.retry_after)
             raise
         self.pruned += deleted
-        self._sweep_past(rows, now, deleted)
+        self._sweep_past(rows, now, cutoff, deleted)
         return deleted
 
     def _sweep_past(
-        self, rows: Sequence[tuple[str, int, float, bool]], now: float, deleted: int
+        self, rows: Sequence[tuple[str, int, float, bool]], now: float, cutoff: float, deleted: int
     ) -> None:
         assert self.window is not None
         if len(rows) < self.chunk:  # the pass is over: the next one in a quarter window
@@ -389,7 +390,7 @@ class Pruner:
             self.sweeps += 1
             self._sweep_at = now + min(self.window / 4, SWEEP_EVERY)
         else:
-            self._sweep_after = (rows[-1][0], rows[-1][1])
+            self._sweep_after = sweep_resume(rows[-1], cutoff)
             # A pass reads every row: where it mostly finds rows to keep, it goes gently;
             # where it mostly deletes, at the marks' pace, so a seed-style load past
             # chunk / (5 * pause) rows a second does not outgrow it.

@@ -15,9 +15,11 @@ from outbox.protocol.floor import (
     advance,
     covers,
     raise_mark,
+    sweep_resume,
     window_cutoff,
     window_victims,
 )
+from outbox.protocol.wire import MAX_MESSAGE_ID
 
 ACKED = False
 REJECTED = True
@@ -129,3 +131,13 @@ def test_low_water_frames_and_header() -> None:
     for bad_header in (None, "", "0", "-3", "x", str(2**63)):
         assert wire.parse_low_water(bad_header) is None
     assert wire.FEATURE_LOW_WATER in wire.CLIENT_FEATURES
+
+
+def test_a_pass_goes_on_after_a_range_or_past_a_client_whose_rows_it_keeps() -> None:
+    """After a full range, the sweep resumes right after its last row if that row was the
+    window's to delete; past all of that client's rows if the window keeps it (a mark, or
+    younger than the cutoff): the rest of that client's rows are newer still."""
+    assert sweep_resume(("a", 7, 10.0, False), cutoff=20.0) == ("a", 7)
+    assert sweep_resume(("a", 7, 30.0, False), cutoff=20.0) == ("a", MAX_MESSAGE_ID)
+    assert sweep_resume(("a", 7, 10.0, True), cutoff=20.0) == ("a", MAX_MESSAGE_ID)
+    assert ("a", MAX_MESSAGE_ID) < ("a0", 1) and ("a", MAX_MESSAGE_ID) < ("b", 0)

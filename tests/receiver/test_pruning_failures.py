@@ -246,6 +246,24 @@ async def test_a_stuck_client_does_not_throttle_a_busy_clients_folded_steps(
         assert busy <= 200, f"'busy' keeps {busy} of 3000 rows"
 
 
+async def test_a_pass_never_chases_a_busy_clients_new_rows(tmp_path: Path) -> None:
+    """A seed-style client ('a-busy', no mark) adds 10 rows a millisecond, all inside the
+    window; 'z-seed''s old rows sort after them. A pass reading 2 rows per chunk would
+    never catch up with 'a-busy''s new rows if it read them all: it passes over the rest of
+    a client whose rows the window keeps, and reaches 'z-seed'."""
+    async with played(tmp_path, chunk=2) as scene:
+        await scene.seed("z-seed", range(1, 6), scene.wall)
+        await scene.pruner.resume(scene.inbox)
+        scene.advance(2.0)  # 'z-seed''s rows are past the window
+        for n in range(500):  # 500 ms of rounds
+            await scene.round("a-busy", range(1 + 10 * n, 11 + 10 * n), scene.wall)
+            await scene.writer._prune()
+            scene.advance(0.001)
+        assert inbox_rows(scene.db, "z-seed") == 0
+        assert inbox_rows(scene.db, "a-busy") == 5000  # inside the window: all kept
+        assert scene.pruner.sweeps >= 1
+
+
 def marks_raised_mid_round(scene: Played, client_id: str) -> list[int]:
     """Each round's COMMIT announces ``client_id``'s next mark (the ids it was acked up to,
     set by the test in the returned list) while it is in flight, as the connection's reader
