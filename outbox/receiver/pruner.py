@@ -234,10 +234,6 @@ class Pruner:
         if client_id in self._marks:
             self._marks[client_id] = self._marks.pop(client_id)
 
-    def monotonic(self) -> float:
-        """The pruner's clock (injectable, for tests)."""
-        return self._monotonic()
-
     def _ready(self, client_id: str, now: float) -> bool:
         """Not backing off from a failed step."""
         held = self._held.get(client_id)

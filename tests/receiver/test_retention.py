@@ -184,7 +184,7 @@ async def test_under_load_each_round_prunes_in_its_own_commit(
     db = tmp_path / "inbox.db"
     pruner = receiver._pruner
     assert pruner is not None
-    frozen = pruner.monotonic()
+    frozen = pruner._monotonic()
     pruner._monotonic = lambda: frozen
     steps = 0
     real_step = pruner.step
@@ -266,7 +266,7 @@ async def test_the_time_windows_sweep_never_waits_for_idle_nor_for_the_marks(
             pruner.settle(step, StepDone(Floor(), Floor(), 0, 0))
             pruner.round_ended()
             if pruner.due_in() == 0:
-                steps_at.append(pruner.monotonic())
+                steps_at.append(pruner._monotonic())
                 await pruner.step()
             scene.advance(0.001)
         assert pruner.sweeps == 1 and inbox_rows(scene.db, "seed") == (0 if old else 25)
