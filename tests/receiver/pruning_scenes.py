@@ -72,11 +72,14 @@ class Played:
         self._clocks[0] += seconds
         self._clocks[1] += seconds
 
-    async def seed(self, client_id: str, ids: range, received_at: float) -> None:
-        """Rows in the inbox, as if handled at ``received_at`` (wall clock)."""
+    async def _record(self, client_id: str, ids: range, received_at: float) -> None:
         digest = payload_digest("{}")
         await self.inbox.begin()
         await self.inbox.record([(client_id, n, "{}", received_at, None, digest) for n in ids])
+
+    async def seed(self, client_id: str, ids: range, received_at: float) -> None:
+        """Rows in the inbox, as if handled at ``received_at`` (wall clock)."""
+        await self._record(client_id, ids, received_at)
         await self.inbox.commit()
 
     async def idle(self, seconds: float) -> int:
@@ -93,9 +96,7 @@ class Played:
 
     async def round(self, client_id: str, ids: range, received_at: float) -> None:
         """A group commit of these rows, carrying a pruning step as the writer's would."""
-        digest = payload_digest("{}")
-        await self.inbox.begin()
-        await self.inbox.record([(client_id, n, "{}", received_at, None, digest) for n in ids])
+        await self._record(client_id, ids, received_at)
         await self.writer._commit_folding(len(ids))
         self.pruner.round_ended()
 
